@@ -1,0 +1,112 @@
+"""Settings of a diffvoice deployment, defined once.
+
+Sources, highest priority first: CLI `--set section.key=value`, environment variables
+`DIFFVOICE_SECTION__KEY=value`, a TOML file (`--config NAME` reads `configs/NAME.toml`, or a
+path), then the defaults written in the section models below and in `llm/settings.py`,
+`audio/settings.py`. Unknown keys are an error in every source.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from audio.settings import AsrSettings, TtsSettings, VadSettings
+from llm.settings import LLMSettings
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "default"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DIFFVOICE_", env_nested_delimiter="__", extra="forbid"
+    )
+    log_level: str = "INFO"
+    llm: LLMSettings = LLMSettings()
+    asr: AsrSettings = AsrSettings()
+    tts: TtsSettings = TtsSettings()
+    vad: VadSettings = VadSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init_settings carries the CLI overrides merged over the TOML file (see load_settings),
+        # so the environment must come first to win over the file
+        return (env_settings, init_settings)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        path = p
+    else:
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(f.stem for f in CONFIG_DIR.glob("*.toml"))
+        raise FileNotFoundError(f"config {name_or_path!r} not found (named configs: {known})")
+    return path
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`llm.decode.steps=8` -> (["llm", "decode", "steps"], 8); values parse as TOML scalars."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.split("."), value
+
+
+def _merge(tree: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override path {'.'.join(keys)!r} crosses a value")
+    tree[keys[-1]] = value
+
+
+def _check_env() -> None:
+    """pydantic-settings ignores unknown prefixed variables; a typo must not pass silently."""
+    prefix = Settings.model_config["env_prefix"]
+    for name in os.environ:
+        if name.upper().startswith(prefix):
+            field = name[len(prefix):].split("__")[0].lower()
+            if field not in Settings.model_fields:
+                raise ValueError(f"unknown setting in environment variable {name}")
+
+
+def load_settings(config: str | None = None, overrides: list[str] | None = None) -> Settings:
+    """Settings from a named config or TOML path, the environment and `key=value` overrides.
+
+    Environment variables override the TOML file; CLI overrides win over both.
+    """
+    _check_env()
+    data = tomllib.loads(resolve_config_path(config or DEFAULT_CONFIG).read_text())
+    base = Settings(**data)  # file + environment
+    merged = base.model_dump()
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _merge(merged, keys, value)
+    return Settings.model_validate(merged) if overrides else base

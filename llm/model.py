@@ -1,0 +1,235 @@
+"""One bidirectional transformer for every masked-diffusion family diffvoice loads.
+
+The block is the LLaMA block that LLaDA (arXiv 2502.09992) and Dream (Qwen2.5 base) share:
+pre-norm RMSNorm, rotary embeddings (rotate-half, computed in fp32), SwiGLU. The families differ
+in a few switches kept in `ModelConfig`: QKV bias and grouped-query attention (Dream), shifted
+logits (Dream predicts token i from hidden state i-1), a tied head (our small models) and a
+causal mask (the autoregressive baseline trained by the same code).
+
+Caching (Fast-dLLM, arXiv 2505.22618): `forward` runs the *current* tokens `idx` against
+optional *context* K/V computed earlier. Context K/V carry RoPE already, so their order in the
+key axis does not matter: the engine passes prefix K/V (prompt, committed blocks) and, for the
+dual cache, suffix K/V too, and runs only the active block. With no context it is the plain
+full-sequence forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads is grouped-query attention (Dream: 28 query heads, 4 KV heads)
+    mlp_hidden: int  # per-branch SwiGLU width (LLaDA-8B: 12288)
+    max_seq_len: int = 2048  # only checked, positions are computed on the fly
+    rope_theta: float = 10000.0  # LLaDA 5e5, Dream 1e6
+    norm_eps: float = 1e-5  # LLaDA 1e-5, Dream 1e-6
+    qkv_bias: bool = False  # Qwen2/Dream have biases on q, k, v only
+    tie_embeddings: bool = False  # small models share the embedding with the head
+    shift_logits: bool = False  # Dream: logits for position i come from hidden state i-1
+    causal: bool = False  # True only for the autoregressive baseline
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# (k, v) of one layer, each (B, n_kv_heads, S, head_dim), RoPE applied to k.
+LayerKV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 like LLaMA/Qwen: bf16 variance loses precision on long rows
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """pos (B, T) integer positions -> cos, sin (B, 1, T, head_dim) in fp32."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
+    )
+    freqs = pos.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (not interleaved), computed in fp32 and cast back."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
+        context: LayerKV | None,
+    ) -> tuple[Tensor, LayerKV]:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if context is not None:
+            k = torch.cat([context[0], k], dim=2)  # (B, nkv, S+T, hd)
+            v = torch.cat([context[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C)), new_kv
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, context):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, is_causal, context)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 style init; residual projections scaled by 1/sqrt(2 * n_layers)."""
+        gen = torch.Generator().manual_seed(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                std = resid_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: Tensor,
+        pos: Tensor | None = None,
+        *,
+        key_mask: Tensor | None = None,
+        context: list[LayerKV] | None = None,
+        return_kv: bool = False,
+    ) -> tuple[Tensor, list[LayerKV] | None]:
+        """Logits for the current tokens, optionally attending to cached context K/V.
+
+        idx:      (B, T) current token ids.
+        pos:      (B, T) their absolute positions (default 0..T-1); per row, so left-padded
+                  batches keep each row's own positions.
+        key_mask: (B, S+T) bool, True where a key may be attended (False for padding); the first
+                  S columns cover the context, the last T the current tokens.
+        context:  per layer (k, v) of S cached positions, RoPE applied.
+        Returns logits (B, T, V) in fp32 and, with return_kv, the current tokens' K/V per layer.
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        S = 0 if context is None else context[0][0].shape[2]
+        mask, is_causal = self._attn_mask(B, T, S, key_mask, idx.device)
+        x = self.tok_emb(idx)
+        new_kv: list[LayerKV] = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, is_causal, None if context is None else context[i])
+            if return_kv:
+                new_kv.append(kv)
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        if self.cfg.shift_logits:
+            # Dream: the prediction for position i is read at position i-1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits, (new_kv if return_kv else None)
+
+    def _attn_mask(
+        self, B: int, T: int, S: int, key_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor | None, bool]:
+        """Bool mask (B, 1, T, S+T), True = attend; None where SDPA's fast paths apply."""
+        if not self.cfg.causal and key_mask is None:
+            return None, False
+        if self.cfg.causal and key_mask is None and S == 0:
+            return None, True
+        mask = torch.ones(B, 1, T, S + T, dtype=torch.bool, device=device)
+        if self.cfg.causal:
+            # context fully visible; current tokens see themselves and earlier current tokens
+            mask[..., S:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
+            # a fully padded query row would give NaN; let it see itself (its output is ignored)
+            mask[..., S:] |= torch.eye(T, dtype=torch.bool, device=device)
+        return mask, False
