@@ -31,6 +31,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SessionSettings(Section):
+    """The AgentSession every transport shares: turn taking, interruptions, greeting."""
+
+
+class ServerSettings(Section):
+    """`diffvoice serve`: the browser page, signalling and WebRTC peers."""
+
+
+class PhoneSettings(Section):
+    """`diffvoice phone`: the Twilio Media Streams WebSocket server."""
+
+
+class BenchSettings(Section):
+    """`diffvoice bench`: end-to-end turn latency measured at the client."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DIFFVOICE_", env_nested_delimiter="__", extra="forbid"
@@ -40,6 +56,10 @@ class Settings(BaseSettings):
     asr: AsrSettings = AsrSettings()
     tts: TtsSettings = TtsSettings()
     vad: VadSettings = VadSettings()
+    session: SessionSettings = SessionSettings()
+    server: ServerSettings = ServerSettings()
+    phone: PhoneSettings = PhoneSettings()
+    bench: BenchSettings = BenchSettings()
 
     @classmethod
     def settings_customise_sources(
