@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,9 +34,41 @@ class Section(BaseModel):
 class SessionSettings(Section):
     """The AgentSession every transport shares: turn taking, interruptions, greeting."""
 
+    # LiveKit's offline end-of-turn model ("v1-mini", runs in-process); "vad" = silence only
+    turn_detector: Literal["v1-mini", "vad"] = "v1-mini"
+    # silence after speech before the turn may end; LiveKit's streaming default is 0.3-2.5 s
+    min_endpointing_delay_s: float = Field(0.3, ge=0.0)
+    max_endpointing_delay_s: float = Field(2.5, ge=0.0)
+    allow_interruptions: bool = True
+    # speech shorter than this never interrupts the agent (coughs, "uh-huh")
+    min_interruption_duration_s: float = Field(0.5, ge=0.0)
+    resume_false_interruption: bool = True
+    # an interruption followed by this much silence without words is false: resume speaking
+    false_interruption_timeout_s: float = Field(2.0, gt=0.0)
+    # start the LLM on the interim transcript before the turn is confirmed
+    preemptive_generation: bool = True
+    # reuse a preemptive draft when the confirmed request has the same context
+    reuse_drafts: bool = True
+    # spoken when a visitor connects; empty = wait for the user
+    greeting: str = "Hi! How can I help?"
+    user_away_timeout_s: float | None = Field(15.0, gt=0.0)
+
 
 class ServerSettings(Section):
     """`diffvoice serve`: the browser page, signalling and WebRTC peers."""
+
+    host: str = "127.0.0.1"  # loopback; any other address requires access_token
+    port: int = Field(8080, ge=0, le=65535)  # 0 = any free port
+    # required in the signalling URL (`/ws?token=...`) when host is not loopback
+    access_token: str = ""
+    # extra Origins allowed to open the signalling socket; the page's own origin always is
+    allowed_origins: list[str] = []
+    max_sessions: int = Field(4, ge=1)  # each holds STT, TTS and a share of the engine batch
+    max_message_bytes: int = Field(64 * 1024, ge=1024)  # an SDP offer is 2-8 KiB
+    ice_timeout_s: float = Field(15.0, gt=0.0)  # a peer not connected by then is dropped
+    # WebRTC audio is 48 kHz both ways; the agent's speech stages run at 16 kHz
+    input_sample_rate: int = 16000
+    metrics_log: str = "logs/turns.jsonl"  # per-turn latency records; empty = off
 
 
 class PhoneSettings(Section):
