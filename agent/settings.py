@@ -52,6 +52,9 @@ class SessionSettings(Section):
     # spoken when a visitor connects; empty = wait for the user
     greeting: str = "Hi! How can I help?"
     user_away_timeout_s: float | None = Field(15.0, gt=0.0)
+    # barge-in is ignored this long after the agent starts speaking, while the client's echo
+    # canceller adapts (LiveKit's default is 3 s; browsers' AEC settles well within 1 s)
+    aec_warmup_s: float = Field(1.0, ge=0.0)
 
 
 class ServerSettings(Section):
@@ -73,6 +76,31 @@ class ServerSettings(Section):
 
 class PhoneSettings(Section):
     """`diffvoice phone`: the Twilio Media Streams WebSocket server."""
+
+    host: str = "127.0.0.1"  # loopback: a TLS reverse proxy in front serves the provider's wss://
+    port: int = Field(8765, ge=0, le=65535)  # 0 = any free port
+    # when set, the stream's custom parameter `secret_parameter` must equal it (TwiML
+    # <Parameter name="token" value="..."/>); calls without it are refused
+    shared_secret: str = ""
+    secret_parameter: str = "token"
+    max_calls: int = Field(8, ge=1)  # each holds a session; the engine batches their replies
+    # a media frame is ~250 bytes of JSON and `start` ~1 KiB; anything far larger is hostile
+    max_message_bytes: int = Field(16 * 1024, ge=1024)
+    # the provider streams 50 frames/s; past this rate frames are dropped (a flood or a replay)
+    max_media_frames_per_s: int = Field(150, ge=50)
+    # malformed messages tolerated before the call is ended as a broken peer
+    max_bad_messages: int = Field(200, ge=1)
+    start_timeout_s: float = Field(10.0, gt=0.0)  # a socket that never sends `start` is closed
+    # no media for this long (the provider streams even silence) = a vanished caller
+    media_timeout_s: float = Field(20.0, gt=0.0)
+    # an unechoed mark: after this long past its expected playout, fall back to the send clock
+    mark_timeout_s: float = Field(3.0, gt=0.0)
+    # keypad digits collected until '#' or this much quiet, then sent as one user message
+    dtmf_gap_s: float = Field(1.5, gt=0.0)
+    dtmf_text: str = "I pressed {digits} on the keypad."
+    # phone audio is 8 kHz; the agent's speech stages run at 16 kHz
+    input_sample_rate: int = 16000
+    metrics_log: str = "logs/calls.jsonl"  # per-call and per-turn records; empty = off
 
 
 class BenchSettings(Section):
