@@ -1,0 +1,139 @@
+"""The one factory of the voice agent: an `AgentSession` + `Agent` from `Settings`.
+
+Every transport (browser WebRTC, phone, LiveKit worker, tests) builds its session here, so turn
+taking, interruptions and the greeting behave the same everywhere:
+
+    models = load_models(settings)                       # once per process: the heavy parts
+    session, agent = build_session(settings, models, session_id="visitor-1")
+    await start_session(session, agent, audio_in=QueueAudioInput(), audio_out=PacedAudioOutput(...))
+
+The engine, STT, TTS, VAD and turn detector are loaded once and shared by every conversation;
+only the `DiffusionLLM` wrapper (which carries the conversation's K/V-cache id) is per session.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from livekit.agents import Agent, AgentSession, llm, stt, tts, vad
+from livekit.agents.types import NOT_GIVEN
+from livekit.agents.voice import io
+from livekit.agents.voice.turn import TurnHandlingOptions
+
+from agent.llm_plugin import DiffusionLLM, EngineLike
+from agent.settings import SessionSettings, Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """The shared, loaded-once parts of every session."""
+
+    engine: EngineLike
+    stt: stt.STT | None
+    tts: tts.TTS | None
+    vad: vad.VAD | None
+    turn_detector: Any | None  # LiveKit's turn detector, or None to end turns on silence
+    model_name: str = "diffvoice"
+
+
+def load_turn_detector(session: SessionSettings) -> Any | None:
+    """LiveKit's offline end-of-turn model, its version named so no env switches it to a cloud
+    model; None when turns end on VAD silence alone."""
+    if session.turn_detector == "vad":
+        return None
+    from livekit.agents import inference
+
+    return inference.TurnDetector(version=session.turn_detector)
+
+
+def load_models(settings: Settings) -> Models:
+    """Load the engine and the speech models (blocking: call from a thread or before the loop)."""
+    from audio.plugins import build_stt, build_tts, build_vad
+    from llm.engine import DiffusionEngine
+
+    engine = DiffusionEngine.from_settings(settings.llm)
+    return Models(
+        engine=engine,
+        stt=build_stt(settings),
+        tts=build_tts(settings),
+        vad=build_vad(settings),
+        turn_detector=load_turn_detector(settings.session),
+        model_name=settings.llm.model,
+    )
+
+
+def turn_handling(session: SessionSettings, turn_detector: Any | None) -> TurnHandlingOptions:
+    """Session settings -> LiveKit's turn handling options."""
+    return TurnHandlingOptions(
+        turn_detection=turn_detector if turn_detector is not None else "vad",
+        endpointing={
+            "min_delay": session.min_endpointing_delay_s,
+            "max_delay": session.max_endpointing_delay_s,
+        },
+        interruption={
+            "enabled": session.allow_interruptions,
+            "min_duration": session.min_interruption_duration_s,
+            "resume_false_interruption": session.resume_false_interruption,
+            "false_interruption_timeout": session.false_interruption_timeout_s,
+        },
+        preemptive_generation={"enabled": session.preemptive_generation},
+    )
+
+
+def build_llm(settings: Settings, models: Models, session_id: str | None) -> llm.LLM:
+    return DiffusionLLM(
+        models.engine,
+        system_prompt=settings.llm.system_prompt,
+        session_id=session_id,
+        decode=settings.llm.decode,
+        reuse_drafts=settings.session.reuse_drafts,
+        model_name=models.model_name,
+    )
+
+
+def _given(part: Any) -> Any:
+    return NOT_GIVEN if part is None else part
+
+
+def build_session(
+    settings: Settings,
+    models: Models,
+    *,
+    session_id: str | None = None,
+    agent_llm: llm.LLM | None = None,
+) -> tuple[AgentSession, Agent]:
+    """A new conversation: its session (shared models, own LLM wrapper) and its agent."""
+    s = settings.session
+    session: AgentSession = AgentSession(
+        stt=_given(models.stt),
+        vad=models.vad,
+        llm=agent_llm or build_llm(settings, models, session_id),
+        tts=_given(models.tts),
+        turn_handling=turn_handling(s, models.turn_detector),
+        aec_warmup_duration=s.aec_warmup_s or None,
+        user_away_timeout=s.user_away_timeout_s,
+    )
+    agent = Agent(instructions=settings.llm.system_prompt)
+    return session, agent
+
+
+async def start_session(
+    session: AgentSession,
+    agent: Agent,
+    *,
+    audio_in: io.AudioInput | None,
+    audio_out: io.AudioOutput | None,
+    greeting: str = "",
+) -> None:
+    """Attach the transport's audio, start the session inside the running loop, greet."""
+    if audio_in is not None:
+        session.input.audio = audio_in
+    if audio_out is not None:
+        session.output.audio = audio_out
+    await session.start(agent, record=False)
+    if greeting and audio_out is not None:
+        session.say(greeting)
