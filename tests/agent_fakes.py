@@ -93,3 +93,72 @@ class FakeEngine:
         s = FakeEngineStream(self, list(self.reply))
         self.streams.append(s)
         return s
+
+
+# ---- speech stand-ins ------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+from livekit import rtc  # noqa: E402
+from livekit.agents import APIConnectOptions, stt, tts, utils  # noqa: E402
+
+FAKE_TTS_RATE = 24000
+TONE_HZ = 440.0
+
+
+class FakeSTT(stt.STT):
+    """Batch STT (wrapped by LiveKit's VAD adapter): returns the next scripted transcript after
+    `delay_s`, whatever the audio; "" models a cough (speech with no words)."""
+
+    def __init__(self, transcripts: list[str], delay_s: float = 0.05) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        self.transcripts = list(transcripts)
+        self.delay_s = delay_s
+        self.calls = 0
+
+    async def _recognize_impl(self, buffer, *, language=None, conn_options=None):
+        await asyncio.sleep(self.delay_s)
+        self.calls += 1
+        text = self.transcripts.pop(0) if self.transcripts else ""
+        alt = stt.SpeechData(language="en", text=text)
+        return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT, alternatives=[alt])
+
+
+class FakeTTS(tts.TTS):
+    """A tone `seconds_per_char` long per character of text, first audio after `ttfb_s`."""
+
+    def __init__(self, *, seconds_per_char: float = 0.03, ttfb_s: float = 0.02) -> None:
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=False),
+            sample_rate=FAKE_TTS_RATE, num_channels=1,
+        )
+        self.seconds_per_char = seconds_per_char
+        self.ttfb_s = ttfb_s
+        self.texts: list[str] = []
+
+    def synthesize(self, text: str, *, conn_options=None) -> FakeChunkedStream:
+        self.texts.append(text)
+        return FakeChunkedStream(tts=self, input_text=text,
+                                 conn_options=conn_options or APIConnectOptions())
+
+
+class FakeChunkedStream(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        fake: FakeTTS = self._tts  # type: ignore[assignment]
+        output_emitter.initialize(request_id=utils.shortuuid(), sample_rate=FAKE_TTS_RATE,
+                                  num_channels=1, mime_type="audio/pcm")
+        await asyncio.sleep(fake.ttfb_s)
+        n = int(len(self.input_text) * fake.seconds_per_char * FAKE_TTS_RATE)
+        t = np.arange(n) / FAKE_TTS_RATE
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.int16)
+        step = FAKE_TTS_RATE // 50
+        for i in range(0, n, step):
+            output_emitter.push(pcm[i:i + step].tobytes())
+        output_emitter.flush()
+
+
+def pcm_frames(pcm: np.ndarray, rate: int, frame_ms: int = 20) -> list[rtc.AudioFrame]:
+    step = rate * frame_ms // 1000
+    return [
+        rtc.AudioFrame(data=pcm[i:i + step].tobytes(), sample_rate=rate, num_channels=1,
+                       samples_per_channel=len(pcm[i:i + step]))
+        for i in range(0, len(pcm) - step + 1, step)
+    ]

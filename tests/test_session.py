@@ -1,0 +1,146 @@
+"""The shared session factory in a real AgentSession: text mode, spoken turns, barge-in,
+false interruptions and preemptive drafts, with scripted STT/LLM/TTS timing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from agent_fakes import FakeEngine, FakeSTT, FakeTTS
+from livekit.plugins import silero
+from speech_samples import spoken
+from voice_harness import Caller
+
+from agent.llm_plugin import DiffusionLLM
+from agent.session import Models, build_session, turn_handling
+from agent.settings import Settings, load_settings
+
+QUESTION = "What is the weather like today?"
+
+
+def _settings(**session) -> Settings:
+    overrides = [f"session.{k}={v!r}".replace("'", '"') for k, v in session.items()]
+    base = ["session.turn_detector=\"vad\"", "session.aec_warmup_s=0.0", "session.greeting=\"\""]
+    return load_settings(overrides=base + overrides)
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return silero.VAD.load(min_silence_duration=0.3)
+
+
+def _models(engine, vad, stt=None, tts=None) -> Models:
+    return Models(engine=engine, stt=stt, tts=tts, vad=vad, turn_detector=None)
+
+
+def test_turn_handling_from_settings():
+    s = _settings(min_endpointing_delay_s=0.2, min_interruption_duration_s=0.4)
+    th = turn_handling(s.session, None)
+    assert th["turn_detection"] == "vad"
+    assert th["endpointing"]["min_delay"] == 0.2
+    assert th["interruption"]["min_duration"] == 0.4
+    assert th["interruption"]["resume_false_interruption"] is True
+    assert th["preemptive_generation"]["enabled"] is True
+
+
+async def test_text_mode_history_carries_across_turns():
+    engine = FakeEngine(reply=["Nice to meet you. "])
+    session, agent = build_session(_settings(), _models(engine, None))
+    async with session:
+        await session.start(agent)
+        result = await session.run(user_input="Hi, I am Ada.")
+        result.expect.next_event().is_message(role="assistant")
+        await session.run(user_input="What is my name?")
+    # the second request carries the first exchange, under the configured system prompt
+    second = engine.requests[-1]
+    assert second[0]["role"] == "system"
+    assert [m["content"] for m in second[1:]] == [
+        "Hi, I am Ada.", "Nice to meet you.", "What is my name?"
+    ]
+
+
+@pytest.mark.slow
+async def test_spoken_turn_through_custom_audio_io(vad):
+    engine = FakeEngine(reply=["It is sunny. "])
+    models = _models(engine, vad, FakeSTT([QUESTION]), FakeTTS())
+    async with Caller(_settings(), models) as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=10)
+        await caller.wait_for(lambda: caller.heard, within=5)
+    (user,) = caller.messages("user")
+    assert user.text_content == QUESTION
+    assert caller.messages("assistant")[0].text_content.strip() == "It is sunny."
+    latency = caller.heard[0][0] - caller.last_speech_end
+    assert 0 < latency < 3.0  # VAD silence + scripted delays; not a performance check
+
+
+@pytest.mark.slow
+async def test_barge_in_stops_engine_and_keeps_heard_part(vad):
+    # a long reply: 8 spans, each spoken for ~1 s, denoised slowly enough to still be running
+    spans = [f"This is sentence number {i} of a long answer. " for i in range(8)]
+    engine = FakeEngine(reply=spans, step_s=0.1, steps_per_span=4)
+    models = _models(engine, vad, FakeSTT([QUESTION, "Stop, please."]), FakeTTS())
+    async with Caller(_settings(), models) as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.heard, within=10)
+        await asyncio.sleep(0.5)
+        caller.say(spoken("Stop, please."))
+        await caller.wait_for(lambda: len(caller.messages("assistant")) >= 1, within=10)
+    first_stream = engine.streams[0]
+    assert first_stream.cancelled_at is not None
+    assert first_stream.steps_after_cancel <= 1
+    reply = caller.messages("assistant")[0]
+    assert reply.interrupted
+    heard = reply.text_content or ""
+    assert heard and len(heard) < len("".join(spans).strip())
+
+
+@pytest.mark.slow
+async def test_false_interruption_resumes(vad):
+    engine = FakeEngine(reply=["Here is a fairly long answer that keeps going for a while. "])
+    # the cough is heard by the VAD but has no words
+    models = _models(engine, vad, FakeSTT([QUESTION, ""]), FakeTTS())
+    settings = _settings(false_interruption_timeout_s=0.5, min_interruption_duration_s=0.2)
+    async with Caller(settings, models) as caller:
+        paused: list[bool] = []
+        orig_pause, orig_resume = caller.audio_out.pause, caller.audio_out.resume
+        caller.audio_out.pause = lambda: (paused.append(True), orig_pause())[1]
+        caller.audio_out.resume = lambda: (paused.append(False), orig_resume())[1]
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.heard, within=10)
+        caller.say(spoken("Hmm.")[: 16000 * 6 // 10])
+        await caller.wait_for(lambda: caller.messages("assistant"), within=15)
+    # paused on the noise, resumed after the timeout
+    assert True in paused and False in paused[paused.index(True):]
+    reply = caller.messages("assistant")[0]
+    assert not reply.interrupted
+    assert any(n == "agent_false_interruption" for n, _ in caller.events)
+
+
+@pytest.mark.slow
+async def test_preemptive_draft_is_used_once_or_discarded(vad):
+    engine = FakeEngine(reply=["Sure. "])
+    models = _models(engine, vad, FakeSTT([QUESTION]), FakeTTS())
+    async with Caller(_settings(preemptive_generation=True), models) as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=10)
+    # the draft started on the final transcript was the reply: one engine request
+    assert len(engine.requests) == 1
+    assert engine.requests[0][-1] == {"role": "user", "content": QUESTION}
+
+
+async def test_preemptive_draft_replayed_by_plugin_when_context_repeats():
+    engine = FakeEngine(reply=["Sure. "])
+    settings = _settings()
+    plugin = DiffusionLLM(engine, system_prompt=settings.llm.system_prompt)
+    session, agent = build_session(settings, _models(engine, None), agent_llm=plugin)
+    async with session:
+        await session.start(agent)
+        await session.run(user_input="hello")
+        # the same context asked again (a confirmed turn after its draft): no new engine request
+        ctx = session.history.copy()
+        ctx.items.pop()  # drop the reply: the request as it was
+        async with plugin.chat(chat_ctx=ctx) as stream:
+            text = "".join([c.delta.content async for c in stream if c.delta and c.delta.content])
+    assert text == "Sure. " and len(engine.requests) == 1
+    assert plugin.draft_stats.reused == 1
