@@ -391,7 +391,7 @@ def export_model(model: Transformer, tok: ChatTokenizer, folder: Path, cfg: Trai
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] < step]
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
 
 

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llm import train as T
+from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
+    "model.mlp_hidden=64", "batch_size=8", "seq_len=64", "eval_examples=16", "eval_t_grid=2",
+    "eval_every=1000", "ckpt_every=1000", "log_every=1", "optim.warmup_steps=2",
+    "optim.lr=3e-3", "max_eos_pad=4",
+]
+
+
+def conversations(n: int = 20, turns: int = 4) -> dict[str, list[str]]:
+    return {
+        f"c{c}": [f"Turn {i} of talk {c}. Nice weather, is it not?" for i in range(turns)]
+        for c in range(n)
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    cfg = PrepareConfig(vocab_size=300, max_tokens=64, test_fraction=0.2, context_turns=2)
+    prepare(out, cfg, convs=conversations())
+    return out
+
+
+def recipe(data_dir, run_dir, *extra: str, name: str = "train-dv-small") -> T.TrainConfig:
+    return T.load_recipe(name, [*TINY, f"data_dir='{data_dir}'", f"run_dir='{run_dir}'", *extra])
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / T.LOG_FILE).read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def train_nll(cfg: T.TrainConfig, model) -> float:
+    """Fixed-seed held-in NLL of the replies (ELBO bound for diffusion)."""
+    split = load_split(cfg.data_dir, "train")
+    total, count = T.reply_nll(
+        model, split, load_tokenizer(cfg.data_dir), objective=cfg.objective,
+        device=torch.device("cpu"), examples=32, batch_size=8, seq_len=cfg.seq_len, t_grid=4,
+    )
+    return total / count
+
+
+@pytest.mark.parametrize("name", ["train-dv-small", "train-dv-small-ar"])
+def test_a_short_run_lowers_the_loss(data_dir, tmp_path, name):
+    cfg = recipe(data_dir, tmp_path / "run", "max_steps=30", name=name)
+    before = train_nll(cfg, T.build_model(cfg, load_tokenizer(data_dir).vocab_size))
+    summary = T.train(cfg)
+    from llm.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(tmp_path / "run" / "model")
+    after = train_nll(cfg, loaded.model.float())
+    assert after < before - 0.5
+    assert summary["steps_done"] == 30
+    assert loaded.objective == ("autoregressive" if cfg.objective == "ar" else "diffusion")
+    assert loaded.model.cfg.causal == (cfg.objective == "ar")
+
+
+@pytest.mark.parametrize("name", ["train-dv-small", "train-dv-small-ar"])
+def test_resume_continues_bit_identically(data_dir, tmp_path, name):
+    straight = recipe(data_dir, tmp_path / "a", "max_steps=8", name=name)
+    T.train(straight)
+    split = recipe(data_dir, tmp_path / "b", "max_steps=8", "stop_at_step=4", name=name)
+    assert T.train(split)["steps_done"] == 4
+    T.train(split.model_copy(update={"stop_at_step": None}))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    assert a == b  # exact float equality, steps 5-8 included
+
+
+def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):
+    T.train(recipe(data_dir, tmp_path / "run", "max_steps=4", "stop_at_step=2"))
+    with pytest.raises(ValueError, match="other settings"):
+        T.train(recipe(data_dir, tmp_path / "run", "max_steps=4", "optim.lr=1e-2"))
+
+
+def test_time_budget_stops_early_and_saves(data_dir, tmp_path):
+    cfg = recipe(data_dir, tmp_path / "run", "max_steps=1000", "max_minutes=0.0001")
+    summary = T.train(cfg)
+    assert summary["stopped_by_time"] and summary["steps_done"] < 1000
+    assert (tmp_path / "run" / T.STATE_FILE).exists()
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_adaptation_starts_from_the_ar_weights(data_dir, tmp_path):
+    T.train(recipe(data_dir, tmp_path / "ar", "max_steps=3", name="train-dv-small-ar"))
+    ar_path = tmp_path / "ar" / "model"
+    cfg = recipe(data_dir, tmp_path / "dlm", "max_steps=3", f"init_from='{ar_path}'",
+                 name="train-dv-small-adapt")
+    model = T.build_model(cfg, load_tokenizer(data_dir).vocab_size)
+    from llm.checkpoints import load_checkpoint
+
+    ar = load_checkpoint(ar_path, dtype=torch.float32).model
+    assert model.cfg.shift_logits and not model.cfg.causal
+    for (name, p), q in zip(model.state_dict().items(), ar.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    T.train(cfg)
+    assert load_checkpoint(tmp_path / "dlm" / "model").model.cfg.shift_logits
+
+
+def test_adaptation_rejects_another_shape(data_dir, tmp_path):
+    T.train(recipe(data_dir, tmp_path / "ar", "max_steps=1", name="train-dv-small-ar"))
+    cfg = recipe(data_dir, tmp_path / "dlm", f"init_from='{tmp_path / 'ar' / 'model'}'",
+                 "model.d_model=64", name="train-dv-small-adapt")
+    with pytest.raises(ValueError, match="architecture"):
+        T.build_model(cfg, load_tokenizer(data_dir).vocab_size)
+
+
+def test_rows_keep_bos_and_the_whole_reply(data_dir):
+    tok = load_tokenizer(data_dir)
+    ids = np.array([tok.bos_id, 10, 11, 12, 13, 14, 20, 21, tok.eot_id])
+    row, p = T.fit_row(ids, prompt_len=6, n_eos=3, seq_len=10, tok=tok)
+    assert row.tolist() == [tok.bos_id, 10, 11, 12, 13, 14, 20, 21, tok.eot_id, tok.eos_id]
+    row, p = T.fit_row(ids, prompt_len=6, n_eos=0, seq_len=6, tok=tok)
+    assert row.tolist() == [tok.bos_id, 13, 14, 20, 21, tok.eot_id]
+    assert row[p:].tolist() == [20, 21, tok.eot_id]
+
+
+def test_masks_cover_only_reply_positions(data_dir):
+    tok = load_tokenizer(data_dir)
+    split = load_split(data_dir, "train")
+    batch = T.make_batch(split, np.arange(8), np.full(8, 2), 64, tok)
+    t, masked = T.sample_masks(batch.reply, torch.Generator().manual_seed(0), 1e-3)
+    assert (masked & ~batch.reply).sum() == 0
+    assert ((t > 0) & (t <= 1)).all()
+    assert batch.tokens[~batch.keys].eq(tok.pad_id).all()
+    assert batch.tokens.shape[1] % T.LENGTH_MULTIPLE == 0
+    # each row's reply span ends with <|eot|> then the EOS padding
+    for b in range(8):
+        span = batch.tokens[b][batch.reply[b]].tolist()
+        assert span[-3:] == [tok.eot_id, tok.eos_id, tok.eos_id]
+
+
+def test_batch_order_visits_every_example_once_per_epoch():
+    order = T.BatchOrder(10, 4, seed=1)
+    seen = np.concatenate([order.indices(s) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert T.BatchOrder(10, 4, seed=1).indices(3).tolist() == order.indices(3).tolist()
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    opt = T.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [T.lr_at(s, opt, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_recipes_validate_and_unknown_keys_fail():
+    for name in ("train-dv-small", "train-dv-small-ar", "train-dv-small-adapt"):
+        assert T.load_recipe(name).batch_size >= 128
+    with pytest.raises(ValueError):
+        T.load_recipe("train-dv-small", ["optim.learning_rate=1e-3"])
+
+
+def test_cli_trains_through_the_dispatcher(data_dir, tmp_path, capsys):
+    from agent.cli import main
+
+    argv = ["train", "--recipe", "train-dv-small", "--run-dir", str(tmp_path / "run"),
+            "--data-dir", str(data_dir), "--device", "cpu"]
+    for item in [*TINY, "max_steps=2"]:
+        argv += ["--opt", item]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 2
