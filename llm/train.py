@@ -145,6 +145,9 @@ class Batch:
     reply: Tensor  # (B, T) bool: the positions the loss covers (reply, <|eot|>, trailing <|eos|>)
     keys: Tensor  # (B, T) bool: real tokens, False for padding
     n_tokens: int  # real tokens in the batch (for tokens/s)
+    n_reply: int  # loss positions in the batch
+    t: Tensor | None = None  # (B,) diffusion time per row
+    masked: Tensor | None = None  # (B, T) bool: the reply positions replaced by <|mask|>
 
 
 def fit_row(ids: np.ndarray, prompt_len: int, n_eos: int, seq_len: int,
@@ -177,9 +180,8 @@ def make_batch(split: Split, indices: np.ndarray, eos_pad: np.ndarray, seq_len: 
         tokens[b, : len(row)] = row
         reply[b, p : len(row)] = True
         keys[b, : len(row)] = True
-    n_tokens = int(keys.sum())
     return Batch(torch.from_numpy(tokens), torch.from_numpy(reply), torch.from_numpy(keys),
-                 n_tokens)
+                 n_tokens=int(keys.sum()), n_reply=int(reply.sum()))
 
 
 class BatchOrder:
@@ -202,58 +204,69 @@ class BatchOrder:
 
 def train_batch(split: Split, order: BatchOrder, step: int, cfg: TrainConfig,
                 tok: ChatTokenizer) -> Batch:
+    """The batch of `step` on CPU, its masks drawn (diffusion): all of it from (seed, step)."""
     idx = order.indices(step)
     max_eos = cfg.max_eos_pad if cfg.objective == "diffusion" else 0
     eos_pad = np.random.default_rng([cfg.seed, 2, step]).integers(0, max_eos + 1, len(idx))
-    return make_batch(split, idx, eos_pad, cfg.seq_len, tok)
+    batch = make_batch(split, idx, eos_pad, cfg.seq_len, tok)
+    if cfg.objective == "diffusion":
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = with_masks(batch, gen, cfg.mask_eps)
+    return batch
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return Batch(batch.tokens.to(device, non_blocking=True), batch.reply.to(device),
-                 batch.keys.to(device), batch.n_tokens)
+    def move(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device, non_blocking=True)
+
+    return Batch(move(batch.tokens), move(batch.reply), move(batch.keys), batch.n_tokens,
+                 batch.n_reply, move(batch.t), move(batch.masked))
 
 
 # ---------------------------------------------------------------- objectives
 
 
-def sample_masks(reply: Tensor, gen: torch.Generator, eps: float,
-                 t: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Stratified t (B,) in (eps, 1] unless given, and the masked reply positions (B, T)."""
-    B, T = reply.shape
+def with_masks(batch: Batch, gen: torch.Generator, eps: float,
+               t: Tensor | None = None) -> Batch:
+    """Draw t (B,) in (eps, 1], stratified over the batch unless given, and mask each reply
+    position with probability t. Drawn on CPU before the transfer: the same masks on every
+    device and no host sync in the step."""
+    B, T = batch.reply.shape
     if t is None:
         u = torch.rand(1, generator=gen)
         t = eps + (1 - eps) * ((u + torch.arange(B) / B) % 1.0)  # (B,)
-    noise = torch.rand(B, T, generator=gen)  # drawn on CPU: same masks on every device
-    return t, reply.cpu() & (noise < t[:, None])
+    noise = torch.rand(B, T, generator=gen)  # (B, T)
+    batch.t, batch.masked = t, batch.reply & (noise < t[:, None])
+    return batch
 
 
-def diffusion_nll(model: Transformer, batch: Batch, t: Tensor, masked: Tensor,
-                  mask_id: int) -> Tensor:
-    """Per-row sum over masked reply tokens of CE / t: (B,), the MDLM/LLaDA ELBO integrand."""
-    dev = batch.tokens.device
-    t, masked = t.to(dev), masked.to(dev)
-    x = torch.where(masked, mask_id, batch.tokens)  # (B, T)
+def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """(B, T, V), (B, T) -> (B, T) cross-entropy at every position (no boolean indexing: a
+    data-dependent shape would sync the GPU)."""
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T),
+                           reduction="none").view(B, T)
+
+
+def diffusion_nll(model: Transformer, batch: Batch, mask_id: int) -> Tensor:
+    """Per row, the sum over masked reply tokens of CE / t: (B,), the MDLM/LLaDA ELBO integrand."""
+    x = torch.where(batch.masked, mask_id, batch.tokens)  # (B, T)
     logits, _ = model(x, key_mask=batch.keys)  # (B, T, V) fp32; shifted already if configured
-    ce = F.cross_entropy(logits[masked], batch.tokens[masked], reduction="none")  # (M,)
-    row = masked.nonzero()[:, 0]  # (M,) row of each masked token
-    return torch.zeros(len(t), device=dev).index_add(0, row, ce) / t  # (B,)
+    ce = token_ce(logits, batch.tokens) * batch.masked  # (B, T)
+    return ce.sum(1) / batch.t  # (B,)
 
 
-def ar_nll(model: Transformer, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Per-token CE of the reply tokens under the causal model: (M,) and their rows (M,)."""
+def ar_nll(model: Transformer, batch: Batch) -> Tensor:
+    """Summed CE of the reply tokens under the causal model (a scalar)."""
     logits, _ = model(batch.tokens)  # causal; right padding is invisible to earlier positions
-    sel = batch.reply[:, 1:]  # (B, T-1): targets that are reply tokens
-    ce = F.cross_entropy(logits[:, :-1][sel], batch.tokens[:, 1:][sel], reduction="none")
-    return ce, sel.nonzero()[:, 0]
+    ce = token_ce(logits[:, :-1], batch.tokens[:, 1:])  # (B, T-1): position i predicts i+1
+    return (ce * batch.reply[:, 1:]).sum()
 
 
-def train_loss(model: Transformer, batch: Batch, cfg: TrainConfig, mask_id: int,
-               gen: torch.Generator) -> Tensor:
+def train_loss(model: Transformer, batch: Batch, cfg: TrainConfig, mask_id: int) -> Tensor:
     if cfg.objective == "ar":
-        ce, _ = ar_nll(model, batch)
-        return ce.mean()
-    t, masked = sample_masks(batch.reply, gen, cfg.mask_eps)
-    per_row = diffusion_nll(model, batch, t, masked, mask_id)  # (B,)
+        return ar_nll(model, batch) / max(1, batch.n_reply)
+    per_row = diffusion_nll(model, batch, mask_id)  # (B,)
     # LLaDA SFT: each example normalised by its reply length, then the batch mean
     return (per_row / batch.reply.sum(1).clamp(min=1)).mean()
 
@@ -273,25 +286,25 @@ def reply_nll(model: Transformer, split: Split, tok: ChatTokenizer, *, objective
     n = min(examples, len(split))
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
-        batch = to_device(make_batch(split, idx, np.zeros(len(idx), int), seq_len, tok), device)
-        count += int(batch.reply.sum())
+        batch = make_batch(split, idx, np.zeros(len(idx), int), seq_len, tok)
+        count += batch.n_reply
         with _autocast(device):
-            total += _batch_nll(model, batch, tok, objective, t_grid, seed + start)
+            total += _batch_nll(model, batch, tok, objective, t_grid, seed + start, device)
     model.train()
     return total, count
 
 
 def _batch_nll(model: Transformer, batch: Batch, tok: ChatTokenizer, objective: str,
-               t_grid: int, seed: int) -> float:
+               t_grid: int, seed: int, device: torch.device) -> float:
     if objective == "ar":
-        return float(ar_nll(model, batch)[0].sum())
+        return float(ar_nll(model, to_device(batch, device)))
     gen = torch.Generator().manual_seed(seed)
     B = batch.tokens.shape[0]
     total = 0.0
     for k in range(t_grid):
         t = torch.full((B,), (k + 0.5) / t_grid)
-        _, masked = sample_masks(batch.reply, gen, 0.0, t=t)
-        total += float(diffusion_nll(model, batch, t, masked, tok.mask_id).sum()) / t_grid
+        masked = to_device(with_masks(batch, gen, 0.0, t=t), device)
+        total += float(diffusion_nll(model, masked, tok.mask_id).sum()) / t_grid
     return total
 
 
@@ -442,9 +455,8 @@ def train_step(run: Run, batch: Batch) -> Tensor:
     lr = lr_at(run.step, cfg.optim, cfg.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
     with _autocast(run.device):
-        loss = train_loss(run.step_model, batch, cfg, run.tok.mask_id, gen)
+        loss = train_loss(run.step_model, batch, cfg, run.tok.mask_id)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
     run.optimizer.step()

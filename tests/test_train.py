@@ -130,9 +130,9 @@ def test_masks_cover_only_reply_positions(data_dir):
     tok = load_tokenizer(data_dir)
     split = load_split(data_dir, "train")
     batch = T.make_batch(split, np.arange(8), np.full(8, 2), 64, tok)
-    t, masked = T.sample_masks(batch.reply, torch.Generator().manual_seed(0), 1e-3)
-    assert (masked & ~batch.reply).sum() == 0
-    assert ((t > 0) & (t <= 1)).all()
+    batch = T.with_masks(batch, torch.Generator().manual_seed(0), 1e-3)
+    assert batch.masked.any() and not (batch.masked & ~batch.reply).any()
+    assert ((batch.t > 0) & (batch.t <= 1)).all()
     assert batch.tokens[~batch.keys].eq(tok.pad_id).all()
     assert batch.tokens.shape[1] % T.LENGTH_MULTIPLE == 0
     # each row's reply span ends with <|eot|> then the EOS padding
