@@ -22,6 +22,32 @@ class DecodeSettings(BaseModel):
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # adaptive canvas: mask blocks kept after the active one. The reply canvas grows block by
+    # block until the model ends its turn (or max_new_tokens), instead of a long canvas that an
+    # EOS-padded instruct model floods with EOS; >= max_new_tokens/block_length = fixed canvas
+    lookahead_blocks: int = Field(1, ge=0)
+
+
+class EngineSettings(BaseModel):
+    """How the engine runs the model: caches, batching, compilation (Fast-dLLM, 2505.22618)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # none: every step is a full forward; prefix: K/V before the active block are cached and steps
+    # run the block and what follows it; dual: the suffix K/V are cached too, steps run the block
+    cache: Literal["none", "prefix", "dual"] = "dual"
+    # steps between K/V refreshes inside a block; 0 = only at block start, 1 = every step (exact)
+    refresh_interval: int = Field(0, ge=0)
+    # the prompt's K/V are encoded once per turn and not recomputed at refreshes (they change
+    # little once the reply starts); False recomputes the whole sequence like the reference
+    freeze_prompt: bool = True
+    max_batch: int = Field(16, ge=1)  # requests stepped together in one forward
+    # conversation K/V kept between turns so a new turn encodes only its new text
+    session_cache_count: int = Field(32, ge=0)
+    session_cache_mb: int = Field(512, ge=0)
+    # torch.compile the window forward (GPU); contexts are padded to multiples of
+    # `context_bucket` then, so the step keeps a few static shapes
+    compile: bool = False
+    context_bucket: int = Field(128, ge=1)
 
 
 class LLMSettings(BaseModel):
@@ -33,3 +59,4 @@ class LLMSettings(BaseModel):
     threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = torch's default
     system_prompt: str = "You are a friendly voice assistant. Keep replies short."
     decode: DecodeSettings = DecodeSettings()
+    engine: EngineSettings = EngineSettings()

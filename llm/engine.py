@@ -1,0 +1,636 @@
+"""`DiffusionEngine`: one worker thread that denoises every conversation's reply in one batch.
+
+Notable choices (each a setting in `llm/settings.py`):
+- Committed text streams out: a span leaves as soon as a prefix of the reply is fully unmasked
+  (LLaDA's committed tokens are never re-masked, arXiv 2502.09992), cut at the last sentence end,
+  or at the block end when no sentence has ended.
+- Adaptive canvas: the reply canvas holds the active block plus `lookahead_blocks` mask blocks and
+  grows block by block until the model ends its turn, instead of a long EOS-flooded canvas.
+- Fast-dLLM caches (arXiv 2505.22618): a refresh (a forward over the reply canvas against the
+  frozen prompt K/V) at each block start; between refreshes `prefix` steps run the block and the
+  suffix, `dual` steps run the block only. Refresh every step reproduces the reference sampler.
+- Rows join and leave the batch between steps; left padding, per-row positions and a key mask
+  keep each row's numbers its own, so at temperature 0 a batched reply equals a solo reply.
+- The same rows serve a causal model (the autoregressive baseline): one token per forward with
+  a K/V cache, same streaming interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llm.kvcache import KV, SessionCache, SessionEntry, build_context, common_prefix, kv_cat
+from llm.kvcache import kv_slice as _kv_slice
+from llm.model import Transformer, rope_cos_sin
+from llm.sampler import filter_logits, sample_tokens
+from llm.settings import DecodeSettings, LLMSettings
+from llm.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class CommittedSpan:
+    text: str
+    token_ids: tuple[int, ...]
+    t_s: float  # since submit
+    nfe: int  # forward passes of this request so far
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose K/V came from the session cache
+    reply_tokens: int
+    nfe: int
+    ttfs_s: float | None  # time to first committed span
+    total_s: float
+    finish_reason: str  # "eot" | "length" | "cancelled" | "error"
+
+
+_END = object()
+
+
+class EngineStream:
+    """Committed spans of one reply; an async and a sync iterator; `cancel()` is thread-safe."""
+
+    def __init__(self) -> None:
+        self.stats: GenerationStats | None = None
+        self._items: collections.deque[Any] = collections.deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _push(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            loop, event = self._loop, self._event
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's loop has closed
+                pass
+
+    def _pop_locked(self) -> CommittedSpan:
+        item = self._items.popleft()
+        if item is _END:
+            self._items.appendleft(item)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> EngineStream:
+        return self
+
+    def __next__(self) -> CommittedSpan:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._pop_locked()
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> CommittedSpan:
+        with self._cond:
+            if self._loop is None:
+                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        assert self._event is not None
+        while True:
+            with self._cond:
+                if self._items:
+                    try:
+                        return self._pop_locked()
+                    except StopIteration:
+                        raise StopAsyncIteration from None
+                self._event.clear()
+            await self._event.wait()
+
+    async def aclose(self) -> None:
+        """Cancel and wait until the engine has let go of the row."""
+        self.cancel()
+        try:
+            async for _ in self:
+                pass
+        except Exception:  # the row's error was already reported in its stats
+            pass
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?=\s)")
+
+
+class _SpanWriter:
+    """Final reply tokens -> text spans; only text whose decode is stable is released."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tokenizer = tokenizer
+        self.sent = ""  # text released so far
+        self.sent_tokens = 0  # tokens covered by released text
+
+    def next_span(self, ids: list[int], block_done: bool, finished: bool) -> tuple[str, tuple]:
+        """Text to release now for the final tokens `ids`, and the tokens it covers."""
+        text = self.tokenizer.decode(ids)
+        if not finished:
+            text = text.rstrip("\ufffd")  # a multi-byte character cut by a token boundary
+        if not text.startswith(self.sent) or len(text) == len(self.sent):
+            return "", ()
+        new = text[len(self.sent):]
+        if not (block_done or finished):
+            ends = [m.end() for m in _SENTENCE_END.finditer(new)]
+            if not ends:
+                return "", ()
+            new = new[: ends[-1]]
+        self.sent += new
+        n = len(ids) if finished else self._tokens_covering(ids, len(self.sent))
+        covered, self.sent_tokens = tuple(ids[self.sent_tokens:n]), n
+        return new, covered
+
+    def _tokens_covering(self, ids: list[int], n_chars: int) -> int:
+        for n in range(self.sent_tokens, len(ids) + 1):
+            if len(self.tokenizer.decode(ids[:n]).rstrip("\ufffd")) >= n_chars:
+                return n
+        return len(ids)
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    decode: DecodeSettings
+    session_id: str | None
+    stream: EngineStream
+    t_submit: float
+
+
+@dataclass
+class _Plan:
+    """One row's part of a forward: tokens at positions [start, start+len(ids)) against context."""
+
+    ids: list[int]
+    start: int
+    segments: list[KV]  # context K/V segments
+    ctx_key: tuple  # changes whenever the segments do
+    out_positions: list[int]  # positions whose token predictions are needed
+    keep_kv: bool
+
+
+_row_ids = itertools.count()
+
+
+class _Row:
+    """What diffusion and autoregressive rows share: timing, spans, the end of a reply."""
+
+    def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
+        self.eng, self.req, self.stream, self.decode = eng, req, req.stream, req.decode
+        self.uid = next(_row_ids)
+        self.P = len(req.ids)
+        self.max_new = min(req.decode.max_new_tokens, eng.model.cfg.max_seq_len - self.P)
+        if self.max_new < 1:
+            raise ValueError(f"prompt of {self.P} tokens leaves no room for a reply")
+        self.reused = 0 if entry is None else min(common_prefix(entry.ids, req.ids), self.P - 1)
+        self.frozen: KV = [] if not self.reused else _kv_slice(entry.kv, 0, self.reused)
+        self.F = self.reused  # positions [0, F) have frozen K/V
+        self.version, self.nfe, self.ttfs = 0, 0, None
+        self.finished = False
+        self.writer = _SpanWriter(eng.tokenizer)
+        self.gen: torch.Generator | None = None
+        if req.decode.temperature > 0:
+            self.gen = torch.Generator(device=eng.device).manual_seed(req.decode.seed)
+
+    def emit(self, reply: list[int], block_done: bool, finished: bool) -> None:
+        text, ids = self.writer.next_span(reply, block_done, finished)
+        if text:
+            t = time.perf_counter() - self.req.t_submit
+            self.ttfs = t if self.ttfs is None else self.ttfs
+            self.stream._push(CommittedSpan(text, ids, t, self.nfe))
+
+    def finish(self, reason: str, reply: list[int], error: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if error is None:
+            self.emit(reply, block_done=True, finished=True)
+        self.stream.stats = GenerationStats(
+            prompt_tokens=self.P, cached_prompt_tokens=self.reused, reply_tokens=len(reply),
+            nfe=self.nfe, ttfs_s=self.ttfs, total_s=time.perf_counter() - self.req.t_submit,
+            finish_reason=reason,
+        )
+        entry = self.session_entry()
+        if entry is not None:
+            self.eng.sessions.put(self.req.session_id, entry)
+        self.stream._push(error if error is not None else _END)
+        if error is not None:
+            self.stream._push(_END)
+
+    def session_entry(self) -> SessionEntry | None:
+        raise NotImplementedError
+
+
+class _DiffusionRow(_Row):
+    """A reply denoised block by block on an adaptive canvas (LLaDA's semi-AR schedule)."""
+
+    def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
+        super().__init__(eng, req, entry)
+        self.mask_id = eng.tokenizer.mask_id
+        self.tokens = req.ids + [self.mask_id] * self.max_new  # the canvas, host side
+        self.Lb = req.decode.block_length
+        self.live: KV = []  # K/V of [F, live_end) from the last refresh
+        self.block, self.step, self.block_masks = 0, 0, 0
+        self.final = 0  # reply tokens that form a fully unmasked prefix
+
+    @property
+    def bs(self) -> int:
+        return self.P + self.block * self.Lb
+
+    @property
+    def be(self) -> int:
+        return min(self.bs + self.Lb, self.P + self.max_new)
+
+    @property
+    def canvas_end(self) -> int:
+        blocks = self.block + 1 + self.decode.lookahead_blocks
+        return self.P + min(self.max_new, blocks * self.Lb)
+
+    def wants_refresh(self) -> bool:
+        es = self.eng.settings.engine
+        every = 1 if es.cache == "none" else es.refresh_interval
+        return not self.live or self.step == 0 or (every > 0 and self.step % every == 0)
+
+    def plan(self, refresh: bool) -> _Plan:
+        ws = self.bs - self.eng.pred_offset  # the prediction for bs is read one position earlier
+        if refresh:
+            a = min(self.F, ws)
+            return _Plan(self.tokens[a:self.canvas_end], a, [_kv_slice(self.frozen, 0, a)],
+                         (self.uid, self.version, a), list(range(self.bs, self.be)), True)
+        we = self.be if self.eng.settings.engine.cache == "dual" else self.canvas_end
+        segs = [_kv_slice(self.frozen, 0, min(ws, self.F))]
+        if ws > self.F:
+            segs.append(_kv_slice(self.live, 0, ws - self.F))
+        if we == self.be:
+            segs.append(_kv_slice(self.live, self.be - self.F))
+        return _Plan(self.tokens[ws:we], ws, segs, (self.uid, self.version, ws, we),
+                     list(range(self.bs, self.be)), False)
+
+    def absorb(self, plan: _Plan, kv: KV) -> None:
+        """Keep a refresh's K/V: the prompt part is frozen once, the reply part is live."""
+        a = plan.start
+        if self.eng.settings.engine.freeze_prompt and self.F < self.P:
+            self.frozen = kv_cat([self.frozen, _kv_slice(kv, self.F - a, self.P - a)]) or []
+            self.F = self.P
+        self.live = _kv_slice(kv, self.F - a)
+        self.version += 1
+
+    def block_view(self) -> tuple[list[int], int, float]:
+        """Active block tokens, how many to commit now, and the confidence threshold."""
+        cur = self.tokens[self.bs:self.be]
+        if self.step == 0:
+            self.block_masks = cur.count(self.mask_id)
+        if self.decode.strategy == "threshold":
+            return cur, 1, self.decode.threshold
+        m, s = self.block_masks, self.decode.steps_per_block
+        return cur, m // s + (1 if self.step < m % s else 0), float("inf")
+
+    def apply(self, new: list[int]) -> None:
+        self.tokens[self.bs:self.be] = new
+        self.step += 1
+        block_done = self.mask_id not in new
+        if block_done:
+            self.block, self.step = self.block + 1, 0
+        reply = self.tokens[self.P:]
+        while self.final < self.max_new and reply[self.final] != self.mask_id:
+            self.final += 1
+        stops = [i for i, t in enumerate(reply[:self.final]) if t in self.eng.stop_ids]
+        if stops:
+            self.finish("eot", reply[:stops[0]])
+        elif self.final == self.max_new:
+            self.finish("length", reply)
+        else:
+            self.emit(reply[:self.final], block_done, False)
+
+    def reply(self) -> list[int]:
+        return self.tokens[self.P:self.P + self.final]
+
+    def session_entry(self) -> SessionEntry | None:
+        if self.F >= self.P:
+            kv = _kv_slice(self.frozen, 0, self.P)
+        elif self.live:
+            kv = kv_cat([self.frozen, _kv_slice(self.live, 0, self.P - self.F)]) or []
+        else:
+            return None
+        return SessionEntry(tuple(self.req.ids), kv)
+
+
+class _ARRow(_Row):
+    """Autoregressive decoding with a K/V cache: one token per forward (the baseline)."""
+
+    def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
+        super().__init__(eng, req, entry)
+        self.tokens = list(req.ids)
+        self.kv: KV = []  # preallocated (1, nkv, P + max_new, hd) per layer
+        self.n = 0  # positions with K/V
+
+    def wants_refresh(self) -> bool:
+        return False
+
+    def plan(self, refresh: bool) -> _Plan:
+        a = self.F if self.n == 0 else self.n
+        segs = [self.frozen] if self.n == 0 else [_kv_slice(self.kv, 0, self.n)]
+        return _Plan(self.tokens[a:], a, segs, (self.uid, a), [len(self.tokens)], True)
+
+    def absorb(self, plan: _Plan, kv: KV) -> None:
+        if not self.kv:
+            cap = self.P + self.max_new
+            self.kv = [(k.new_zeros(*k.shape[:2], cap, k.shape[3]),
+                        v.new_zeros(*v.shape[:2], cap, v.shape[3])) for k, v in kv]
+            for (bk, bv), (fk, fv) in zip(self.kv, self.frozen, strict=False):
+                bk[:, :, : self.F], bv[:, :, : self.F] = fk, fv
+        end = plan.start + len(plan.ids)
+        for (bk, bv), (k, v) in zip(self.kv, kv, strict=True):
+            bk[:, :, plan.start:end], bv[:, :, plan.start:end] = k, v
+        self.n = end
+
+    def block_view(self) -> tuple[list[int], int, float]:
+        return [self.eng.tokenizer.mask_id], 1, float("inf")
+
+    def apply(self, new: list[int]) -> None:
+        self.tokens.append(new[0])
+        reply = self.tokens[self.P:]
+        if new[0] in self.eng.stop_ids:
+            self.finish("eot", reply[:-1])
+        elif len(reply) == self.max_new:
+            self.finish("length", reply)
+        else:
+            self.emit(reply, len(reply) % self.decode.block_length == 0, False)
+
+    def reply(self) -> list[int]:
+        return self.tokens[self.P:]
+
+    def session_entry(self) -> SessionEntry | None:
+        if not self.kv:
+            return None
+        return SessionEntry(tuple(self.tokens[: self.n]), _kv_slice(self.kv, 0, self.n))
+
+
+class DiffusionEngine:
+    """Owns a model and its tokenizer; one worker thread steps every active reply together.
+
+    >>> engine = DiffusionEngine.from_settings(settings.llm)
+    >>> for span in engine.stream([{"role": "user", "content": "Hi!"}], session_id="a"):
+    ...     speak(span.text)
+    """
+
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer,
+                 settings: LLMSettings | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings or LLMSettings()
+        self.device = next(model.parameters()).device
+        # causal models and shifted-logit models read position i's prediction at i-1
+        self.pred_offset = int(model.cfg.causal or model.cfg.shift_logits)
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        es = self.settings.engine
+        self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
+        self._bucket = es.context_bucket if es.compile else 1
+        self._layers = torch.compile(self._run_layers, dynamic=False) if es.compile else (
+            self._run_layers)
+        self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, llm: LLMSettings) -> DiffusionEngine:
+        from llm.checkpoints import load_checkpoint, resolve_model_path
+
+        if llm.threads > 0:
+            torch.set_num_threads(llm.threads)
+        loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
+                                 dtype=engine_dtype(llm))
+        return cls(loaded.model, loaded.tokenizer, llm)
+
+    def stream(self, messages: list[Message], *, session_id: str | None = None,
+               decode: DecodeSettings | None = None) -> EngineStream:
+        """Submit a reply; returns at once. Spans arrive as the worker commits them."""
+        stream = EngineStream()
+        ids = self.tokenizer.encode_chat(messages)
+        self._inbox.put(_Request(ids, decode or self.settings.decode, session_id, stream,
+                                 time.perf_counter()))
+        return stream
+
+    def generate(self, messages: list[Message], **kw: Any) -> tuple[str, GenerationStats]:
+        stream = self.stream(messages, **kw)
+        text = "".join(span.text for span in stream)
+        assert stream.stats is not None
+        return text, stream.stats
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        rows: list[_Row] = []
+        pending: collections.deque[_Request] = collections.deque()
+        with torch.inference_mode():
+            while self._receive(pending, block=not rows and not pending):
+                while pending and len(rows) < self.settings.engine.max_batch:
+                    row = self._admit(pending.popleft())
+                    rows += [] if row is None else [row]
+                for r in rows:
+                    if r.stream.cancelled:
+                        r.finish("cancelled", r.reply())
+                rows = [r for r in rows if not r.finished]
+                if rows:
+                    self._iterate_safely(rows)
+                    rows = [r for r in rows if not r.finished]
+        for r in rows:
+            r.finish("cancelled", r.reply())
+        for req in pending:
+            req.stream._push(_END)
+
+    def _receive(self, pending: collections.deque[_Request], block: bool) -> bool:
+        """Move submitted requests to `pending`; False once the engine is closed."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                pending.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _admit(self, req: _Request) -> _Row | None:
+        if req.stream.cancelled:
+            req.stream._push(_END)
+            return None
+        cls = _ARRow if self.model.cfg.causal else _DiffusionRow
+        entry = self.sessions.take(req.session_id)
+        try:
+            return cls(self, req, entry)
+        except ValueError as e:
+            req.stream._push(e)
+            req.stream._push(_END)
+            return None
+
+    def _iterate_safely(self, rows: list[_Row]) -> None:
+        try:
+            self._iterate(rows)
+        except Exception as e:
+            log.exception("engine step failed for %d rows", len(rows))
+            for r in rows:
+                r.finish("error", r.reply(), error=e)
+
+    def _iterate(self, rows: list[_Row]) -> None:
+        """One denoising step for every row: refreshing rows and cached-window rows."""
+        refresh = [r for r in rows if r.wants_refresh()]
+        window = [r for r in rows if not r.wants_refresh()]
+        for group, is_refresh in ((refresh, True), (window, False)):
+            if group:
+                plans = [r.plan(is_refresh) for r in group]
+                logits, kvs = self._forward(plans, is_refresh)
+                for r, p, kv in zip(group, plans, kvs, strict=True):
+                    r.nfe += 1
+                    if p.keep_kv:
+                        r.absorb(p, kv)
+                self._decide(group, logits)
+
+    # --- one forward for a group of rows ----------------------------------------------------
+
+    def _forward(self, plans: list[_Plan], is_refresh: bool) -> tuple[Tensor, list[KV]]:
+        """Left-padded batch forward; returns logits (N, V) of every plan's out_positions in
+        order, and each row's K/V of its own tokens (views)."""
+        lens = [len(p.ids) for p in plans]
+        B, T = len(plans), max(lens)
+        idx, pos, window_keys = self._window_tensors(plans, T)
+        ctx, ctx_keys = self._context(plans, is_refresh)
+        key_mask = None
+        if ctx_keys is not None or not bool(window_keys.all()) or self._bucket > 1:
+            S = 0 if ctx is None else ctx[0][0].shape[2]
+            if ctx_keys is None:
+                ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
+            key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
+        hidden, kv = self._layers(idx, pos, key_mask, ctx)  # (B, T, C)
+        out = self._out_index(plans, T)
+        h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
+        logits = self.model.lm_head(h).float()  # (N, V)
+        kvs = [[(k[b:b + 1, :, T - n:], v[b:b + 1, :, T - n:]) for k, v in kv]
+               for b, n in enumerate(lens)]
+        return logits, kvs
+
+    def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:
+        B = len(plans)
+        idx = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        keys = torch.zeros(B, T, dtype=torch.bool)
+        for b, p in enumerate(plans):
+            n = len(p.ids)
+            idx[b, T - n:] = torch.tensor(p.ids)
+            pos[b, T - n:] = torch.arange(p.start, p.start + n)
+            keys[b, T - n:] = True
+        return idx.to(self.device), pos.to(self.device), keys
+
+    def _out_index(self, plans: list[_Plan], T: int) -> Tensor:
+        """Flat (b * T + t) indices of the hidden states that predict each out position."""
+        flat = []
+        for b, p in enumerate(plans):
+            first = b * T + T - len(p.ids) - p.start - self.pred_offset
+            flat += [first + q for q in p.out_positions]
+        return torch.tensor(flat, device=self.device)
+
+    def _context(self, plans: list[_Plan], is_refresh: bool) -> tuple[KV | None, Tensor | None]:
+        """Padded context of the group, rebuilt only when a row's segments changed."""
+        key = tuple(p.ctx_key for p in plans)
+        cached = self._ctx_cache.get(is_refresh)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        ctx, mask, _ = build_context([p.segments for p in plans], self._bucket)
+        self._ctx_cache[is_refresh] = (key, (ctx, mask))
+        return ctx, mask
+
+    def _run_layers(self, idx: Tensor, pos: Tensor, key_mask: Tensor | None,
+                    ctx: KV | None) -> tuple[Tensor, KV]:
+        """The transformer body of `Transformer.forward`, with RoPE tables built once."""
+        m = self.model
+        B, T = idx.shape
+        cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
+        S = 0 if ctx is None else ctx[0][0].shape[2]
+        mask, is_causal = m._attn_mask(B, T, S, key_mask, idx.device)
+        x = m.tok_emb(idx)  # (B, T, C)
+        kv: KV = []
+        for i, layer in enumerate(m.layers):
+            x, layer_kv = layer(x, cos, sin, mask, is_causal, None if ctx is None else ctx[i])
+            kv.append(layer_kv)
+        return x, kv
+
+    # --- commit decisions ---------------------------------------------------------------------
+
+    def _decide(self, rows: list[_Row], logits: Tensor) -> None:
+        """Pick tokens for every row's active block and commit the most confident (one sync)."""
+        views = [r.block_view() for r in rows]
+        lens = [len(v[0]) for v in views]
+        B, L, V = len(rows), max(lens), logits.shape[-1]
+        if all(n == L for n in lens):
+            lg = logits.view(B, L, V)
+        else:
+            lg = logits.new_full((B, L, V), 0.0)
+            offsets = itertools.accumulate([0, *lens])
+            for b, (o, n) in enumerate(zip(offsets, lens, strict=False)):
+                lg[b, :n] = logits[o:o + n]
+        mask_id = self.tokenizer.mask_id
+        cur = torch.tensor([v[0] + [mask_id] * (L - len(v[0])) for v in views], device=self.device)
+        valid = torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
+        masked = (cur == mask_id) & valid.to(self.device)
+        k = torch.tensor([v[1] for v in views], device=self.device)
+        thr = torch.tensor([v[2] for v in views], dtype=torch.float64, device=self.device)
+        x0, conf = self._choose(lg, rows)
+        conf = torch.where(masked, conf, -torch.inf)
+        order = conf.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(L, device=self.device).expand(B, L))
+        commit = masked & ((rank < k[:, None]) | (conf >= thr[:, None]))
+        new = torch.where(commit, x0, cur).cpu().tolist()  # the step's one host sync
+        for r, n, row_new in zip(rows, lens, new, strict=True):
+            r.apply(row_new[:n])
+
+    def _choose(self, lg: Tensor, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        """lg (B, L, V) -> tokens (B, L) and their probabilities (float64, like the reference)."""
+        if any(r.decode.top_k or r.decode.top_p < 1.0 for r in rows):
+            lg = torch.stack([filter_logits(lg[b], r.decode.top_k, r.decode.top_p)
+                              for b, r in enumerate(rows)])
+        x0 = lg.argmax(-1)
+        for b, r in enumerate(rows):
+            if r.decode.temperature > 0:
+                x0[b] = sample_tokens(lg[b], r.decode.temperature, r.gen)
+        conf = lg.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        return x0, conf
+
+
+def engine_dtype(llm: LLMSettings) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slower than fp32)."""
+    if llm.dtype == "auto":
+        return torch.bfloat16 if llm.device.startswith("cuda") else torch.float32
+    return getattr(torch, llm.dtype)
