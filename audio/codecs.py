@@ -19,6 +19,7 @@ INT16_SCALE = 32768.0
 # G.711 mu-law (ITU-T G.711): bias added before the segment search, and the clip level
 _MULAW_BIAS = 0x21  # 14-bit bias (0x84 >> 2)
 _MULAW_CLIP = 8159  # 14-bit clip level
+_MULAW_DECODE_BIAS = 0x84  # decoding yields 16-bit samples
 
 
 def int16_to_float(pcm: np.ndarray) -> np.ndarray:
@@ -72,7 +73,7 @@ def _mulaw_encode_table() -> np.ndarray:
 def _mulaw_decode_table() -> np.ndarray:
     u = ~np.arange(256, dtype=np.int32) & 0xFF
     sign, exponent, mantissa = u & 0x80, (u >> 4) & 0x07, u & 0x0F
-    mag = (((mantissa << 3) + _MULAW_BIAS) << exponent) - _MULAW_BIAS
+    mag = (((mantissa << 3) + _MULAW_DECODE_BIAS) << exponent) - _MULAW_DECODE_BIAS
     return np.where(sign != 0, -mag, mag).astype(np.int16)
 
 

@@ -196,7 +196,8 @@ Rule = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
 
 
 def _abbreviation(m: re.Match[str]) -> str:
-    return _ABBREVIATIONS[m.group(0)]
+    ends_text = m.string[m.end() :].strip() == ""  # its dot was also the full stop
+    return _ABBREVIATIONS[m.group(0)] + ("." if ends_text else "")
 
 
 _NUM = r"\d{1,3}(?:,\d{3})+|\d+"
@@ -209,8 +210,8 @@ RULES: list[Rule] = [
     (re.compile(r"#(?=\d)"), "number "),
     (re.compile(rf"([$£€])\s?({_NUM})(?:\.(\d{{1,2}}))?(?:\s?(bn|[kKmMbB]\b|million|billion))?"),
      _money),
-    (re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?\s*([AaPp])?(?:\.?\s?[Mm]\.?\b)?"), _time),
-    (re.compile(r"\b(\d{1,2})\s?([AaPp])\.?[Mm]\b\.?"), lambda m: _time(re.match(
+    (re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?(?:\s*([AaPp])\.?\s?[Mm]\b)?"), _time),
+    (re.compile(r"\b(\d{1,2})\s?([AaPp])\.?\s?[Mm]\b"), lambda m: _time(re.match(
         r"(\d+)()(\w)", m.group(1) + m.group(2)))),  # type: ignore[arg-type]
     (re.compile(r"(\d+(?:\.\d+)?)\s?%"), lambda m: f"{_decimal_words(m.group(1))} percent"),
     (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: ordinal_to_words(int(m.group(1)))),
