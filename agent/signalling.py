@@ -148,13 +148,13 @@ class Signalling:
         file = (self.web_dir / name).resolve()
         if not file.is_relative_to(self.web_dir) or not file.is_file():
             return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        response = conn.respond(http.HTTPStatus.OK, "")
-        response.body = file.read_bytes()
-        ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        response.headers["Content-Type"] = ctype
-        response.headers["Content-Length"] = str(len(response.body))
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        body = file.read_bytes()
+        headers = Headers([
+            ("Content-Type", mimetypes.guess_type(file.name)[0] or "application/octet-stream"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ])
+        return Response(http.HTTPStatus.OK, "OK", headers, body)
 
     # -- WebSocket ----------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:

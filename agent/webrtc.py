@@ -132,6 +132,7 @@ class Visitor:
         self._pending: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._connected = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def accept_offer(self, sdp: str) -> str:
@@ -146,9 +147,17 @@ class Visitor:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except (ValueError, AttributeError, KeyError) as e:
             raise OfferError(f"cannot negotiate this offer: {e}") from e
-        self._spawn(self._ice_watchdog(), "ice-watchdog")
-        await self._start_session()
+        self._spawn(self._run(), "visitor")
         return self.pc.localDescription.sdp
+
+    async def _run(self) -> None:
+        """Start the conversation once media flows, so the greeting is not spoken to no one."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.settings.server.ice_timeout_s)
+        except TimeoutError:
+            await self._ice_timed_out()
+            return
+        await self._start_session()
 
     async def _start_session(self) -> None:
         self.session, agent = build_session(self.settings, self.models, session_id=self.id)
@@ -213,6 +222,8 @@ class Visitor:
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         logger.info("visitor %s connection %s", self.id, state)
+        if state == "connected":
+            self._connected.set()
         if state in ("failed", "closed"):
             self._spawn_close()
 
@@ -227,14 +238,12 @@ class Visitor:
             self.send_event({"type": "error", "message": "the conversation ended on an error"})
         self._spawn_close()
 
-    async def _ice_watchdog(self) -> None:
-        await asyncio.sleep(self.settings.server.ice_timeout_s)
-        if self.pc.connectionState != "connected":
-            logger.warning("visitor %s: ICE did not complete in %.0f s", self.id,
-                           self.settings.server.ice_timeout_s)
-            with contextlib.suppress(Exception):
-                await self.notify({"type": "error", "message": "connection timed out (ICE)"})
-            self._spawn_close()
+    async def _ice_timed_out(self) -> None:
+        logger.warning("visitor %s: ICE did not complete in %.0f s", self.id,
+                       self.settings.server.ice_timeout_s)
+        with contextlib.suppress(Exception):
+            await self.notify({"type": "error", "message": "connection timed out (ICE)"})
+        self._spawn_close()
 
     # -- tasks --------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:

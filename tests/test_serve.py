@@ -1,0 +1,231 @@
+"""`diffvoice serve` in-process: WebRTC callers, signalling faults, guards, freed resources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+import websockets
+from agent_fakes import FakeEngine, FakeSTT, FakeTTS
+from livekit.plugins import silero
+from speech_samples import spoken
+from webrtc_client import WebRTCCaller
+
+from agent.serve import BrowserServer
+from agent.session import Models
+from agent.settings import Settings, load_settings
+from agent.signalling import check_bind, parse_message
+from agent.webrtc import OfferError, check_offer
+
+QUESTION = "What is the weather like today?"
+
+
+def _settings(*extra: str, tmp_path=None) -> Settings:
+    log = f'"{tmp_path / "turns.jsonl"}"' if tmp_path else '""'
+    return load_settings(overrides=[
+        "server.port=0", "session.turn_detector=\"vad\"", "session.aec_warmup_s=0.0",
+        "session.greeting=\"Hello there, how can I help you today?\"",
+        f"server.metrics_log={log}", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return silero.VAD.load(min_silence_duration=0.3)
+
+
+def _models(vad, engine=None) -> Models:
+    return Models(engine=engine or FakeEngine(reply=["It is sunny. "]),
+                  stt=FakeSTT([QUESTION] * 20), tts=FakeTTS(), vad=vad, turn_detector=None)
+
+
+async def _server(settings: Settings, models: Models) -> tuple[BrowserServer, str]:
+    server = BrowserServer(settings, models)
+    await server.start()
+    return server, f"ws://127.0.0.1:{server.signalling.port}/ws"
+
+
+async def _wait(predicate, within: float) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polling state owned by other libraries
+            await asyncio.sleep(0.05)
+
+
+# ---- pure checks ------------------------------------------------------------------------
+def test_offer_checks():
+    with pytest.raises(OfferError, match="no audio"):
+        check_offer("v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n")
+    with pytest.raises(OfferError, match="Opus"):
+        check_offer("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    check_offer("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n")
+
+
+def test_message_parsing():
+    assert parse_message('{"type": "bye"}') == {"type": "bye"}
+    for bad in ("{", "[]", '{"type": "hack"}', '{"type": "offer"}', b"\x00"):
+        with pytest.raises(ValueError):
+            parse_message(bad)
+
+
+def test_non_loopback_bind_needs_token():
+    s = load_settings(overrides=['server.host="0.0.0.0"'])
+    with pytest.raises(ValueError, match="access_token"):
+        check_bind(s.server)
+    check_bind(load_settings(overrides=['server.host="0.0.0.0"', 'server.access_token="t"']).server)
+
+
+# ---- a conversation over WebRTC ---------------------------------------------------------
+@pytest.mark.slow
+async def test_webrtc_caller_talks_with_the_agent(vad, tmp_path):
+    server, url = await _server(_settings(tmp_path=tmp_path), _models(vad))
+    caller = WebRTCCaller(url)
+    try:
+        await caller.connect()
+        await _wait(lambda: caller.audible_frames > 10, within=10)  # the greeting
+        heard_greeting = caller.audible_frames
+        caller.mic.say(spoken(QUESTION))
+        await _wait(lambda: len(caller.of_type("turn_metrics")) >= 2, within=20)
+        await _wait(lambda: caller.audible_frames > heard_greeting + 10, within=10)
+    finally:
+        await caller.close()
+        await server.close()
+    finals = [e["text"] for e in caller.of_type("user_transcript") if e["final"]]
+    assert finals == [QUESTION]
+    assert "sunny" in "".join(e["text"] for e in caller.of_type("agent_text"))
+    metrics = caller.of_type("turn_metrics")[-1]
+    assert {"e2e_latency_s", "llm_ttft_s", "tts_ttfb_s"} <= metrics.keys()
+    logged = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert logged and "e2e_latency_s" in logged[-1] and "text" not in logged[-1]
+
+
+@pytest.mark.slow
+async def test_two_visitors_then_everything_freed(vad):
+    engine = FakeEngine(reply=["It is sunny. "])
+    server, url = await _server(_settings(), _models(vad, engine))
+    tasks_before = len(asyncio.all_tasks())
+    threads_before = _threads()
+    callers = [WebRTCCaller(url), WebRTCCaller(url)]
+    try:
+        for c in callers:
+            await c.connect()
+        for c in callers:
+            c.mic.say(spoken(QUESTION))
+        await _wait(lambda: all(_said(c, "sunny") for c in callers), within=20)
+        assert len({m[0]["content"] for m in engine.requests}) == 1  # same system prompt
+        assert len(server.visitors) == 2
+        await callers[0].close()  # hang up mid-conversation: the other goes on
+        await _wait(lambda: sum(not v.closed.is_set() for v in server.visitors) == 1, within=10)
+        callers[1].mic.say(spoken(QUESTION))
+        await _wait(lambda: len(callers[1].of_type("turn_metrics")) >= 3, within=20)
+    finally:
+        for c in callers:
+            await c.close()
+    await _wait(lambda: all(v.closed.is_set() for v in server.visitors), within=10)
+    await server.close()
+    await asyncio.sleep(0.5)
+    assert all(v.pc.connectionState == "closed" for v in server.visitors)
+    assert len(asyncio.all_tasks()) <= tasks_before + 1  # this test's own task may remain
+    assert _threads() <= threads_before
+
+
+def _threads() -> set[str]:
+    """Live threads, less the event loop's default executor (a bounded, reused pool)."""
+    return {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
+
+
+def _said(caller: WebRTCCaller, word: str) -> bool:
+    return word in "".join(e["text"] for e in caller.of_type("agent_text"))
+
+
+# ---- faults and guards ------------------------------------------------------------------
+async def test_bad_signalling_messages_get_clear_errors(vad):
+    settings = _settings("server.max_message_bytes=2048")
+    server, url = await _server(settings, _models(vad))
+    try:
+        async with websockets.connect(url) as ws:
+            await ws.send("not json")
+            assert "malformed JSON" in json.loads(await ws.recv())["message"]
+            await ws.send(json.dumps({"type": "offer", "sdp": "v=0\r\n"}))
+            assert "no audio" in json.loads(await ws.recv())["message"]
+        async with websockets.connect(url) as ws:
+            await ws.send("x" * 4096)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 1009  # message too big
+    finally:
+        await server.close()
+    assert not any(not v.closed.is_set() for v in server.visitors)
+
+
+async def test_unsupported_codec_is_refused(vad):
+    server, url = await _server(_settings(), _models(vad))
+    caller = WebRTCCaller(url)
+    try:
+        caller.pc.addTrack(caller.mic)
+        await caller.pc.setLocalDescription(await caller.pc.createOffer())
+        sdp = "\r\n".join(line for line in caller.pc.localDescription.sdp.split("\r\n")
+                          if "opus" not in line.lower())
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "offer", "sdp": sdp}))
+            assert "Opus" in json.loads(await ws.recv())["message"]
+    finally:
+        await caller.close()
+        await server.close()
+
+
+async def test_token_origin_and_session_cap(vad):
+    settings = _settings('server.access_token="s3cret"', "server.max_sessions=1")
+    server, url = await _server(settings, _models(vad))
+    try:
+        for bad in (url, url + "?token=wrong"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(bad)
+            assert refused.value.response.status_code == 403
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(url + "?token=s3cret", origin="http://evil.example")
+        async with websockets.connect(url + "?token=s3cret") as first:
+            async with websockets.connect(url + "?token=s3cret") as second:
+                assert "busy" in json.loads(await second.recv())["message"]
+            await first.send(json.dumps({"type": "bye"}))
+    finally:
+        await server.close()
+
+
+@pytest.mark.slow
+async def test_peer_that_never_completes_ice_is_dropped(vad):
+    server, url = await _server(_settings("server.ice_timeout_s=1.0"), _models(vad))
+    caller = WebRTCCaller(url)
+    try:
+        caller.pc.addTrack(caller.mic)
+        caller.pc.createDataChannel("events")
+        await caller.pc.setLocalDescription(await caller.pc.createOffer())
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "offer", "sdp": caller.pc.localDescription.sdp}))
+            assert json.loads(await ws.recv())["type"] == "answer"  # never applied: no ICE
+            assert "timed out" in json.loads(await ws.recv())["message"]
+        await _wait(lambda: all(v.closed.is_set() for v in server.visitors), within=5)
+    finally:
+        await caller.close()
+        await server.close()
+
+
+async def test_page_is_served(vad):
+    server, url = await _server(_settings(), _models(vad))
+    base = url.replace("ws://", "http://").removesuffix("/ws")
+    try:
+        body = await asyncio.to_thread(_get, base + "/")
+        assert "diffvoice" in body
+        assert "RTCPeerConnection" in await asyncio.to_thread(_get, base + "/app.js")
+        with pytest.raises(Exception, match="404"):
+            await asyncio.to_thread(_get, base + "/../agent/serve.py")
+    finally:
+        await server.close()
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
