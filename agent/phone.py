@@ -29,6 +29,7 @@ import soxr
 import websockets
 from livekit import rtc
 from livekit.agents import AgentSession
+from livekit.agents.voice.transcription import TranscriptSynchronizer
 from websockets.asyncio.server import Server, ServerConnection
 
 from agent import twilio_io as tw
@@ -134,6 +135,7 @@ class Call:
                                               dtype="int16")
         self._digits = _Digits(self.cfg.dtmf_gap_s, self._submit_digits)
         self._user_stopped_at: float | None = None
+        self._sync: TranscriptSynchronizer | None = None
 
     @property
     def name(self) -> str:
@@ -219,7 +221,13 @@ class Call:
         self._spawn(self._writer())
         self._spawn(self._pacer())
         logger.info("%s: call started (stream %s)", self.name, start.stream_sid)
-        await start_session(session, agent, audio_in=self.audio_in, audio_out=self.audio_out,
+        # the synchroniser maps the heard position to the words heard, so an interrupted reply
+        # enters the history cut where the caller stopped hearing it
+        self._sync = TranscriptSynchronizer(next_in_chain_audio=self.audio_out,
+                                            next_in_chain_text=None)
+        session.output.transcription = self._sync.text_output
+        await start_session(session, agent, audio_in=self.audio_in,
+                            audio_out=self._sync.audio_output,
                             greeting=self.settings.session.greeting)
 
     # -- during the call -----------------------------------------------------------------
@@ -339,6 +347,8 @@ class Call:
                     await self.session.aclose()
             except Exception:
                 logger.exception("%s: session did not close cleanly", self.name)
+        if self._sync is not None:
+            await self._sync.aclose()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -385,7 +395,8 @@ class PhoneServer:
         """Listen; returns the bound port."""
         cfg = self.settings.phone
         self._server = await websockets.serve(
-            self._handle, cfg.host, cfg.port, max_size=cfg.max_message_bytes)
+            self._handle, cfg.host, cfg.port, max_size=cfg.max_message_bytes,
+            compression=None)  # μ-law does not deflate; compressing costs CPU per frame
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, ws: ServerConnection) -> None:

@@ -287,6 +287,7 @@ class TwilioAudioOutput(PacedAudioOutput):
         self._pending.append(_Pending(segment, sent, deadline))
 
     def clear_buffer(self) -> None:
+        logger.debug("stream %s: clear_buffer", self._sid)
         pending, self._pending = self._pending, []
         for p in pending:
             self._report(p.segment, interrupted=True, samples=self._heard.get(p.segment, 0))
@@ -298,7 +299,17 @@ class TwilioAudioOutput(PacedAudioOutput):
             self._epoch += 1
             self._line_end_s = time.monotonic()
 
+    def pause(self) -> None:
+        logger.debug("stream %s: pause", self._sid)
+        super().pause()
+
+    def resume(self) -> None:
+        logger.debug("stream %s: resume", self._sid)
+        super().resume()
+
     def _report(self, segment: int, *, interrupted: bool, samples: int) -> None:
+        logger.debug("stream %s: reply %d ended at %.2f s%s", self._sid, segment,
+                     samples / SAMPLE_RATE, " (interrupted)" if interrupted else "")
         self._heard.pop(segment, None)
         self.on_playback_finished(playback_position=samples / SAMPLE_RATE,
                                   interrupted=interrupted)

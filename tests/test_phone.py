@@ -201,3 +201,254 @@ async def test_a_mark_we_never_sent_is_a_protocol_error():
     line = _Line()
     with pytest.raises(tw.ProtocolError):
         line.out.on_mark("greeting-done")
+
+
+# -- whole calls through PhoneServer with a real AgentSession ---------------------------------
+from agent_fakes import FakeEngine, FakeSTT, FakeTTS  # noqa: E402
+from speech_samples import spoken  # noqa: E402
+from twilio_caller import TwilioCaller  # noqa: E402
+
+from agent.phone import PhoneServer  # noqa: E402
+from agent.session import Models  # noqa: E402
+from agent.settings import Settings  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+LONG_REPLY = ["Paris is the capital of France. ", "It lies on the river Seine, ",
+              "and it has been the seat of government for many centuries. ",
+              "Millions of people visit it every year to see its museums. "]
+
+
+@pytest.fixture(scope="module")
+def vad():
+    from livekit.plugins import silero
+
+    return silero.VAD.load()
+
+
+def _settings(tmp_path: Path, **phone) -> Settings:
+    return Settings.model_validate({
+        "session": {"turn_detector": "vad", "greeting": "", "aec_warmup_s": 0.0,
+                    "min_endpointing_delay_s": 0.2, "preemptive_generation": False,
+                    "user_away_timeout_s": None},
+        "phone": {"port": 0, "metrics_log": str(tmp_path / "calls.jsonl"), **phone},
+    })
+
+
+class _Phone:
+    """A PhoneServer on a free loopback port with scripted models."""
+
+    def __init__(self, settings: Settings, models: Models) -> None:
+        self.settings = settings
+        self.models = models
+        self.server = PhoneServer(settings, models)
+        self.url = ""
+
+    async def __aenter__(self) -> _Phone:
+        port = await self.server.start()
+        self.url = f"ws://127.0.0.1:{port}/"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.aclose()
+
+    async def caller(self, **start) -> TwilioCaller:
+        caller = TwilioCaller(self.url)
+        await caller.connect()
+        await caller.start(**start)
+        return caller
+
+    async def wait_ended(self, n: int, timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.server.finished) < n:  # noqa: ASYNC110 - polls the server's record
+                await asyncio.sleep(0.05)
+
+
+def _scripted(vad, transcripts=(QUESTION, "wait"), reply=None) -> Models:
+    return Models(engine=FakeEngine(reply=list(reply or LONG_REPLY)),
+                  stt=FakeSTT(list(transcripts)), tts=FakeTTS(seconds_per_char=0.03),
+                  vad=vad, turn_detector=None)
+
+
+def _user_texts(engine: FakeEngine) -> list[str]:
+    return [m["content"] for req in engine.requests for m in req if m["role"] == "user"]
+
+
+@pytest.mark.slow
+async def test_spoken_question_reply_marks_barge_in_clear_and_stop(tmp_path, vad):
+    models = _scripted(vad)
+    async with _Phone(_settings(tmp_path), models) as phone:
+        caller = await phone.caller()
+        caller.start_line()
+        await caller.send_pcm(spoken(QUESTION, 16000), 16000)
+        await caller.wait_for_audio(timeout_s=10)
+        call = next(iter(phone.server.calls))
+        await asyncio.sleep(1.0)  # a second of the reply is heard
+        t_barge = await caller.send_pcm(spoken("Wait, stop please.", 16000), 16000)
+        await caller.wait_for_clear(timeout_s=5)
+        assert caller.log.clears[0] < t_barge + 2.0
+        await caller.send_silence(1.0)
+        history = [item for item in call.session.history.items if item.type == "message"]
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    assert QUESTION in _user_texts(models.engine)
+    heard = caller.heard_audio()
+    assert len(heard) / 8000 > 0.8  # the reply was heard, then cut off
+    spectrum = np.abs(np.fft.rfft(heard[: 8000].astype(np.float32)))
+    assert abs(np.argmax(spectrum) * 8000 / 8000 - 440) < 10  # the fake voice, through μ-law
+    assert caller.log.marks_echoed and not caller.log.other
+    reply = next(i for i in history if i.role == "assistant")
+    assert reply.interrupted  # history keeps only what the caller heard of it
+    assert len(reply.text_content) < len("".join(LONG_REPLY))
+    stats = phone.server.finished[-1]
+    assert stats.end_reason == "stop" and stats.bad.total() == 0
+    assert stats.user_stop_to_heard_s and 0 < stats.user_stop_to_heard_s[0] < 3
+    records = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    call_record = next(r for r in records if r.get("type") == "call")
+    assert call_record["clears_sent"] >= 1 and call_record["marks_echoed"] > 10
+
+
+async def test_dtmf_digits_reach_the_conversation_as_text(tmp_path, vad):
+    models = _scripted(vad, reply=["Okay."])
+    async with _Phone(_settings(tmp_path, dtmf_gap_s=0.3), models) as phone:
+        caller = await phone.caller()
+        for digit in "42#":
+            await caller.send_dtmf(digit)
+        await caller.send_dtmf("7")  # ended by the pause, not by '#'
+        await caller.send_silence(1.5)
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    texts = _user_texts(models.engine)
+    assert "I pressed 4 2 on the keypad." in texts
+    assert "I pressed 7 on the keypad." in texts
+    assert phone.server.finished[-1].dtmf_digits == 4
+
+
+async def test_malformed_frames_are_logged_counted_and_the_call_goes_on(tmp_path, vad, caplog):
+    models = _scripted(vad, reply=["Okay."])
+    caplog.set_level("WARNING", logger="agent.phone")
+    async with _Phone(_settings(tmp_path, dtmf_gap_s=0.2), models) as phone:
+        caller = TwilioCaller(phone.url)
+        await caller.connect()
+        await caller.send_media(b"\xff" * 160)  # media before start
+        await caller.start()
+        bad_base64 = json.dumps({"event": "media", "streamSid": caller.stream_sid,
+                                 "media": {"payload": "!!"}})
+        for raw in [b"\x00binary", "{oops", '"a string"', '{"event": "hangup"}', bad_base64]:
+            await caller.send_raw(raw)
+        await caller.send_media(b"")  # wrong sizes
+        await caller.send_media(b"\xff" * (tw.MAX_MEDIA_PAYLOAD_BYTES + 1))
+        await caller.send_json({"event": "media", "streamSid": "MZother",
+                                "media": {"payload": "/w=="}})
+        await caller.send_json({"event": "mark", "streamSid": caller.stream_sid,
+                                "mark": {"name": "not-ours"}})
+        await caller.send_dtmf("5")  # the call still works
+        await caller.send_silence(1.0)
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    stats = phone.server.finished[-1]
+    assert stats.end_reason == "stop"
+    assert dict(stats.bad) == {"before-start": 1, "binary-frame": 1, "not-json": 2,
+                               "unknown-event": 1, "bad-base64": 1, "bad-payload-size": 2,
+                               "wrong-stream": 1, "unknown-mark": 1}
+    assert "I pressed 5 on the keypad." in _user_texts(models.engine)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agent.phone"]
+    assert any("before start" in w for w in warnings)
+    assert any("not-json" in w for w in warnings)
+    assert sum("not-json" in w for w in warnings) == 1  # once per kind, then counted
+
+
+async def test_too_many_bad_frames_end_the_call(tmp_path, vad):
+    async with _Phone(_settings(tmp_path, max_bad_messages=5), _scripted(vad)) as phone:
+        caller = await phone.caller()
+        for _ in range(10):
+            await caller.send_raw("{")
+        await asyncio.wait_for(caller.closed.wait(), 5)
+        await phone.wait_ended(1)
+    assert phone.server.finished[-1].end_reason == "too many malformed messages"
+
+
+async def test_a_flood_of_media_is_dropped_with_one_log_line(tmp_path, vad, caplog):
+    caplog.set_level("WARNING", logger="agent.phone")
+    async with _Phone(_settings(tmp_path), _scripted(vad)) as phone:
+        caller = await phone.caller()
+        await caller.send_silence(8.0, realtime=False)  # 400 frames at once
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    stats = phone.server.finished[-1]
+    assert stats.end_reason == "stop" and stats.media_frames_in == 400
+    assert stats.flood_dropped >= 400 - 2 * phone.settings.phone.max_media_frames_per_s
+    assert sum("frames/s" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_secret_and_media_format_are_checked(tmp_path, vad):
+    settings = _settings(tmp_path, shared_secret="s3cret")
+    async with _Phone(settings, _scripted(vad)) as phone:
+        refused = await phone.caller(custom_parameters={"token": "guess"})
+        await asyncio.wait_for(refused.closed.wait(), 5)
+        wrong_format = await phone.caller(
+            custom_parameters={"token": "s3cret"},
+            media_format={"encoding": "audio/l16", "sampleRate": 16000, "channels": 1})
+        await asyncio.wait_for(wrong_format.closed.wait(), 5)
+        good = await phone.caller(custom_parameters={"token": "s3cret"})
+        await good.send_silence(0.3)
+        assert not good.closed.is_set()
+        await good.stop()
+        await phone.wait_ended(3)
+        await good.close()
+    reasons = [s.end_reason for s in phone.server.finished]
+    assert reasons[0].startswith("refused: wrong or missing custom parameter 'token'")
+    assert reasons[1].startswith("refused: unsupported media format")
+    assert reasons[2] == "stop"
+
+
+async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, vad):
+    models = _scripted(vad, reply=["Okay."])
+    settings = _settings(tmp_path, dtmf_gap_s=0.2, media_timeout_s=1.0, max_calls=2)
+    async with _Phone(settings, models) as phone:
+        gone = await phone.caller()
+        silent = await phone.caller()
+        third = TwilioCaller(phone.url)  # refused: max_calls is 2
+        await third.connect()
+        await asyncio.wait_for(third.closed.wait(), 5)
+        assert third._ws.close_code == 1013
+        gone.start_line()
+        silent.start_line()
+        await asyncio.sleep(0.3)
+        gone._line.cancel()
+        gone._ws.transport.abort()  # the TCP connection just dies: no stop, no close frame
+        await phone.wait_ended(1)
+        assert phone.server.finished[0].call_sid == gone.call_sid
+        assert phone.server.finished[0].end_reason.startswith("socket closed")
+        await silent.send_dtmf("9")  # the other call still works
+        await asyncio.sleep(1.0)
+        assert "I pressed 9 on the keypad." in _user_texts(models.engine)
+        await silent.stop_line()  # now this caller goes quiet without hanging up
+        await phone.wait_ended(2, timeout_s=5)
+        await silent.close()
+    assert phone.server.finished[1].end_reason == "no media (caller vanished)"
+    assert not phone.server.calls
+
+
+async def test_two_concurrent_calls_are_isolated(tmp_path, vad):
+    models = Models(engine=FakeEngine(reply=["Okay, noted."]), stt=FakeSTT([]),
+                    tts=FakeTTS(seconds_per_char=0.03), vad=vad, turn_detector=None)
+    async with _Phone(_settings(tmp_path, dtmf_gap_s=0.2), models) as phone:
+        a, b = await phone.caller(), await phone.caller()
+        await a.send_dtmf("1")
+        await b.send_dtmf("2")
+        await asyncio.gather(a.send_silence(2.0), b.send_silence(2.0))
+        await asyncio.gather(a.wait_for_audio(5), b.wait_for_audio(5))
+        await a.stop()
+        await b.send_silence(0.5)
+        assert not b.closed.is_set()
+        await b.stop()
+        await phone.wait_ended(2)
+        await a.close()
+        await b.close()
+    assert not a.log.other and not b.log.other  # nothing of the other call's stream
+    users = [[m["content"] for m in req if m["role"] == "user"] for req in models.engine.requests]
+    assert ["I pressed 1 on the keypad."] in users and ["I pressed 2 on the keypad."] in users

@@ -13,8 +13,8 @@ buffered audio and echoes the pending marks at once, as Twilio does. All times a
     caller = TwilioCaller("ws://127.0.0.1:8765")
     await caller.connect()
     await caller.start(custom_parameters={"token": "s3cret"})
-    t_end = await caller.send_pcm(question_pcm, 22050)    # real time, returns last-sample time
-    await caller.send_silence(1.0)
+    caller.start_line()                                   # silence every 20 ms, like a phone
+    t_end = await caller.send_pcm(question_pcm, 22050)    # spoken on the line; last-sample time
     await caller.wait_for_audio(timeout_s=30)
     await caller.stop()
     await caller.close()
@@ -105,6 +105,9 @@ class TwilioCaller:
         self._echo_tasks: set[asyncio.Task] = set()
         self._chunk = 0
         self._t0 = 0.0
+        self._line: asyncio.Task | None = None
+        self._speech = np.zeros(0, np.int16)  # queued for the line, 8 kHz
+        self._speech_done = asyncio.Event()
         self._audio_event = asyncio.Event()
         self._clear_event = asyncio.Event()
 
@@ -116,6 +119,7 @@ class TwilioCaller:
 
     async def close(self) -> None:
         """Close the socket (a hang-up without `stop` if `stop()` was not called)."""
+        await self.stop_line()
         for handle in self._pending_marks.values():
             handle.cancel()
         self._pending_marks.clear()
@@ -148,6 +152,29 @@ class TwilioCaller:
             },
         })
 
+    def start_line(self) -> None:
+        """Stream like a real phone line: a frame every 20 ms, silence unless `send_pcm` speaks."""
+        assert self._line is None
+        self._line = asyncio.create_task(self._line_loop())
+
+    async def stop_line(self) -> None:
+        if self._line is not None:
+            self._line.cancel()
+            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+                await self._line
+            self._line = None
+
+    async def _line_loop(self) -> None:
+        silence = np.zeros(FRAME_SAMPLES, np.int16)
+        t_next = time.monotonic()
+        while True:
+            frame, self._speech = self._speech[:FRAME_SAMPLES], self._speech[FRAME_SAMPLES:]
+            await self.send_media(ulaw_encode(frame if len(frame) else silence))
+            if len(frame) and not len(self._speech):
+                self._speech_done.set()
+            t_next += FRAME_S
+            await asyncio.sleep(max(0.0, t_next - time.monotonic()))
+
     async def send_media(self, ulaw: bytes) -> None:
         """One `media` frame carrying `ulaw` as is (any length: tests send bad sizes too)."""
         self._chunk += 1
@@ -165,6 +192,11 @@ class TwilioCaller:
         """
         x = to_8k_int16(pcm, sample_rate)
         x = np.pad(x, (0, -len(x) % FRAME_SAMPLES))
+        if self._line is not None and realtime:  # the line's clock sends it
+            self._speech_done.clear()
+            self._speech = np.concatenate([self._speech, x])
+            await self._speech_done.wait()
+            return time.monotonic()
         t_next = time.monotonic()
         for i in range(0, len(x), FRAME_SAMPLES):
             await self.send_media(ulaw_encode(x[i:i + FRAME_SAMPLES]))
@@ -182,6 +214,7 @@ class TwilioCaller:
                               "dtmf": {"track": "inbound_track", "digit": digit}})
 
     async def stop(self) -> None:
+        await self.stop_line()
         await self.send_json({"event": "stop", "streamSid": self.stream_sid,
                               "stop": {"accountSid": "AC", "callSid": self.call_sid}})
 
