@@ -34,7 +34,7 @@ from torch import Tensor
 from llm.kvcache import KV, SessionCache, SessionEntry, build_context, common_prefix, kv_cat
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
-from llm.sampler import filter_logits, sample_tokens
+from llm.sampler import propose
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 
@@ -469,7 +469,7 @@ class DiffusionEngine:
         for r in rows:
             r.finish("cancelled", r.reply())
         for req in pending:
-            req.stream._push(_END)
+            _end_unstarted(req, "cancelled")
 
     def _receive(self, pending: collections.deque[_Request], block: bool) -> bool:
         """Move submitted requests to `pending`; False once the engine is closed."""
@@ -485,15 +485,14 @@ class DiffusionEngine:
 
     def _admit(self, req: _Request) -> _Row | None:
         if req.stream.cancelled:
-            req.stream._push(_END)
+            _end_unstarted(req, "cancelled")
             return None
         cls = _ARRow if self.model.cfg.causal else _DiffusionRow
         entry = self.sessions.take(req.session_id)
         try:
             return cls(self, req, entry)
         except ValueError as e:
-            req.stream._push(e)
-            req.stream._push(_END)
+            _end_unstarted(req, "error", e)
             return None
 
     def _iterate_safely(self, rows: list[_Row]) -> None:
@@ -606,8 +605,8 @@ class DiffusionEngine:
         masked = (cur == mask_id) & valid.to(self.device)
         k = torch.tensor([v[1] for v in views], device=self.device)
         thr = torch.tensor([v[2] for v in views], dtype=torch.float64, device=self.device)
-        x0, conf = self._choose(lg, rows)
-        conf = torch.where(masked, conf, -torch.inf)
+        x0, conf = self._propose(lg, cur, rows)
+        conf = torch.where(masked, conf, -torch.inf)  # padding is not a mask to fill
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(L, device=self.device).expand(B, L))
@@ -616,17 +615,34 @@ class DiffusionEngine:
         for r, n, row_new in zip(rows, lens, new, strict=True):
             r.apply(row_new[:n])
 
-    def _choose(self, lg: Tensor, rows: list[_Row]) -> tuple[Tensor, Tensor]:
-        """lg (B, L, V) -> tokens (B, L) and their probabilities (float64, like the reference)."""
-        if any(r.decode.top_k or r.decode.top_p < 1.0 for r in rows):
-            lg = torch.stack([filter_logits(lg[b], r.decode.top_k, r.decode.top_p)
-                              for b, r in enumerate(rows)])
-        x0 = lg.argmax(-1)
-        for b, r in enumerate(rows):
-            if r.decode.temperature > 0:
-                x0[b] = sample_tokens(lg[b], r.decode.temperature, r.gen)
-        conf = lg.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
-        return x0, conf
+    def _propose(self, lg: Tensor, cur: Tensor, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        """The reference's proposal: lg (B, L, V), cur (B, L) -> tokens and confidences (B, L).
+
+        One call for a batch of greedy rows with the same filters; rows that sample (each with
+        its own generator) or filter differently are proposed one by one.
+        """
+        d0 = rows[0].decode
+        same = all(r.decode.temperature == 0 and (r.decode.top_k, r.decode.top_p)
+                   == (d0.top_k, d0.top_p) for r in rows)
+        if same:
+            return self._propose_row(lg, cur, rows[0])
+        parts = [self._propose_row(lg[b:b + 1], cur[b:b + 1], r) for b, r in enumerate(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _propose_row(self, lg: Tensor, cur: Tensor, row: _Row) -> tuple[Tensor, Tensor]:
+        d = row.decode
+        return propose(lg, cur, mask_id=self.tokenizer.mask_id, temperature=d.temperature,
+                       top_k=d.top_k, top_p=d.top_p, remasking="low_confidence",
+                       generator=row.gen)
+
+
+def _end_unstarted(req: _Request, reason: str, error: Exception | None = None) -> None:
+    """Finish a request that never joined the batch."""
+    req.stream.stats = GenerationStats(len(req.ids), 0, 0, 0, None,
+                                       time.perf_counter() - req.t_submit, reason)
+    if error is not None:
+        req.stream._push(error)
+    req.stream._push(_END)
 
 
 def engine_dtype(llm: LLMSettings) -> torch.dtype:

@@ -1,0 +1,259 @@
+"""DiffusionEngine on tiny random models: caches = reference, batched = solo, cancel, spans."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
+
+from llm.engine import DiffusionEngine, EngineStream, _DiffusionRow, _Request, _SpanWriter
+from llm.sampler import generate_llada, generate_threshold, trim_reply
+from llm.settings import DecodeSettings, LLMSettings
+
+PROMPTS = ["Hello there!", "What would you like to talk about? Music, films or books?",
+           "Let us meet.", "That sounds great. See you soon, and have a nice evening!"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_diffvoice_tokenizer()
+
+
+def msgs(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def make_engine(tok, model=None, *, decode: dict | None = None, **engine) -> DiffusionEngine:
+    model = model if model is not None else tiny_model(tok.vocab_size)
+    return DiffusionEngine(model, tok, LLMSettings(decode=decode or {}, engine=engine))
+
+
+def run(eng: DiffusionEngine, text: str, **kw) -> tuple[list[int], str, EngineStream]:
+    """Reply token ids (from the spans), text and the finished stream."""
+    stream = eng.stream(msgs(text), **kw)
+    spans = list(stream)
+    return [t for s in spans for t in s.token_ids], "".join(s.text for s in spans), stream
+
+
+EXACT = dict(refresh_interval=1, freeze_prompt=False)
+FIXED = dict(strategy="fixed", max_new_tokens=24, block_length=8, steps_per_block=4,
+             lookahead_blocks=8)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_cache_with_refresh_every_step_equals_llada_reference(tok, cache, shift):
+    model = tiny_model(tok.vocab_size, shift_logits=shift)
+    eng = make_engine(tok, model, decode=FIXED, cache=cache, **EXACT)
+    try:
+        for text in PROMPTS[:2]:
+            ids, _, stream = run(eng, text)
+            prompt = torch.tensor([tok.encode_chat(msgs(text))])
+            ref = generate_llada(model, prompt, mask_id=tok.mask_id, gen_length=24,
+                                 block_length=8, steps=12, stop_ids=tok.stop_ids)
+            assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
+            assert stream.stats.nfe <= 12
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_threshold_decoding_equals_reference(tok, cache):
+    model = tiny_model(tok.vocab_size, seed=3)
+    decode = dict(strategy="threshold", threshold=0.5, max_new_tokens=16, block_length=8,
+                  lookahead_blocks=4)
+    eng = make_engine(tok, model, decode=decode, cache=cache, **EXACT)
+    try:
+        ids, _, stream = run(eng, PROMPTS[1])
+        prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))])
+        ref, nfe = generate_threshold(model, prompt, mask_id=tok.mask_id, gen_length=16,
+                                      block_length=8, threshold=0.5, stop_ids=tok.stop_ids)
+        assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
+        assert stream.stats.nfe <= nfe
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_window_reproduces_the_full_forward(tok, cache, shift, freeze):
+    """Right after a refresh, the window forward against cached K/V gives the same logits."""
+    model = tiny_model(tok.vocab_size, shift_logits=shift)
+    eng = make_engine(tok, model, cache=cache, freeze_prompt=freeze)
+    try:
+        decode = DecodeSettings(block_length=8, max_new_tokens=24, lookahead_blocks=1)
+        req = _Request(tok.encode_chat(msgs(PROMPTS[1])), decode, None, EngineStream(), 0.0)
+        row = _DiffusionRow(eng, req, None)
+        with torch.inference_mode():
+            for block in range(2):
+                row.block = block
+                plan = row.plan(refresh=True)
+                full, kvs = eng._forward([plan], True)
+                row.absorb(plan, kvs[0])
+                window, _ = eng._forward([row.plan(refresh=False)], False)
+                torch.testing.assert_close(window, full, rtol=1e-4, atol=1e-4)
+                row.tokens[row.bs:row.be] = [5] * (row.be - row.bs)  # commit the block
+    finally:
+        eng.close()
+
+
+def test_batched_equals_solo_with_rows_joining_midway(tok):
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=32, block_length=8)
+    eng = make_engine(tok, decode=decode, cache="dual")
+    try:
+        solo = [run(eng, t)[0] for t in PROMPTS]
+        batch_sizes: list[int] = []
+        forward = eng._forward
+        eng._forward = lambda plans, r: (batch_sizes.append(len(plans)), forward(plans, r))[1]
+        first = [eng.stream(msgs(t)) for t in PROMPTS[:2]]
+        head = next(first[0])  # the first rows are mid-reply when the others join
+        later = [eng.stream(msgs(t)) for t in PROMPTS[2:]]
+        got = [[t for s in st for t in s.token_ids] for st in first + later]
+        got[0] = list(head.token_ids) + got[0]
+        assert got == solo
+        assert max(batch_sizes) >= 3
+    finally:
+        eng.close()
+
+
+def test_cancel_stops_within_one_step(tok):
+    decode = dict(strategy="fixed", max_new_tokens=64, block_length=8, steps_per_block=8)
+    eng = make_engine(tok, decode=decode)
+    try:
+        stream = eng.stream(msgs(PROMPTS[0]))
+        decide, steps = eng._decide, []
+
+        def decide_then_cancel(rows, logits):
+            decide(rows, logits)
+            steps.append(1)
+            if len(steps) == 3:
+                stream.cancel()
+
+        eng._decide = decide_then_cancel
+        list(stream)
+        assert stream.stats.finish_reason == "cancelled"
+        assert stream.stats.nfe == 3  # no forward after the step that saw the cancel
+    finally:
+        eng.close()
+
+
+async def test_async_stream_and_aclose_from_event_loop(tok):
+    decode = dict(strategy="fixed", max_new_tokens=32, block_length=4, steps_per_block=4)
+    eng = make_engine(tok, decode=decode)
+    try:
+        texts = [s.text async for s in eng.stream(msgs(PROMPTS[1]))]
+        text, _ = await asyncio.to_thread(eng.generate, msgs(PROMPTS[1]))
+        assert "".join(texts) == text
+        stream = eng.stream(msgs(PROMPTS[1]))
+        await stream.aclose()
+        assert stream.stats.finish_reason in ("cancelled", "length", "eot")
+    finally:
+        eng.close()
+
+
+def test_spans_concatenate_to_the_reply_and_cover_its_tokens(tok):
+    eng = make_engine(tok, decode=dict(max_new_tokens=40, block_length=8))
+    try:
+        ids, text, stream = run(eng, PROMPTS[3])
+        assert text == tok.decode(ids)
+        assert len(ids) == stream.stats.reply_tokens
+        assert stream.stats.ttfs_s is not None and stream.stats.ttfs_s <= stream.stats.total_s
+    finally:
+        eng.close()
+
+
+def test_span_writer_prefers_sentence_ends(tok):
+    ids = tok.encode("Hello there! How are you doing today? I am fine")
+    writer, spans = _SpanWriter(tok), []
+    for n in range(1, len(ids) + 1):
+        text, _ = writer.next_span(ids[:n], block_done=False, finished=n == len(ids))
+        spans += [text] if text else []
+    assert spans == ["Hello there!", " How are you doing today?", " I am fine"]
+
+
+def test_adaptive_canvas_ends_at_end_of_turn(tok):
+    """A model that ends its turn after 5 tokens: the canvas never grows to max_new_tokens."""
+    eng = make_engine(tok, decode=dict(max_new_tokens=64, block_length=4, lookahead_blocks=1))
+    P = len(tok.encode_chat(msgs(PROMPTS[0])))
+    forward, canvas_ends = eng._forward, []
+
+    def scripted(plans, is_refresh):
+        logits, kvs = forward(plans, is_refresh)
+        out = torch.tensor([q for p in plans for q in p.out_positions])
+        logits[out >= P + 5, tok.eot_id] += 1e4
+        canvas_ends.extend(p.start + len(p.ids) for p in plans)
+        return logits, kvs
+
+    eng._forward = scripted
+    try:
+        ids, _, stream = run(eng, PROMPTS[0])
+        assert stream.stats.finish_reason == "eot" and len(ids) == 5
+        assert max(canvas_ends) <= P + 3 * 4  # active block + one lookahead block
+    finally:
+        eng.close()
+
+
+def test_conversation_reuse_encodes_only_new_tokens(tok):
+    eng = make_engine(tok, decode=dict(max_new_tokens=16, block_length=8))
+    try:
+        first = msgs(PROMPTS[0])
+        reply, stats = eng.generate(first, session_id="s")
+        second = [*first, {"role": "assistant", "content": reply}, *msgs(PROMPTS[2])]
+        _, stats2 = eng.generate(second, session_id="s")
+        assert stats2.cached_prompt_tokens == stats.prompt_tokens
+        _, stats3 = eng.generate(second, session_id="other")
+        assert stats3.cached_prompt_tokens == 0
+    finally:
+        eng.close()
+
+
+def greedy_reference(model, prompt: list[int], n: int, stop_ids) -> list[int]:
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(x)[0][0, -1].argmax()
+            if int(nxt) in stop_ids:
+                break
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+    return x[0, len(prompt):].tolist()
+
+
+def test_autoregressive_rows_equal_greedy_and_reuse_is_exact(tok):
+    model = tiny_model(tok.vocab_size, causal=True, seed=5)
+    eng = make_engine(tok, model, decode=dict(max_new_tokens=12))
+    try:
+        first = msgs(PROMPTS[0])
+        ids, reply, _ = run(eng, PROMPTS[0], session_id="s")
+        assert ids == greedy_reference(model, tok.encode_chat(first), 12, tok.stop_ids)
+        second = [*first, {"role": "assistant", "content": reply}, *msgs(PROMPTS[1])]
+        with_reuse = eng.stream(second, session_id="s")
+        reused_ids = [t for s in with_reuse for t in s.token_ids]
+        assert with_reuse.stats.cached_prompt_tokens > 0
+        assert reused_ids == greedy_reference(model, tok.encode_chat(second), 12, tok.stop_ids)
+    finally:
+        eng.close()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
+    model = tiny_model(tok.vocab_size).cuda()
+    eng = make_engine(tok, model, decode=FIXED, cache="dual", **EXACT)
+    try:
+        ids, _, _ = run(eng, PROMPTS[1])
+        prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))], device="cuda")
+        ref = generate_llada(model, prompt, mask_id=tok.mask_id, gen_length=24, block_length=8,
+                             steps=12, stop_ids=tok.stop_ids)
+        assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
+    finally:
+        eng.close()
+    bf16 = make_engine(tok, tiny_model(tok.vocab_size).cuda().to(torch.bfloat16), cache="dual")
+    try:
+        streams = [bf16.stream(msgs(t)) for t in PROMPTS]
+        for s in streams:
+            list(s)
+            assert s.stats.finish_reason in ("eot", "length")
+    finally:
+        bf16.close()
