@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import soxr
 import websockets
 from livekit import rtc
 from livekit.agents import AgentSession
@@ -37,6 +36,7 @@ from agent.audio_io import QueueAudioInput
 from agent.metrics import TurnReporter
 from agent.session import Models, build_session, start_session
 from agent.settings import PhoneSettings, Settings
+from audio.codecs import StreamResampler, mulaw_decode, mulaw_encode
 
 HELP = "answer phone calls: a Twilio Media Streams WebSocket server"
 
@@ -131,8 +131,7 @@ class Call:
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._flood = _FloodGuard(self.cfg.max_media_frames_per_s)
-        self._resampler = soxr.ResampleStream(tw.SAMPLE_RATE, self.cfg.input_sample_rate, 1,
-                                              dtype="int16")
+        self._resampler = StreamResampler(tw.SAMPLE_RATE, self.cfg.input_sample_rate)
         self._digits = _Digits(self.cfg.dtmf_gap_s, self._submit_digits)
         self._user_stopped_at: float | None = None
         self._sync: TranscriptSynchronizer | None = None
@@ -209,7 +208,7 @@ class Call:
     async def _start_session(self, start: tw.Start) -> None:
         self.audio_in = QueueAudioInput(label="twilio-in")
         self.audio_out = tw.TwilioAudioOutput(
-            stream_sid=start.stream_sid, encode=tw.pcm16_to_ulaw,
+            stream_sid=start.stream_sid, encode=mulaw_encode,
             send_now=self._outbox.put_nowait, mark_timeout_s=self.cfg.mark_timeout_s)
         session, agent = build_session(self.settings, self.models, session_id=start.call_sid)
         self.session = session
@@ -270,7 +269,7 @@ class Call:
                 logger.warning("%s: media faster than %d frames/s: dropping the excess",
                                self.name, self.cfg.max_media_frames_per_s)
             return
-        pcm = self._resampler.resample_chunk(tw.ulaw_to_pcm16(event.payload))  # (n,) int16
+        pcm = self._resampler.push(mulaw_decode(event.payload))  # (n,) int16
         if len(pcm):
             self.audio_in.push(rtc.AudioFrame(pcm.tobytes(), self.cfg.input_sample_rate, 1,
                                               len(pcm)))

@@ -37,34 +37,6 @@ MAX_MEDIA_PAYLOAD_BYTES = SAMPLE_RATE
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
 
-def _ulaw_tables() -> tuple[np.ndarray, np.ndarray]:
-    """G.711 μ-law lookup tables: byte -> int16 (256,) and int16 -> byte (65536,)."""
-    u = ~np.arange(256, dtype=np.int32) & 0xFF
-    mag = (((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 0x07)
-    decode = np.where(u & 0x80, 0x84 - mag, mag - 0x84).astype(np.int16)
-    # encode by nearest decoded level: exact G.711 segment boundaries, no bit tricks to get wrong
-    levels = np.argsort(decode, kind="stable")
-    pcm = np.arange(-32768, 32768, dtype=np.int32)
-    pos = np.clip(np.searchsorted(decode[levels], pcm), 1, 255)
-    lo, hi = decode[levels][pos - 1], decode[levels][pos]
-    nearest = np.where(pcm - lo <= hi - pcm, pos - 1, pos)
-    encode = levels[nearest].astype(np.uint8)
-    return decode, encode
-
-
-_ULAW_DECODE, _ULAW_ENCODE = _ulaw_tables()
-
-
-def ulaw_to_pcm16(data: bytes) -> np.ndarray:
-    """μ-law bytes -> int16 samples (n,)."""
-    return _ULAW_DECODE[np.frombuffer(data, dtype=np.uint8)]
-
-
-def pcm16_to_ulaw(pcm: np.ndarray) -> bytes:
-    """int16 samples (n,) -> μ-law bytes."""
-    return _ULAW_ENCODE[pcm.astype(np.int32) + 32768].tobytes()
-
-
 class ProtocolError(ValueError):
     """A frame that breaks the protocol; `kind` groups them for counting and logging."""
 
