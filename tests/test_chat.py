@@ -1,0 +1,63 @@
+"""`diffvoice chat` end to end through the CLI with piped stdin and tiny models."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from helpers.tiny_ckpt import write_diffvoice_checkpoint
+
+from agent import cli
+from llm.engine import DiffusionEngine
+
+SMALL = ["--set", "llm.decode.max_new_tokens=8", "--set", "llm.decode.block_length=4"]
+STATS = re.compile(r"\[(\d+) denoising steps, (\d+) tokens, first span \d+ ms, total \d+ ms, "
+                   r"(eot|length)\]")
+
+
+def _chat(monkeypatch, capsys, stdin: str, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    rc = cli.main(["chat", *args, *SMALL])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_random_tiny_smoke_run(monkeypatch, capsys):
+    rc, out, _ = _chat(monkeypatch, capsys, "hello there\nhow are you?\n/quit\n", "--random-tiny")
+    assert rc == 0
+    stats = STATS.findall(out)
+    assert len(stats) == 2  # one line per reply
+    for steps, tokens, _reason in stats:
+        assert 1 <= int(steps) and 1 <= int(tokens) <= 8
+    assert out.count("bot> ") == 2
+
+
+def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
+    write_diffvoice_checkpoint(tmp_path / "m")
+    calls: list[list[dict]] = []
+    original = DiffusionEngine.stream
+
+    def spy(self, messages, **kw):
+        calls.append([dict(m) for m in messages])
+        return original(self, messages, **kw)
+
+    monkeypatch.setattr(DiffusionEngine, "stream", spy)
+    rc, out, _ = _chat(monkeypatch, capsys, "first\n\nsecond\n/reset\nthird\n",
+                       "--model", str(tmp_path / "m"), "--spans")
+    assert rc == 0 and len(STATS.findall(out)) == 3
+    assert [m["role"] for m in calls[1]] == ["system", "user", "assistant", "user"]
+    assert calls[1][1]["content"] == "first" and calls[1][3]["content"] == "second"
+    assert [m["content"] for m in calls[2][1:]] == ["third"]  # /reset forgot the rest
+    assert re.search(r"\[\s*\d+ ms, step\s+\d+\]", out)  # --spans timing lines
+
+
+def test_missing_model_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    rc, _, err = _chat(monkeypatch, capsys, "hi\n", "--model", str(tmp_path / "absent"))
+    assert rc == 2 and "model folder not found" in err and "--random-tiny" in err
+
+
+@pytest.mark.parametrize("stdin", ["", "/quit\n"])
+def test_eof_or_quit_ends_without_a_reply(monkeypatch, capsys, stdin):
+    rc, out, _ = _chat(monkeypatch, capsys, stdin, "--random-tiny")
+    assert rc == 0 and "bot> " not in out
