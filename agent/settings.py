@@ -8,6 +8,7 @@ path), then the defaults written in the section models below and in `llm/setting
 
 from __future__ import annotations
 
+import contextvars
 import os
 import tomllib
 from pathlib import Path
@@ -25,6 +26,8 @@ from llm.settings import LLMSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
+# False while CLI overrides are validated: the environment is already merged in below them
+_READ_ENV = contextvars.ContextVar("diffvoice_read_env", default=True)
 
 
 class Section(BaseModel):
@@ -132,7 +135,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # init_settings carries the CLI overrides merged over the TOML file (see load_settings),
         # so the environment must come first to win over the file
-        return (env_settings, init_settings)
+        return (env_settings, init_settings) if _READ_ENV.get() else (init_settings,)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -189,4 +192,10 @@ def load_settings(config: str | None = None, overrides: list[str] | None = None)
     for item in overrides or []:
         keys, value = parse_override(item)
         _merge(merged, keys, value)
-    return Settings.model_validate(merged) if overrides else base
+    if not overrides:
+        return base
+    token = _READ_ENV.set(False)  # re-reading the environment would let it beat the overrides
+    try:
+        return Settings.model_validate(merged)
+    finally:
+        _READ_ENV.reset(token)

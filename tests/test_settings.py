@@ -1,0 +1,107 @@
+"""Settings: TOML < environment < --set, unknown keys rejected everywhere, named configs."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+
+import pytest
+from pydantic import ValidationError
+
+from agent import cli
+from agent.settings import CONFIG_DIR, Settings, load_settings, parse_override, resolve_config_path
+from llm.settings import DecodeSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in os.environ:
+        if name.upper().startswith("DIFFVOICE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def toml(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[llm]\ndevice = "cuda"\nmodel = "from-file"\n'
+                    "[llm.decode]\nthreshold = 0.5\nblock_length = 8\n")
+    return path
+
+
+def test_default_config_is_the_shipped_deployment():
+    data = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
+    s = load_settings()
+    assert s.llm.model == data["llm"]["model"]
+    assert s.llm.decode == DecodeSettings()  # untouched sections keep the model defaults
+    assert load_settings("default") == s
+
+
+def test_file_then_environment_then_overrides(monkeypatch, toml):
+    s = load_settings(str(toml))
+    assert (s.llm.device, s.llm.model, s.llm.decode.threshold) == ("cuda", "from-file", 0.5)
+    monkeypatch.setenv("DIFFVOICE_LLM__DEVICE", "cpu")
+    monkeypatch.setenv("DIFFVOICE_LLM__DECODE__THRESHOLD", "0.7")
+    s = load_settings(str(toml))
+    assert (s.llm.device, s.llm.decode.threshold) == ("cpu", 0.7)  # env beats the file
+    assert s.llm.model == "from-file" and s.llm.decode.block_length == 8
+    s = load_settings(str(toml), ["llm.decode.threshold=0.95", "llm.model=over"])
+    assert (s.llm.decode.threshold, s.llm.model, s.llm.device) == (0.95, "over", "cpu")
+
+
+def test_override_values_parse_as_toml_scalars():
+    assert parse_override("llm.decode.block_length=16") == (["llm", "decode", "block_length"], 16)
+    assert parse_override("llm.model=dv-small") == (["llm", "model"], "dv-small")
+    assert parse_override('server.allowed_origins=["https://a"]')[1] == ["https://a"]
+    s = load_settings(None, ["llm.decode.temperature=0.3", "llm.engine.compile=true"])
+    assert s.llm.decode.temperature == 0.3 and s.llm.engine.compile is True
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("llm.model")
+
+
+def test_unknown_keys_in_the_file(tmp_path):
+    for text in ('[llm]\nmodle = "x"\n', 'typo = 1\n', "[llm.decode]\nthreshhold = 0.5\n"):
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        with pytest.raises(ValidationError):
+            load_settings(str(path))
+
+
+@pytest.mark.parametrize("name", ["DIFFVOICE_LMM__DEVICE", "DIFFVOICE_LLM__DEVISE",
+                                  "DIFFVOICE_LLM__DECODE__THRESHHOLD"])
+def test_unknown_keys_in_the_environment(monkeypatch, name):
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(ValueError):
+        load_settings()
+
+
+@pytest.mark.parametrize("item", ["llm.modle=x", "nothing.here=1", "llm.decode.steps=8"])
+def test_unknown_keys_in_overrides(item):
+    with pytest.raises(ValueError):
+        load_settings(None, [item])
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ValidationError):
+        load_settings(None, ["llm.decode.threshold=1.5"])
+    with pytest.raises(ValidationError):
+        load_settings(None, ["llm.engine.cache=sometimes"])
+
+
+def test_named_config_resolution(toml):
+    assert resolve_config_path("default") == CONFIG_DIR / "default.toml"
+    assert resolve_config_path(str(toml)) == toml
+    with pytest.raises(FileNotFoundError, match="named configs: .*default"):
+        resolve_config_path("no-such-config")
+    with pytest.raises(FileNotFoundError):
+        resolve_config_path(str(toml.parent / "absent.toml"))
+
+
+def test_cli_reports_bad_settings(capsys):
+    assert cli.main(["chat", "--set", "llm.nope=1"]) == 2
+    assert "bad settings" in capsys.readouterr().err
+    assert cli.main(["chat", "--config", "no-such-config"]) == 2
+
+
+def test_defaults_are_written_once():
+    # the root model builds every section from its own defaults, so both routes agree
+    assert Settings().llm.decode == DecodeSettings()
