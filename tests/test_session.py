@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import real_parts
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
+from livekit.agents import inference
 from livekit.plugins import silero
 from speech_samples import spoken
 from voice_harness import Caller
@@ -15,6 +17,9 @@ from agent.llm_plugin import DiffusionLLM
 from agent.session import Models, build_session, turn_handling
 from agent.settings import Settings, load_settings
 
+# fixtures with the real models, shared by the modules that need them
+real_settings = real_parts.real_settings
+real_models = real_parts.real_models
 QUESTION = "What is the weather like today?"
 
 
@@ -144,3 +149,33 @@ async def test_preemptive_draft_replayed_by_plugin_when_context_repeats():
             text = "".join([c.delta.content async for c in stream if c.delta and c.delta.content])
     assert text == "Sure. " and len(engine.requests) == 1
     assert plugin.draft_stats.reused == 1
+
+
+# ---- the real parts: DiffusionLLM on the engine, Whisper, Piper, Silero, LiveKit's turn model --
+async def test_text_mode_through_the_real_engine(real_settings, real_models):
+    session, agent = build_session(real_settings, real_models, session_id="text-1")
+    async with session:
+        await session.start(agent)
+        first = await session.run(user_input="Hello! How are you?")
+        first.expect.next_event().is_message(role="assistant")
+        second = await session.run(user_input="What should we talk about?")
+        second.expect.next_event().is_message(role="assistant")
+    roles = [item.role for item in session.history.items if item.type == "message"]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.slow
+async def test_spoken_turn_with_the_real_models(real_settings, real_models):
+    assert isinstance(real_models.turn_detector, inference.TurnDetector)
+    async with Caller(real_settings, real_models, session_id="voice-1") as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=30)
+        await caller.wait_for(lambda: caller.heard or caller.messages("assistant")[0].interrupted,
+                              within=10)
+    (user,) = caller.messages("user")
+    assert "weather" in user.text_content.lower()  # Whisper heard Piper's question
+    reply = caller.messages("assistant")[0]
+    metrics = reply.metrics or {}
+    assert "llm_node_ttft" in metrics
+    if reply.text_content.strip():
+        assert caller.heard  # Piper spoke the committed text through our output
