@@ -104,6 +104,9 @@ class PhoneSettings(Section):
     # phone audio is 8 kHz; the agent's speech stages run at 16 kHz
     input_sample_rate: int = 16000
     metrics_log: str = "logs/calls.jsonl"  # per-call and per-turn records; empty = off
+    # `diffvoice livekit`: "" = dispatched to every new room; a name = only rooms that request
+    # it (explicit dispatch, e.g. from a SIP dispatch rule's agents list)
+    livekit_agent_name: str = ""
 
 
 class BenchSettings(Section):
