@@ -62,6 +62,14 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+            device: torch.device) -> Tensor:
+    """U[0, 1) in float64 on `device`, drawn on the generator's own device (a CPU generator
+    then gives the same numbers whether the model runs on CPU or GPU)."""
+    src = device if generator is None else generator.device
+    return torch.rand(shape, generator=generator, device=src, dtype=torch.float64).to(device)
+
+
 def no_mask_proposals(logits: Tensor, mask_id: int) -> Tensor:
     """The mask token is never a proposal: committing it would leave the position undecided."""
     if mask_id < logits.shape[-1]:
@@ -77,7 +85,7 @@ def sample_tokens(logits: Tensor, temperature: float, generator: torch.Generator
     """
     if temperature == 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    u = uniform(logits.shape, generator, logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits.double() / temperature + gumbel).argmax(-1)
 
@@ -98,7 +106,7 @@ def propose(logits: Tensor, x: Tensor, *, mask_id: int, temperature: float, top_
         # the model's own probability, before top-k/top-p (LLaDA), so filtering cannot flatten it
         conf = logits.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
     else:
-        conf = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        conf = uniform(x.shape, generator, x.device)
     masked = x == mask_id
     return torch.where(masked, x0, x), conf.masked_fill(~masked, -math.inf)
 
@@ -289,7 +297,7 @@ def generate_dream(
         x0 = torch.where(masked, sample_tokens(logits, temperature, generator), x)
         frac = 1.0 if i == steps - 1 else float(1 - timesteps[i + 1] / timesteps[i])
         if alg == "origin":
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            u = uniform(x.shape, generator, x.device)
             x = torch.where(masked & (u < frac), x0, x)
             continue
         conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
@@ -308,7 +316,9 @@ def _commit_dream(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor, alg_temp:
         if n == 0:
             continue
         weights = F.softmax(conf[b] / alg_temp, dim=-1)
-        idx = torch.multinomial(weights, n, replacement=False, generator=generator)
+        if generator is not None:
+            weights = weights.to(generator.device)
+        idx = torch.multinomial(weights, n, replacement=False, generator=generator).to(x.device)
         x[b, idx] = x0[b, idx]
     return x
 

@@ -299,3 +299,70 @@ def test_tokenizer_without_mask_token(tmp_path):
     train_tiny_bpe(no_mask).save(str(tmp_path / "m" / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="no mask token '<\\|mdm_mask\\|>'"):
         load_checkpoint(tmp_path / "m")
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_load_onto_cuda_in_bf16(tmp_path):
+    config, tensors = write_dream_checkpoint(tmp_path / "dream")
+    loaded = load_checkpoint(tmp_path / "dream", device="cuda", dtype=torch.bfloat16)
+    params = list(loaded.model.parameters())
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in params)
+    x = torch.tensor([loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello!"}])])
+    with torch.no_grad():
+        ours = loaded.model(x.cuda())[0].cpu()
+    ref = ref_dream_logits(config, tensors, x)
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+LAZY_CHILD = """
+import sys, torch
+from llm.checkpoints import load_checkpoint
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+torch.zeros(1, device='cuda')  # the CUDA context is not part of the measurement
+before = rss('VmRSS:')
+loaded = load_checkpoint(sys.argv[1], device='cuda', dtype=torch.bfloat16)
+torch.cuda.synchronize()
+print(rss('VmHWM:') - before, sum(p.numel() * 2 for p in loaded.model.parameters()))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_sharded_load_onto_cuda_never_holds_the_whole_model_in_host_memory(tmp_path):
+    """~2.7 GB of bf16 weights in 6 shards: host memory grows by about one shard, not all."""
+    import subprocess
+    import sys
+
+    from helpers.tiny_ckpt import LLADA_SPECIAL_TOKENS, llada_config, llada_shapes, train_tiny_bpe
+    from safetensors import safe_open
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    tok = train_tiny_bpe(LLADA_SPECIAL_TOKENS)
+    config = llada_config(tok, d_model=2048, n_layers=12, n_heads=16, mlp_hidden=8192)
+    config["embedding_size"] = 126464  # LLaDA-8B's vocabulary rows
+    shapes = llada_shapes(config)
+    names = list(shapes)
+    for i, part in enumerate((names[:1], *(names[1 + 9 * k:1 + 9 * (k + 3)] for k in (0, 3, 6, 9)),
+                              names[1 + 9 * 12:])):
+        fname = f"model-{i + 1:05d}-of-00006.safetensors"
+        save_file({n: torch.zeros(shapes[n], dtype=torch.bfloat16) for n in part},
+                  str(folder / fname))
+    index = {"metadata": {}, "weight_map": {}}
+    for f in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            index["weight_map"].update(dict.fromkeys(h.keys(), f.name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-c", LAZY_CHILD, str(folder)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    growth, total = int(out[-2]), int(out[-1])
+    assert total > 2.5e9
+    assert growth < 0.6 * total, f"host memory grew {growth / 1e9:.2f} GB for {total / 1e9:.2f} GB"

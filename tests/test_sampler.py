@@ -268,3 +268,31 @@ def test_bad_schedules_are_rejected(net):
         _llada(net, steps=4)
     with pytest.raises(ValueError, match="remasking"):
         _llada(net, remasking="sideways")
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_llada_on_cuda_with_either_generator_matches_cpu_greedy(net, remasking):
+    gpu = tiny_model(V, seed=1).cuda()
+    args = dict(mask_id=MASK, gen_length=12, block_length=4, steps=6, remasking=remasking)
+    for gen in (torch.Generator().manual_seed(0), torch.Generator("cuda").manual_seed(0)):
+        out = generate_llada(gpu, PROMPT.cuda(), temperature=1.0, generator=gen, **args)
+        assert out.is_cuda and not (out == MASK).any() and torch.equal(out[:, :5].cpu(), PROMPT)
+    if remasking == "low_confidence":
+        cpu_greedy = generate_llada(net, PROMPT, **args)
+        assert torch.equal(generate_llada(gpu, PROMPT.cuda(), **args).cpu(), cpu_greedy)
+
+
+@pytest.mark.gpu
+def test_threshold_and_dream_on_cuda():
+    gpu = tiny_model(V, seed=1).cuda()
+    gen = torch.Generator("cuda").manual_seed(0)
+    out, nfe = generate_threshold(gpu, PROMPT.cuda(), mask_id=MASK, gen_length=12,
+                                  block_length=4, threshold=0.3, temperature=1.0, generator=gen)
+    assert out.is_cuda and not (out == MASK).any() and 3 <= nfe <= 12
+    for alg, alg_temp in (("entropy", 0.0), ("maskgit_plus", 0.5), ("origin", 0.0)):
+        out = generate_dream(gpu, PROMPT.cuda(), mask_id=MASK, gen_length=12, steps=6, alg=alg,
+                             alg_temp=alg_temp, temperature=1.0,
+                             generator=torch.Generator().manual_seed(0))
+        assert out.is_cuda and not (out == MASK).any()
