@@ -1,0 +1,347 @@
+"""`diffvoice bench-llm`: engine speed against an autoregressive baseline measured in the same run.
+
+Prints (and writes with `--json`, keys in docs/benchmarks.md): ms per denoising step, tokens
+per forward, time to first committed span, whole-reply time, tokens/s, peak memory; the same for
+an AR model of the same shape (causal attention, K/V cache, one token per forward) and the
+speed ratio; the weight-read lower bound of one step (parameter bytes / memory bandwidth) and
+the fraction of it achieved; N concurrent requests batched; token agreement of the engine's
+cached decoding with the uncached reference sampler.
+
+Random-weight shapes never reach a confident threshold and never end their turn, so speed on
+them is measured with a fixed tokens-per-step schedule and a reply of exactly the asked length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm.engine import DiffusionEngine, EngineStream, engine_dtype
+from llm.model import ModelConfig, Transformer
+from llm.sampler import generate_llada, generate_threshold, trim_reply
+from llm.settings import DecodeSettings, LLMSettings
+from llm.tokenizer import DIFFVOICE_SPECIAL_TOKENS, ChatTokenizer
+
+HELP = "diffusion engine speed: ms/step, first span, AR baseline ratio, weight-read bound"
+
+# named real shapes for random-weight runs (LLaDA-8B and Dream-7B config.json; dv-small recipe)
+SHAPES: dict[str, dict[str, Any]] = {
+    "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     mlp_hidden=12288, max_seq_len=4096, rope_theta=500000.0),
+    "dream-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                     mlp_hidden=18944, max_seq_len=2048, rope_theta=1e6, norm_eps=1e-6,
+                     qkv_bias=True, shift_logits=True),
+    "dv-small": dict(vocab_size=5120, d_model=384, n_layers=8, n_heads=6, n_kv_heads=6,
+                     mlp_hidden=1024, max_seq_len=1024, tie_embeddings=True),
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                 mlp_hidden=128, max_seq_len=512, tie_embeddings=True),  # smoke runs and tests
+}
+
+# named runs; command-line flags override single fields
+PRESETS: dict[str, dict[str, Any]] = {
+    # the shipped models on a laptop CPU: a ~30-token voice reply after a short conversation
+    "cpu-default": dict(model="dv-small", ar_model="dv-small-ar", shape="dv-small",
+                        device="cpu", prompt_tokens=64, reply_tokens=32, block_length=32,
+                        tokens_per_step=8, sessions=4, repeats=5, bandwidth_gbs=20.0),
+    # LLaDA-8B-sized random weights on one GPU (prompt 512, reply 64, block 32, 8 tokens/step)
+    "gpu-llada-8b": dict(model=None, ar_model=None, shape="llada-8b", device="cuda",
+                         prompt_tokens=512, reply_tokens=64, block_length=32, tokens_per_step=8,
+                         sessions=16, repeats=5, bandwidth_gbs=None),
+}
+GPU_BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM3 / HBM3e peak, SXM
+AGREEMENT_PROMPTS = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default",
+                        help="a named run; the flags below override its fields")
+    parser.add_argument("--model", help="shipped model name or checkpoint folder")
+    parser.add_argument("--ar-model", help="the autoregressive baseline checkpoint")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="random weights of this shape (used when --model is not found)")
+    parser.add_argument("--random", action="store_true", help="random weights even if shipped")
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--reply-tokens", type=int)
+    parser.add_argument("--block-length", type=int)
+    parser.add_argument("--tokens-per-step", type=int,
+                        help="fixed schedule; random weights always use it")
+    parser.add_argument("--threshold", action="store_true",
+                        help="threshold decoding from the settings (trained models only)")
+    parser.add_argument("--sessions", type=int, help="concurrent requests in one batch")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound")
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    opts = {**PRESETS[args.preset]}
+    for key in opts:
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    llm = settings.llm.model_copy(update={"device": opts["device"]})
+    if llm.threads > 0:
+        torch.set_num_threads(llm.threads)
+    result = benchmark(opts, llm, force_random=args.random, threshold=args.threshold)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchModel:
+    model: Transformer
+    tokenizer: ChatTokenizer
+    name: str
+    random: bool
+
+
+def byte_tokenizer() -> ChatTokenizer:
+    """A byte-level tokenizer with our special tokens, for random-weight shapes."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=DIFFVOICE_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["hello there, how are you today?"], trainer)
+    tok.decoder = decoders.ByteLevel()
+    return ChatTokenizer(tok, "diffvoice")
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, causal: bool,
+                 tokenizer: ChatTokenizer, seed: int = 0) -> Transformer:
+    """Random weights created directly on the device in `dtype` (an 8B model never sits on CPU)."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**SHAPES[shape], causal=causal))
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        # special tokens never win, so a reply always has the asked length
+        special = torch.tensor([tokenizer.tok.token_to_id(t) for t in DIFFVOICE_SPECIAL_TOKENS],
+                               device=device)
+        model.lm_head.weight[special] = 0.0
+    return model.eval()
+
+
+def load_or_random(name: str | None, opts: dict, llm: LLMSettings, causal: bool,
+                   force_random: bool) -> BenchModel:
+    from llm.checkpoints import load_checkpoint, resolve_model_path
+
+    device, dtype = torch.device(opts["device"]), engine_dtype(llm)
+    if name and not force_random and (resolve_model_path(name) / "config.json").is_file():
+        loaded = load_checkpoint(resolve_model_path(name), device=device, dtype=dtype)
+        return BenchModel(loaded.model.eval(), loaded.tokenizer, name, False)
+    tok = byte_tokenizer()
+    model = random_model(opts["shape"], device, dtype, causal, tok)
+    return BenchModel(model, tok, f"random {opts['shape']}", True)
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def decode_settings(opts: dict, llm: LLMSettings, use_threshold: bool) -> DecodeSettings:
+    block = opts["block_length"]
+    common = dict(max_new_tokens=opts["reply_tokens"], block_length=block,
+                  lookahead_blocks=llm.decode.lookahead_blocks)
+    if use_threshold:
+        return llm.decode.model_copy(update={**common, "strategy": "threshold"})
+    steps = max(1, block // opts["tokens_per_step"])
+    return llm.decode.model_copy(update={**common, "strategy": "fixed", "steps_per_block": steps})
+
+
+def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
+    """A chat prompt of exactly n tokens: the template around filler text."""
+    text = " ".join(["Tell me something nice about the weather today."] * (n // 4 + 8))
+    head = tok.encode_chat([{"role": "user", "content": ""}])
+    body = tok.encode(f"{salt} {text}")
+    ids = head[:-2] + body[: max(0, n - len(head))] + head[-2:]
+    return ids[-n:] if len(ids) > n else ids
+
+
+def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
+              repeats: int) -> dict[str, float]:
+    list(engine.stream_ids(ids, decode=decode))  # warm-up (allocations, compilation)
+    stats = []
+    for _ in range(repeats):
+        stream = engine.stream_ids(ids, decode=decode)
+        list(stream)
+        stats.append(stream.stats)
+    total = statistics.median(s.total_s for s in stats)
+    nfe = statistics.median(s.nfe for s in stats)
+    tokens = statistics.median(s.reply_tokens for s in stats)
+    ttfs = [s.ttfs_s for s in stats if s.ttfs_s is not None]
+    return dict(reply_ms=1e3 * total, nfe=nfe, reply_tokens=tokens,
+                ms_per_step=1e3 * total / max(nfe, 1), tokens_per_forward=tokens / max(nfe, 1),
+                tokens_per_s=tokens / total,
+                ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None)
+
+
+def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
+                    decode: DecodeSettings) -> dict[str, Any]:
+    n = opts["sessions"]
+    prompts = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
+    streams: list[EngineStream] = [engine.stream_ids(p, decode=decode) for p in prompts]
+    for s in streams:
+        list(s)
+    done = sorted(1e3 * s.stats.total_s for s in streams)
+    return dict(n=n, finished_ms=done, max_ms=done[-1], mean_ms=statistics.mean(done))
+
+
+def agreement(bm: BenchModel, engine: DiffusionEngine, opts: dict,
+              decode: DecodeSettings) -> dict[str, Any]:
+    """Share of reply positions where the engine's tokens equal the uncached reference's."""
+    tok, scores = bm.tokenizer, []
+    block = decode.block_length
+    gen_length = -(-decode.max_new_tokens // block) * block
+    for i in range(AGREEMENT_PROMPTS):
+        ids = prompt_ids(tok, opts["prompt_tokens"], salt=100 + i)
+        stream = engine.stream_ids(ids, decode=decode)
+        got = [t for s in stream for t in s.token_ids]
+        ref = reference_reply(bm, ids, decode, gen_length)[: decode.max_new_tokens]
+        n = max(len(got), len(ref), 1)
+        scores.append(sum(a == b for a, b in zip(got, ref, strict=False)) / n)
+    name = "generate_threshold" if decode.strategy == "threshold" else "generate_llada"
+    return dict(reference=name, prompts=AGREEMENT_PROMPTS, token_agreement=statistics.mean(scores))
+
+
+def reference_reply(bm: BenchModel, ids: list[int], decode: DecodeSettings,
+                    gen_length: int) -> list[int]:
+    tok, block = bm.tokenizer, decode.block_length
+    prompt = torch.tensor([ids], device=next(bm.model.parameters()).device)
+    kw = dict(mask_id=tok.mask_id, gen_length=gen_length, block_length=block,
+              stop_ids=tok.stop_ids)
+    if decode.strategy == "threshold":
+        out, _ = generate_threshold(bm.model, prompt, threshold=decode.threshold, **kw)
+    else:
+        steps = decode.steps_per_block * (gen_length // block)
+        out = generate_llada(bm.model, prompt, steps=steps, **kw)
+    return trim_reply(out[0, len(ids):], tok.stop_ids)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bandwidth_gbs(opts: dict, device: torch.device) -> float | None:
+    if opts["bandwidth_gbs"] is not None or device.type != "cuda":
+        return opts["bandwidth_gbs"]
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in GPU_BANDWIDTH_GBS.items() if key in name), None)
+
+
+def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
+              threshold: bool = False) -> dict[str, Any]:
+    """Diffusion engine, then the AR baseline of the same shape, on the same prompt."""
+    device = torch.device(opts["device"])
+    dm = load_or_random(opts["model"], opts, llm, causal=False, force_random=force_random)
+    decode = decode_settings(opts, llm, threshold and not dm.random)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = DiffusionEngine(dm.model, dm.tokenizer, llm)
+    try:
+        diffusion = solo_runs(engine, prompt_ids(dm.tokenizer, opts["prompt_tokens"]), decode,
+                              opts["repeats"])
+        diffusion["peak_mem_mb"] = peak_memory_mb(device)
+        sessions = concurrent_runs(engine, dm.tokenizer, opts, decode)
+        agree = agreement(dm, engine, opts, decode)
+    finally:
+        engine.close()
+    param_bytes = sum(p.numel() * p.element_size() for p in dm.model.parameters())
+    model_info = dict(name=dm.name, random_weights=dm.random, shape=opts["shape"],
+                      params=sum(p.numel() for p in dm.model.parameters()),
+                      param_bytes=param_bytes, dtype=str(next(dm.model.parameters()).dtype),
+                      device=str(device))
+    del dm, engine
+    ar = ar_baseline(opts, llm, force_random)
+    return dict(
+        machine=machine_info(device), model=model_info,
+        settings=dict(prompt_tokens=opts["prompt_tokens"], reply_tokens=opts["reply_tokens"],
+                      block_length=decode.block_length, strategy=decode.strategy,
+                      tokens_per_step=None if decode.strategy == "threshold"
+                      else decode.block_length // decode.steps_per_block,
+                      threshold=decode.threshold if decode.strategy == "threshold" else None,
+                      **llm.engine.model_dump()),
+        diffusion=diffusion, ar=ar,
+        ratio=dict(speed=diffusion["tokens_per_s"] / ar["tokens_per_s"],
+                   reply_time=ar["reply_ms"] / diffusion["reply_ms"]),
+        weight_read=weight_read(param_bytes, bandwidth_gbs(opts, device),
+                                diffusion["ms_per_step"]),
+        sessions=sessions, agreement=agree,
+    )
+
+
+def ar_baseline(opts: dict, llm: LLMSettings, force_random: bool) -> dict[str, Any]:
+    """Causal model of the same shape: K/V cache, one token per forward, greedy."""
+    am = load_or_random(opts["ar_model"], opts, llm, causal=True, force_random=force_random)
+    decode = llm.decode.model_copy(update=dict(max_new_tokens=opts["reply_tokens"]))
+    engine = DiffusionEngine(am.model, am.tokenizer, llm)
+    try:
+        ar = solo_runs(engine, prompt_ids(am.tokenizer, opts["prompt_tokens"]), decode,
+                       opts["repeats"])
+    finally:
+        engine.close()
+    ar["model"] = am.name
+    return ar
+
+
+def weight_read(param_bytes: int, bw_gbs: float | None, ms_per_step: float) -> dict[str, Any]:
+    if not bw_gbs:
+        return dict(bandwidth_gbs=None, bound_ms=None, fraction_achieved=None)
+    bound_ms = 1e3 * param_bytes / (bw_gbs * 1e9)
+    return dict(bandwidth_gbs=bw_gbs, bound_ms=bound_ms, fraction_achieved=bound_ms / ms_per_step)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = dict(platform=platform.platform(), processor=platform.processor(),
+                torch=torch.__version__, threads=torch.get_num_threads())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_report(r: dict[str, Any]) -> None:
+    m, s, d, a = r["model"], r["settings"], r["diffusion"], r["ar"]
+    print(f"model: {m['name']} ({m['params'] / 1e6:.1f}M params, {m['dtype']}, {m['device']})")
+    print(f"prompt {s['prompt_tokens']}, reply {s['reply_tokens']}, block {s['block_length']}, "
+          f"{s['strategy']}" + (f" {s['tokens_per_step']} tokens/step" if s["tokens_per_step"]
+                                else f" >= {s['threshold']}") + f", cache {s['cache']}")
+    for name, x in (("diffusion", d), ("AR baseline", a)):
+        ttfs = "-" if x["ttfs_ms"] is None else f"{x['ttfs_ms']:.1f} ms"
+        print(f"{name:>12}: {x['ms_per_step']:.2f} ms/forward, {x['tokens_per_forward']:.2f} "
+              f"tokens/forward, first span {ttfs}, reply {x['reply_ms']:.1f} ms "
+              f"({x['reply_tokens']:.0f} tokens, {x['tokens_per_s']:.0f} tokens/s)")
+    print(f"diffusion/AR: {r['ratio']['speed']:.2f}x tokens/s, "
+          f"{r['ratio']['reply_time']:.2f}x whole-reply time; peak memory "
+          f"{d['peak_mem_mb']:.0f} MiB")
+    w = r["weight_read"]
+    if w["bound_ms"] is not None:
+        print(f"weight-read bound {w['bound_ms']:.2f} ms/step at {w['bandwidth_gbs']:.0f} GB/s: "
+              f"{100 * w['fraction_achieved']:.0f}% achieved")
+    ss = r["sessions"]
+    print(f"{ss['n']} concurrent requests: finished in max {ss['max_ms']:.1f} ms, "
+          f"mean {ss['mean_ms']:.1f} ms")
+    g = r["agreement"]
+    print(f"token agreement with {g['reference']} (uncached): {100 * g['token_agreement']:.1f}%")

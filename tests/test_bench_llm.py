@@ -1,0 +1,31 @@
+"""`diffvoice bench-llm` on a tiny random shape: it runs both models and writes the JSON keys."""
+
+from __future__ import annotations
+
+import json
+
+from agent.cli import main
+
+TOP_KEYS = {"machine", "model", "settings", "diffusion", "ar", "ratio", "weight_read",
+            "sessions", "agreement"}
+RUN_KEYS = {"ms_per_step", "tokens_per_forward", "ttfs_ms", "reply_ms", "tokens_per_s",
+            "reply_tokens", "nfe"}
+
+
+def test_bench_llm_tiny_shape_writes_documented_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench-llm", "--preset", "cpu-default", "--random", "--shape", "tiny",
+            "--prompt-tokens", "24", "--reply-tokens", "16", "--block-length", "8",
+            "--tokens-per-step", "4", "--sessions", "3", "--repeats", "1",
+            "--bandwidth-gbs", "10", "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert TOP_KEYS <= set(r)
+    assert RUN_KEYS <= set(r["diffusion"]) and RUN_KEYS <= set(r["ar"])
+    assert "peak_mem_mb" in r["diffusion"]
+    assert r["diffusion"]["reply_tokens"] == 16 and r["ar"]["reply_tokens"] == 16
+    assert r["diffusion"]["tokens_per_forward"] > 1.0 and r["ar"]["tokens_per_forward"] == 1.0
+    assert r["ratio"]["speed"] > 0 and r["weight_read"]["bound_ms"] > 0
+    assert len(r["sessions"]["finished_ms"]) == 3
+    assert 0.0 <= r["agreement"]["token_agreement"] <= 1.0
+    assert "diffusion/AR" in capsys.readouterr().out
