@@ -18,7 +18,7 @@ window.diffvoice = {
 function setStatus(text) { $("status").textContent = text; }
 
 function showMessage(text) {
-  window.diffvoice.errors.push(text);
+  if (text) window.diffvoice.errors.push(text);
   const el = $("message");
   el.textContent = text;
   el.hidden = !text;
