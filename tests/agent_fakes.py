@@ -36,6 +36,8 @@ class FakeEngineStream:
         self.cancelled_at: float | None = None
         self.steps_after_cancel = 0
         self._t0 = time.perf_counter()
+        self.failing = engine.fail or engine.fail_next > 0
+        engine.fail_next = max(0, engine.fail_next - 1)
         self._out: asyncio.Queue[FakeSpan | Exception | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._denoise(spans))
 
@@ -56,7 +58,7 @@ class FakeEngineStream:
             if reason == "cancelled" or self.cancelled_at is not None:
                 reason = "cancelled"
                 break
-            if self.engine.fail:
+            if self.failing:
                 self._out.put_nowait(RuntimeError("scripted engine failure"))
                 reason = "error"
                 break
@@ -85,6 +87,7 @@ class FakeEngine:
     step_s: float = 0.01
     steps_per_span: int = 2
     fail: bool = False
+    fail_next: int = 0  # this many requests fail, then the engine works again
     requests: list[list[dict]] = field(default_factory=list)
     streams: list[FakeEngineStream] = field(default_factory=list)
 

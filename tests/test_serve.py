@@ -254,3 +254,25 @@ async def test_webrtc_caller_with_the_real_models(real_settings, real_models):
     assert any("weather" in f.lower() for f in finals)  # Whisper heard the question over Opus
     assert caller.of_type("agent_text"), "no committed reply text reached the page"
     assert "llm_ttft_s" in caller.of_type("turn_metrics")[-1]
+
+
+@pytest.mark.slow
+async def test_a_failing_turn_hurts_no_other_visitor(vad):
+    engine = FakeEngine(reply=["It is sunny. "], fail_next=1)
+    settings = _settings('session.greeting=""')
+    server, url = await _server(settings, _models(vad, engine))
+    callers = [WebRTCCaller(url), WebRTCCaller(url)]
+    try:
+        for c in callers:
+            await c.connect()
+        callers[0].mic.say(spoken(QUESTION))
+        await _wait(lambda: callers[0].of_type("error"), within=20)  # the first request fails
+        callers[1].mic.say(spoken(QUESTION))
+        await _wait(lambda: _said(callers[1], "sunny"), within=20)
+        callers[0].mic.say(spoken(QUESTION))  # and the failed conversation goes on
+        await _wait(lambda: _said(callers[0], "sunny"), within=20)
+    finally:
+        for c in callers:
+            await c.close()
+        await server.close()
+    assert "error" in callers[0].of_type("error")[0]["message"]

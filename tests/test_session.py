@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import real_parts
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
-from livekit.agents import inference
+from livekit.agents import APIConnectionError, inference
 from livekit.plugins import silero
 from speech_samples import spoken
 from voice_harness import Caller
@@ -179,3 +179,17 @@ async def test_spoken_turn_with_the_real_models(real_settings, real_models):
     assert "llm_node_ttft" in metrics
     if reply.text_content.strip():
         assert caller.heard  # Piper spoke the committed text through our output
+
+
+async def test_a_failing_turn_is_reported_and_the_next_one_works():
+    engine = FakeEngine(reply=["Back again. "], fail_next=1)
+    session, agent = build_session(_settings(), _models(engine, None))
+    errors: list = []
+    session.on("error", errors.append)
+    async with session:
+        await session.start(agent)
+        with pytest.raises(APIConnectionError):
+            await session.run(user_input="hi")
+        result = await session.run(user_input="hi again")
+        result.expect.next_event().is_message(role="assistant")
+    assert len(errors) == 1 and not errors[0].error.recoverable
