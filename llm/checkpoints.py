@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor
 
 from llm.model import ModelConfig, Transformer
@@ -36,6 +37,11 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# a folder without tokenizer.json (Dream ships a slow Qwen2 tokenizer) is read from these
+VOCAB_FILE, MERGES_FILE, TOKENIZER_CONFIG = "vocab.json", "merges.txt", "tokenizer_config.json"
+# Qwen2's pre-tokenizer split: contractions, letter runs, single digits, punctuation, spaces
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 OBJECTIVES = ("diffusion", "autoregressive")
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -303,7 +309,10 @@ def _read_config(folder: Path) -> dict:
 
 def _load_tokenizer(folder: Path, family: str, config: dict) -> ChatTokenizer:
     try:
-        tokenizer = ChatTokenizer.from_file(folder / TOKENIZER_FILE, family)
+        if (folder / TOKENIZER_FILE).is_file() or not (folder / VOCAB_FILE).is_file():
+            tokenizer = ChatTokenizer.from_file(folder / TOKENIZER_FILE, family)
+        else:
+            tokenizer = ChatTokenizer(qwen2_tokenizer(folder), family)
     except TokenizerError as e:
         raise CheckpointError(f"{folder}: {e}") from e
     mask_id = config.get("mask_token_id")
@@ -313,6 +322,33 @@ def _load_tokenizer(folder: Path, family: str, config: dict) -> ChatTokenizer:
                  mask_id, tokenizer.mask_id)
         tokenizer.mask_id = int(mask_id)
     return tokenizer
+
+
+def qwen2_tokenizer(folder: Path) -> Tokenizer:
+    """Byte-level BPE from vocab.json + merges.txt with Qwen2's pre-tokenizer, plus the added
+    tokens of tokenizer_config.json at their stated ids."""
+    for name in (MERGES_FILE, TOKENIZER_CONFIG):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} has {VOCAB_FILE} but no {name}")
+    try:
+        tok = Tokenizer(models.BPE.from_file(str(folder / VOCAB_FILE), str(folder / MERGES_FILE)))
+        added = json.loads((folder / TOKENIZER_CONFIG).read_text()).get("added_tokens_decoder", {})
+    except Exception as e:  # tokenizers raises its own Exception subclass
+        raise CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from e
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    for tid, spec in sorted(added.items(), key=lambda kv: int(kv[0])):
+        tok.add_special_tokens([AddedToken(spec["content"], special=True, normalized=False)])
+        if tok.token_to_id(spec["content"]) != int(tid):
+            raise CheckpointError(
+                f"{folder / TOKENIZER_CONFIG}: added token {spec['content']!r} should have id "
+                f"{tid} but lands at {tok.token_to_id(spec['content'])}"
+            )
+    return tok
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -213,6 +213,31 @@ def test_dream_folder_maps_onto_the_model(tmp_path):
     torch.testing.assert_close(ours, ref_dream_logits(config, tensors, x), rtol=1e-4, atol=1e-4)
 
 
+def test_dream_tokenizer_from_vocab_and_merges(tmp_path):
+    write_dream_checkpoint(tmp_path / "json")
+    config, _ = write_dream_checkpoint(tmp_path / "vocab", vocab_files=True)
+    assert not (tmp_path / "vocab" / "tokenizer.json").exists()
+    a = load_checkpoint(tmp_path / "json").tokenizer
+    b = load_checkpoint(tmp_path / "vocab").tokenizer
+    assert (b.mask_id, b.eos_id, b.eot_id) == (a.mask_id, a.eos_id, a.eot_id)
+    assert b.mask_id == config["mask_token_id"]
+    chat = [{"role": "user", "content": "What would you like? Music, films or 42 books!\n"}]
+    assert b.encode_chat(chat) == a.encode_chat(chat)
+    assert b.decode(b.encode("See you soon, 2 times.")) == "See you soon, 2 times."
+    assert b.encode("42") == [b.tok.token_to_id("4"), b.tok.token_to_id("2")]  # digits alone
+
+
+def test_added_tokens_at_wrong_ids_are_refused(tmp_path):
+    write_dream_checkpoint(tmp_path / "m", vocab_files=True)
+    path = tmp_path / "m" / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    added = cfg["added_tokens_decoder"]
+    cfg["added_tokens_decoder"] = {str(int(k) + 5): v for k, v in added.items()}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="should have id"):
+        load_checkpoint(tmp_path / "m")
+
+
 def test_stored_dtype_is_the_default(tmp_path):
     write_llada_checkpoint(tmp_path / "llada")
     loaded = load_checkpoint(tmp_path / "llada")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
-from llm.checkpoints import save_checkpoint
+from llm.checkpoints import QWEN2_SPLIT, save_checkpoint
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import DIFFVOICE_SPECIAL_TOKENS, ChatTokenizer
 
@@ -37,10 +37,18 @@ DREAM_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>
 
 
 def train_tiny_bpe(special_tokens: list[str], vocab_size: int = 320,
-                   specials_first: bool = False) -> Tokenizer:
-    """Byte-level BPE on CORPUS; specials first (our layout) or added after the vocabulary."""
+                   specials_first: bool = False, qwen2_split: bool = False) -> Tokenizer:
+    """Byte-level BPE on CORPUS; specials first (our layout) or added after the vocabulary.
+
+    qwen2_split: pre-tokenize like Qwen2/Dream (its regex, then bytes) instead of GPT-2's regex.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen2_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special_tokens if specials_first else [],
@@ -192,13 +200,33 @@ def dream_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_dream_checkpoint(folder: Path, *, seed: int = 0, n_shards: int = 3,
-                           **size) -> tuple[dict, dict[str, Tensor]]:
-    """A tiny Dream folder; returns (config, the stored tensors by their file names)."""
+                           vocab_files: bool = False, **size) -> tuple[dict, dict[str, Tensor]]:
+    """A tiny Dream folder; returns (config, the stored tensors by their file names).
+
+    vocab_files: the tokenizer as Dream ships it (vocab.json, merges.txt and the added tokens in
+    tokenizer_config.json) instead of tokenizer.json.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    tok = train_tiny_bpe(DREAM_SPECIAL_TOKENS)
+    tok = train_tiny_bpe(DREAM_SPECIAL_TOKENS, qwen2_split=True)
     config = dream_config(tok, **size)
     tensors = _random_tensors(dream_shapes(config), seed)
     write_sharded(folder, {n: t.to(torch.bfloat16) for n, t in tensors.items()}, n_shards)
-    tok.save(str(folder / "tokenizer.json"))
+    if vocab_files:
+        write_vocab_files(folder, tok, DREAM_SPECIAL_TOKENS)
+    else:
+        tok.save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return config, {n: t.to(torch.bfloat16).float() for n, t in tensors.items()}
+
+
+def write_vocab_files(folder: Path, tok: Tokenizer, special_tokens: list[str]) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json (`added_tokens_decoder`), HF slow layout."""
+    tok.model.save(str(folder))
+    added = {
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                  "rstrip": False, "single_word": False, "special": True}
+        for t in special_tokens
+    }
+    config = {"added_tokens_decoder": added, "eos_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
