@@ -513,21 +513,20 @@ def train(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     order = BatchOrder(len(run.train), cfg.batch_size, cfg.seed)
-    t0, t_log, tok_log = time.perf_counter(), time.perf_counter(), 0
+    clock = _Clock(run.step)
     bar, stopped_by_time = _progress(run), False
     while run.step < end:
-        if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60:
+        if cfg.max_minutes and clock.elapsed() > cfg.max_minutes * 60:
             stopped_by_time = True
             break
         batch = to_device(train_batch(run.train, order, run.step, cfg, run.tok), run.device)
         loss = train_step(run, batch)
         run.step += 1
         run.tokens_seen += batch.n_tokens
-        tok_log += batch.n_tokens
+        clock.tokens += batch.n_tokens
         if run.step % cfg.log_every == 0 or run.step == end:
-            now = time.perf_counter()
-            _log_step(run, float(loss), tok_log / max(1e-9, now - t_log), bar)
-            t_log, tok_log = now, 0
+            _log_step(run, float(loss), clock.rate(), bar)  # float(): the one sync per log line
+        clock.project(run, bar)
         if bar is not None:
             bar.update(1)
         if run.step % cfg.eval_every == 0:
@@ -536,7 +535,47 @@ def train(cfg: TrainConfig) -> dict:
             save_state(run.run_dir, run.model, run.optimizer, run.step, cfg)
     if bar is not None:
         bar.close()
-    return finish(run, time.perf_counter() - t0, stopped_by_time)
+    return finish(run, clock.elapsed(), stopped_by_time)
+
+
+class _Clock:
+    """Wall time, tokens/s between log lines, and one early projection of the run's end."""
+
+    MEASURE_FROM, MEASURE_TO = 10, 40  # session steps; skips compilation and allocator warmup
+
+    def __init__(self, first_step: int):
+        self.t0 = self.t_rate = time.perf_counter()
+        self.first_step, self.tokens = first_step, 0
+        self.t_from: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(1e-9, now - self.t_rate)
+        self.t_rate, self.tokens = now, 0
+        return rate
+
+    def project(self, run: Run, bar) -> None:
+        """Say how far the time budget will carry the schedule (it spans `max_steps`)."""
+        done = run.step - self.first_step
+        if done == self.MEASURE_FROM:
+            self.t_from = time.perf_counter()
+        if done != self.MEASURE_TO or self.t_from is None:
+            return
+        steps_per_s = (self.MEASURE_TO - self.MEASURE_FROM) / (time.perf_counter() - self.t_from)
+        cfg = run.cfg
+        need_min = (cfg.max_steps - run.step) / steps_per_s / 60 + self.elapsed() / 60
+        msg = f"{steps_per_s:.2f} steps/s: max_steps {cfg.max_steps} needs ~{need_min:.1f} min"
+        if cfg.max_minutes and need_min > cfg.max_minutes:
+            reach = run.step + int(steps_per_s * (cfg.max_minutes * 60 - self.elapsed()))
+            msg += (f"; the {cfg.max_minutes} min budget reaches ~step {reach} "
+                    f"(set max_steps near it so the LR schedule completes)")
+        if bar is not None:
+            bar.write(msg)
+        else:
+            log.info(msg)
 
 
 def finish(run: Run, seconds: float, stopped_by_time: bool) -> dict:
