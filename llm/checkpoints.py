@@ -182,7 +182,19 @@ def _diffvoice_names(cfg: ModelConfig) -> dict[str, str]:
     return {n: n for n in names}
 
 
+def _require(c: dict, key: str, allowed: tuple, family: str) -> None:
+    """Config switches the one model does not implement are refused, not silently ignored."""
+    if c.get(key, allowed[0]) not in allowed:
+        raise CheckpointError(f"{family} config {key}={c[key]!r} is not supported "
+                              f"(supported: {list(allowed)})")
+
+
 def _llada_config(c: dict) -> ModelConfig:
+    for key, allowed in (("block_type", ("llama",)), ("activation_type", ("silu", "swiglu")),
+                         ("alibi", (False,)), ("rope", (True,)), ("include_bias", (False,)),
+                         ("layer_norm_type", ("rms",)), ("scale_logits", (False,)),
+                         ("attention_layer_norm", (False,)), ("input_emb_norm", (False,))):
+        _require(c, key, allowed, "LLaDA")
     return ModelConfig(
         vocab_size=c.get("embedding_size") or c["vocab_size"],  # wte rows may be padded
         d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
@@ -213,6 +225,9 @@ def _llada_names(cfg: ModelConfig) -> dict[str, str]:
 
 
 def _dream_config(c: dict) -> ModelConfig:
+    for key, allowed in (("hidden_act", ("silu",)), ("rope_scaling", (None,)),
+                         ("use_sliding_window", (False,))):
+        _require(c, key, allowed, "Dream")
     return ModelConfig(
         vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"],
@@ -279,6 +294,8 @@ def load_checkpoint(
     family = FAMILIES[kind]
     try:
         cfg = family.model_config(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad {kind} config: {e!r}") from e
     tokenizer = _load_tokenizer(folder, family.tokenizer_family, config)

@@ -289,6 +289,22 @@ def test_unknown_model_type(tmp_path):
         load_checkpoint(tmp_path / "m")
 
 
+def test_unsupported_switches_and_missing_keys(tmp_path):
+    write_llada_checkpoint(tmp_path / "a")
+    _edit_config(tmp_path / "a", alibi=True)
+    with pytest.raises(CheckpointError, match="alibi=True is not supported"):
+        load_checkpoint(tmp_path / "a")
+    write_dream_checkpoint(tmp_path / "b")
+    _edit_config(tmp_path / "b", rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="rope_scaling"):
+        load_checkpoint(tmp_path / "b")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    del config["d_model"], config["alibi"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="bad llada config: KeyError\\('d_model'\\)"):
+        load_checkpoint(tmp_path / "a")
+
+
 def test_missing_tensor_is_named(tmp_path):
     config, tensors = write_llada_checkpoint(tmp_path / "m", n_shards=1)
     del tensors["model.transformer.blocks.1.up_proj.weight"]
