@@ -88,6 +88,7 @@ class PacedAudioOutput(io.AudioOutput):
             capabilities=io.AudioOutputCapabilities(pause=True),
             sample_rate=sample_rate,
         )
+        self.rate = sample_rate  # the sink's rate, never None (the base class allows None)
         self.samples_per_chunk = sample_rate * frame_ms // 1000
         self.frame_s = frame_ms / 1000
         self._queue: collections.deque[np.ndarray | _SegmentEnd] = collections.deque()
@@ -105,9 +106,9 @@ class PacedAudioOutput(io.AudioOutput):
         self._capturing = True
         if self._cleared:
             return  # the rest of an interrupted reply: never played
-        if frame.sample_rate != self.sample_rate or frame.num_channels != 1:
+        if frame.sample_rate != self.rate or frame.num_channels != 1:
             raise ValueError(
-                f"expected mono {self.sample_rate} Hz, got {frame.num_channels} ch "
+                f"expected mono {self.rate} Hz, got {frame.num_channels} ch "
                 f"{frame.sample_rate} Hz"
             )
         self._queue.append(np.frombuffer(frame.data, dtype=np.int16).copy())
@@ -143,7 +144,7 @@ class PacedAudioOutput(io.AudioOutput):
     @property
     def playback_position_s(self) -> float:
         """Seconds of the current reply handed to the transport so far."""
-        return self._played / self.sample_rate
+        return self._played / self.rate
 
     def pull(self) -> np.ndarray:
         """The next `samples_per_chunk` samples (int16, mono); silence if none are queued."""

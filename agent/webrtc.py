@@ -74,9 +74,9 @@ class AgentAudioTrack(MediaStreamTrack):
             raise MediaStreamError
         samples = await self.output.next_chunk()  # (n,) int16
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.output.sample_rate
+        frame.sample_rate = self.output.rate
         frame.pts = self._pts
-        frame.time_base = Fraction(1, self.output.sample_rate)
+        frame.time_base = Fraction(1, self.output.rate)
         self._pts += len(samples)
         return frame
 
@@ -100,6 +100,8 @@ async def pump_microphone(track: MediaStreamTrack, audio_in: QueueAudioInput, ra
             frame = await track.recv()
         except MediaStreamError:
             break
+        if not isinstance(frame, av.AudioFrame):
+            continue
         mono = av_to_mono(frame)
         if mono.sample_rate == rate:
             audio_in.push(mono)

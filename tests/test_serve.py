@@ -276,3 +276,10 @@ async def test_a_failing_turn_hurts_no_other_visitor(vad):
             await c.close()
         await server.close()
     assert "error" in callers[0].of_type("error")[0]["message"]
+
+
+def test_serve_command_refuses_an_open_bind_without_token(capsys):
+    from agent.cli import main
+
+    assert main(["serve", "--set", 'server.host="0.0.0.0"']) == 2  # before any model loads
+    assert "access_token" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import real_parts
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
@@ -13,6 +14,7 @@ from livekit.plugins import silero
 from speech_samples import spoken
 from voice_harness import Caller
 
+from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
 from agent.session import Models, build_session, turn_handling
 from agent.settings import Settings, load_settings
@@ -193,3 +195,47 @@ async def test_a_failing_turn_is_reported_and_the_next_one_works():
         result = await session.run(user_input="hi again")
         result.expect.next_event().is_message(role="assistant")
     assert len(errors) == 1 and not errors[0].error.recoverable
+
+
+# ---- the transport-agnostic audio I/O ------------------------------------------------------
+def _tone_frame(n: int, rate: int = 8000):
+    from livekit import rtc
+
+    return rtc.AudioFrame(np.full(n, 1000, np.int16).tobytes(), rate, 1, n)
+
+
+async def test_paced_output_reports_what_was_pulled():
+    out = PacedAudioOutput(sample_rate=8000, frame_ms=20)  # 160 samples a chunk
+    events: list = []
+    out.on("playback_started", lambda ev: events.append("started"))
+    out.on("playback_finished", events.append)
+    await out.capture_frame(_tone_frame(400))
+    out.flush()
+    chunks = [out.pull() for _ in range(4)]
+    assert [int(c.any()) for c in chunks] == [1, 1, 1, 0]
+    assert events[0] == "started"
+    assert events[1].playback_position == pytest.approx(0.05) and not events[1].interrupted
+
+
+async def test_paced_output_pause_and_clear():
+    out = PacedAudioOutput(sample_rate=8000, frame_ms=20)
+    finished: list = []
+    out.on("playback_finished", finished.append)
+    await out.capture_frame(_tone_frame(800))
+    out.pull()
+    out.pause()
+    assert not out.pull().any() and out.playback_position_s == pytest.approx(0.02)
+    out.resume()
+    out.pull()
+    out.clear_buffer()  # barge-in before the reply was flushed: finished at its flush
+    assert not out.pull().any() and not finished
+    out.flush()
+    assert finished[0].interrupted and finished[0].playback_position == pytest.approx(0.04)
+
+
+async def test_queue_input_ends_on_close():
+    inp = QueueAudioInput()
+    inp.push(_tone_frame(160))
+    inp.close()
+    frames = [f async for f in inp]
+    assert len(frames) == 1
