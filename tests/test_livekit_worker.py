@@ -57,7 +57,7 @@ def test_missing_environment_exits_with_a_message_naming_each_variable(monkeypat
     assert livekit_worker.missing_env({"LIVEKIT_URL": ""}) == list(REQUIRED_ENV)
 
 
-def test_the_job_session_is_the_shared_factorys(tmp_path, models):
+async def test_the_job_session_is_the_shared_factorys(tmp_path, models):
     settings = _settings(tmp_path)
     worker = DiffvoiceWorker(settings, models)
     session, agent = worker.new_session(_fake_job())
@@ -80,7 +80,7 @@ async def test_the_entry_point_starts_the_session_on_the_jobs_room(tmp_path, mod
     assert "AJ_room" not in worker.sessions
 
 
-def test_the_server_runs_jobs_in_threads_sharing_the_models(tmp_path, models):
+async def test_the_server_runs_jobs_in_threads_sharing_the_models(tmp_path, models):
     server = DiffvoiceWorker(_settings(tmp_path), models).server(
         ws_url="ws://127.0.0.1:7880", api_key="key", api_secret="secret")
     assert isinstance(server, AgentServer)
