@@ -251,7 +251,10 @@ class Call:
         elif event.stream_sid != self.stats.stream_sid:
             self._bad("wrong-stream", f"streamSid {event.stream_sid[:40]!r}")
         elif isinstance(event, tw.Media):
-            self._on_media(event)
+            if event.track == "outbound":  # our own voice coming back: never the caller
+                self._bad("outbound-track", "media of the outbound track")
+            else:
+                self._on_media(event)
         elif isinstance(event, tw.Mark):
             assert self.audio_out is not None
             self.audio_out.on_mark(event.name)

@@ -66,6 +66,7 @@ class Media:
     payload: bytes  # μ-law samples
     timestamp_ms: int | None  # since the stream started, as the provider counts it
     chunk: int | None
+    track: str = "inbound"  # "outbound" only if a one-way <Start><Stream> also sends ours
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def _parse_media(msg: dict, sid: str) -> Media:
     if not 0 < len(payload) <= MAX_MEDIA_PAYLOAD_BYTES:
         raise ProtocolError("bad-payload-size", f"{len(payload)} bytes")
     return Media(sid, payload, _int_or_none(body.get("timestamp")),
-                 _int_or_none(body.get("chunk")))
+                 _int_or_none(body.get("chunk")), str(body.get("track") or "inbound"))
 
 
 def _parse_dtmf(msg: dict, sid: str) -> Dtmf:

@@ -343,6 +343,8 @@ async def test_malformed_frames_are_logged_counted_and_the_call_goes_on(tmp_path
                                 "media": {"payload": "/w=="}})
         await caller.send_json({"event": "mark", "streamSid": caller.stream_sid,
                                 "mark": {"name": "not-ours"}})
+        await caller.send_json({"event": "media", "streamSid": caller.stream_sid,
+                                "media": {"track": "outbound", "payload": "/w=="}})
         await caller.send_dtmf("5")  # the call still works
         await caller.send_silence(1.0)
         await caller.stop()
@@ -352,7 +354,7 @@ async def test_malformed_frames_are_logged_counted_and_the_call_goes_on(tmp_path
     assert stats.end_reason == "stop"
     assert dict(stats.bad) == {"before-start": 1, "binary-frame": 1, "not-json": 2,
                                "unknown-event": 1, "bad-base64": 1, "bad-payload-size": 2,
-                               "wrong-stream": 1, "unknown-mark": 1}
+                               "wrong-stream": 1, "unknown-mark": 1, "outbound-track": 1}
     assert "I pressed 5 on the keypad." in _user_texts(models.engine)
     warnings = [r.getMessage() for r in caplog.records if r.name == "agent.phone"]
     assert any("before start" in w for w in warnings)
