@@ -160,6 +160,8 @@ class _Utterance:
     last_interim: int = 0  # sample index at the last interim decode launch
     speculation: asyncio.Task[str] | None = None
     speculation_end: int = 0
+    # a pause seen while a discarded speculation still ran: speculate when that one is done
+    deferred_pause: int | None = None
 
 
 _FLUSH = object()
@@ -187,6 +189,7 @@ class StreamingRecognizer:
         self._buf_start = 0  # stream sample index of _buf[0]
         self._utt: _Utterance | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._speculating: asyncio.Task | None = None
         self._task = asyncio.get_running_loop().create_task(self._drive())
 
     # -- input ---------------------------------------------------------------------------------
@@ -287,20 +290,36 @@ class StreamingRecognizer:
             return
         elif ev.kind == "pause":
             self._speculate(at)
-        elif ev.kind == "resume" and self._utt.speculation is not None:
-            self._utt.speculation = None  # the running decode finishes in its thread, unused
-            self.stats.speculative_discarded += 1
+        elif ev.kind == "resume":
+            self._utt.deferred_pause = None
+            if self._utt.speculation is not None:
+                self._utt.speculation = None  # the decode finishes in its thread, unused
+                self.stats.speculative_discarded += 1
         elif ev.kind == "end":
             await self._close_utterance(at)
 
     def _speculate(self, at: int) -> None:
+        """Start the final decode at a pause; at most one speculation runs at a time (a pause
+        in every gap of fast speech would otherwise queue decodes that are all discarded)."""
         utt = self._utt
         assert utt is not None
+        if self._speculating is not None:
+            utt.deferred_pause = at
+            return
         end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
         task = asyncio.get_running_loop().create_task(self._decode(utt.start, end))
         self._tasks.add(task)  # held until done even when discarded
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._speculation_done)
+        self._speculating = task
         utt.speculation, utt.speculation_end = task, at
+
+    def _speculation_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._speculating = None
+        utt = self._utt
+        if utt is not None and utt.deferred_pause is not None:
+            at, utt.deferred_pause = utt.deferred_pause, None
+            self._speculate(at)
 
     async def _close_utterance(self, at: int) -> None:
         """Deliver the final (the speculative one if it covers exactly this speech) and end."""

@@ -1,0 +1,200 @@
+"""Streaming recognition on the real models: tiny.en + Silero, speech spoken by Piper."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from audio.asr import AsrEvent, LocalAgreement, StreamingRecognizer, load_whisper, transcribe
+from audio.codecs import frames, resample
+from audio.settings import AsrSettings, VadSettings
+from audio.speech_eval import (
+    SENTENCES,
+    add_noise,
+    pad,
+    speech_bounds,
+    spoken_16k,
+    word_error_rate,
+)
+from audio.vad import SAMPLE_RATE, StreamingVad
+
+ASR = AsrSettings()
+VAD = VadSettings()
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return load_whisper(ASR)
+
+
+def trimmed(text: str) -> np.ndarray:
+    audio = spoken_16k(text)
+    start, end = speech_bounds(audio)
+    return audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+
+
+async def run_stream(
+    rec: StreamingRecognizer, audio: np.ndarray, *, realtime: bool, rate: int = SAMPLE_RATE
+) -> tuple[list[AsrEvent], float]:
+    """Feed `audio` (in real time or as fast as possible); returns events and the start time."""
+    t0 = time.perf_counter()
+
+    async def feed() -> None:
+        frame_ms = 20 if realtime else 1000
+        for i, frame in enumerate(frames(audio, rate, frame_ms)):
+            rec.push(frame)
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + (i + 1) * frame_ms / 1000 - time.perf_counter()))
+        rec.end_input()
+
+    feeder = asyncio.create_task(feed())
+    events = [ev async for ev in rec]
+    await feeder
+    return events, t0
+
+
+def kinds(events: list[AsrEvent]) -> list[str]:
+    return [e.kind for e in events]
+
+
+# -- LocalAgreement --------------------------------------------------------------------------
+def test_local_agreement_commits_only_the_agreed_prefix():
+    la = LocalAgreement()
+    assert not la.update("the quick brown")
+    assert la.update("The quick brow fox") and la.text == "The quick"
+    assert not la.update("a quick brown fox")  # contradicts the shown text: it stays
+    assert la.text == "The quick"
+    assert not la.update("the quick brown fox jumps")  # agrees with nothing before it
+    assert la.update("the quick brown fox jumped") and la.text == "the quick brown fox"
+
+
+# -- offline round trip ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_round_trip_wer_clean_and_noisy(whisper):
+    # all sentences in one recording: Whisper's cost is per 30 s window, so this takes a few
+    # windows instead of one decode per sentence (and exercises the long-audio chunking)
+    gap = np.zeros(int(0.6 * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([np.concatenate([spoken_16k(s), gap]) for s in SENTENCES])
+    reference = " ".join(SENTENCES)
+    assert len(SENTENCES) >= 20
+    assert word_error_rate([reference], [transcribe(whisper, audio, ASR)]) <= 0.10
+    noisy = add_noise(audio, 20.0, seed=0)
+    assert word_error_rate([reference], [transcribe(whisper, noisy, ASR)]) <= 0.10
+
+
+# -- VAD -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", SENTENCES[:4])
+def test_vad_boundaries_within_100_ms(text):
+    audio = pad(trimmed(text), 1.0, 1.0)
+    true_start, true_end = speech_bounds(audio)
+    vad = StreamingVad(VAD)
+    events = [ev for f in frames(audio, SAMPLE_RATE, 20) for ev in vad.push(f)]
+    starts = [e.t_s for e in events if e.kind == "start"]
+    ends = [e.t_s for e in events if e.kind == "end"]
+    assert len(starts) == 1 and len(ends) == 1, events
+    assert abs(starts[0] - true_start) <= 0.1
+    assert abs(ends[0] - true_end) <= 0.1
+
+
+# -- streaming -------------------------------------------------------------------------------
+async def test_interims_before_speech_end_and_speculative_final_reused(whisper):
+    text = (
+        "I think the meeting has been moved to Thursday morning after the long holiday "
+        "because most of the team will be travelling back from the coast on Wednesday."
+    )
+    speech = trimmed(text)
+    audio = pad(speech, 0.5, 1.0)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, t0 = await run_stream(rec, audio, realtime=True)
+    speech_end_wall = t0 + 0.5 + len(speech) / SAMPLE_RATE
+    assert kinds(events)[0] == "start" and kinds(events)[-2:] == ["final", "end"]
+    interims = [e for e in events if e.kind == "interim"]
+    assert interims and interims[0].t_wall_s < speech_end_wall
+    texts = [e.text for e in interims]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))  # no flicker
+    final = events[-2]
+    assert final.speculative and rec.stats.speculative_reused == 1
+    assert word_error_rate([text], [final.text]) <= 0.15
+
+
+async def test_speculative_final_discarded_when_speech_resumes(whisper):
+    first, second = "Please remind me to call my sister", "after lunch on Friday."
+    gap = np.zeros(int(0.25 * SAMPLE_RATE), np.float32)  # > speculation, < end of utterance
+    audio = pad(np.concatenate([trimmed(first), gap, trimmed(second)]), 0.3, 1.0)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, audio, realtime=True)
+    finals = [e for e in events if e.kind == "final"]
+    assert rec.stats.speculative_discarded >= 1
+    assert len(finals) == 1 and finals[0].speculative
+    assert word_error_rate([f"{first} {second}"], [finals[0].text]) <= 0.15
+
+
+async def test_without_speculation_the_final_is_decoded_after_the_end(whisper):
+    settings = ASR.model_copy(update={"speculative_final": False})
+    rec = StreamingRecognizer(whisper, settings, VAD)
+    events, _ = await run_stream(rec, pad(trimmed(SENTENCES[0]), 0.3, 0.8), realtime=False)
+    finals = [e for e in events if e.kind == "final"]
+    assert len(finals) == 1 and not finals[0].speculative
+    assert rec.stats.plain_finals == 1 and rec.stats.speculative_reused == 0
+
+
+# -- bad input -------------------------------------------------------------------------------
+async def test_silence_only_gives_no_events(whisper):
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, np.zeros(3 * SAMPLE_RATE, np.float32), realtime=False)
+    assert events == []
+
+
+async def test_noise_only_ends_cleanly(whisper):
+    noise = np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, noise, realtime=False)
+    assert kinds(events).count("start") == kinds(events).count("end")
+
+
+async def test_clipped_speech_is_still_recognised(whisper):
+    text = SENTENCES[1]
+    clipped = np.clip(spoken_16k(text) * 8.0, -1.0, 1.0)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, pad(clipped, 0.3, 0.8), realtime=False)
+    finals = [e.text for e in events if e.kind == "final"]
+    assert word_error_rate([text], [" ".join(finals)]) <= 0.25
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+async def test_other_sample_rates_are_resampled(whisper, rate):
+    text = SENTENCES[2]
+    audio = resample(pad(spoken_16k(text), 0.3, 0.8), SAMPLE_RATE, rate)
+    rec = StreamingRecognizer(whisper, ASR, VAD, sample_rate=rate)
+    events, _ = await run_stream(rec, audio, realtime=False, rate=rate)
+    finals = [e.text for e in events if e.kind == "final"]
+    assert word_error_rate([text], [" ".join(finals)]) <= 0.15
+
+
+async def test_push_after_close_is_an_error(whisper):
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    await rec.aclose()
+    with pytest.raises(RuntimeError):
+        rec.push(np.zeros(320, np.float32))
+
+
+@pytest.mark.slow
+async def test_five_minute_monologue_is_finalised_in_chunks(whisper):
+    pieces, total, i = [], 0, 0
+    gap = np.zeros(int(0.15 * SAMPLE_RATE), np.float32)  # too short to end the utterance
+    while total < 300 * SAMPLE_RATE:
+        pieces += [trimmed(SENTENCES[i % len(SENTENCES)]), gap]
+        total += len(pieces[-2]) + len(gap)
+        i += 1
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, pad(np.concatenate(pieces), 0.3, 1.0), realtime=False)
+    finals = [e for e in events if e.kind == "final"]
+    assert rec.stats.chunks >= 10 and len(finals) >= 11
+    assert all(e.end_s - e.start_s <= ASR.max_chunk_s + 0.01 for e in finals)
+    assert kinds(events)[-1] == "end"
+    words = sum(len(e.text.split()) for e in finals)
+    reference = sum(len(SENTENCES[k % len(SENTENCES)].split()) for k in range(i))
+    assert words >= 0.8 * reference
