@@ -16,7 +16,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from llm.checkpoints import CheckpointError, save_checkpoint
 from llm.data import train_tokenizer
@@ -30,8 +30,8 @@ COMMANDS_HINT = "(/reset starts over, /quit or Ctrl-D ends)"
 
 # --random-tiny: big enough to exercise every path (GQA, tied head), small enough to build in
 # well under a second on one core
-RANDOM_TINY = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128,
-                   max_seq_len=1024, tie_embeddings=True)
+RANDOM_TINY: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   mlp_hidden=128, max_seq_len=1024, tie_embeddings=True)
 RANDOM_TINY_VOCAB = 400
 RANDOM_TINY_CORPUS = [
     "Hello! How are you doing today?",
