@@ -134,6 +134,8 @@ class Signalling:
             given = parse_qs(query).get("token", [""])[0]
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return "missing or wrong access token"
+        # browsers always send Origin; a client without one is not a web page another site
+        # could use against this server (and is held to the token like everyone)
         origin = request.headers.get("Origin")
         if origin is not None and origin not in self._allowed_origins(request.headers):
             return f"origin {origin} not allowed"
@@ -163,18 +165,17 @@ class Signalling:
             await ws.close(CLOSE_TRY_AGAIN_LATER, "too many sessions")
             return
         self.active.add(ws)
-        peer: Peer | None = None
+        peers: list[Peer] = []  # filled as soon as a peer exists, so a drop mid-offer frees it
         try:
-            peer = await self._serve_socket(ws)
+            await self._serve_socket(ws, peers)
         except ConnectionClosed:
             pass
         finally:
             self.active.discard(ws)
-            if peer is not None:
+            for peer in peers:
                 await peer.close()
 
-    async def _serve_socket(self, ws: ServerConnection) -> Peer | None:
-        peer: Peer | None = None
+    async def _serve_socket(self, ws: ServerConnection, peers: list[Peer]) -> None:
         async for raw in ws:
             try:
                 msg = parse_message(raw)
@@ -182,13 +183,12 @@ class Signalling:
                 await _send(ws, {"type": "error", "message": str(e)})
                 continue
             if msg["type"] == "bye":
-                break
-            if peer is not None:
+                return
+            if peers:
                 await _send(ws, {"type": "error", "message": "already connected"})
                 continue
-            peer = self.peer_factory(lambda event: _send(ws, event))
-            await self._answer(ws, peer, msg["sdp"])
-        return peer
+            peers.append(self.peer_factory(lambda event: _send(ws, event)))
+            await self._answer(ws, peers[0], msg["sdp"])
 
     async def _answer(self, ws: ServerConnection, peer: Peer, sdp: str) -> None:
         try:

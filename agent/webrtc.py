@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 WEBRTC_SAMPLE_RATE = 48000  # Opus always runs at 48 kHz in WebRTC
 SESSION_CLOSE_TIMEOUT_S = 5.0
+# events kept for a data channel that has not opened yet (a greeting's text and state changes)
+MAX_PENDING_EVENTS = 256
 _OPUS_RTPMAP = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTILINE)
 
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
@@ -135,6 +137,7 @@ class Visitor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._connected = asyncio.Event()
+        self._close_task: asyncio.Future[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def accept_offer(self, sdp: str) -> str:
@@ -195,8 +198,11 @@ class Visitor:
         """Send one event to the page over the data channel (queued until it opens)."""
         text = json.dumps(event)
         if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(text)
-        elif not self._closing:
+            try:
+                self.channel.send(text)
+            except ConnectionError as e:  # SCTP went away between the check and the send
+                logger.debug("visitor %s: event dropped: %s", self.id, e)
+        elif not self._closing and len(self._pending) < MAX_PENDING_EVENTS:
             self._pending.append(text)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
