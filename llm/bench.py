@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from llm.engine import DiffusionEngine, EngineStream, engine_dtype
 from llm.model import ModelConfig, Transformer
@@ -112,15 +112,15 @@ class BenchModel:
     random: bool
 
 
-def byte_tokenizer() -> ChatTokenizer:
-    """A byte-level tokenizer with our special tokens, for random-weight shapes."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=DIFFVOICE_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(["hello there, how are you today?"], trainer)
-    tok.decoder = decoders.ByteLevel()
+def word_tokenizer(vocab_size: int) -> ChatTokenizer:
+    """One word per id with our special tokens, for random-weight shapes: every id decodes to
+    text (a span per block), and every 10th word ends a sentence."""
+    words = [f"w{i}." if i % 10 == 0 else f"w{i}" for i in range(len(DIFFVOICE_SPECIAL_TOKENS),
+                                                                    vocab_size)]
+    vocab = {t: i for i, t in enumerate([*DIFFVOICE_SPECIAL_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(DIFFVOICE_SPECIAL_TOKENS)
     return ChatTokenizer(tok, "diffvoice")
 
 
@@ -152,7 +152,7 @@ def load_or_random(name: str | None, opts: dict, llm: LLMSettings, causal: bool,
     if name and not force_random and (resolve_model_path(name) / "config.json").is_file():
         loaded = load_checkpoint(resolve_model_path(name), device=device, dtype=dtype)
         return BenchModel(loaded.model.eval(), loaded.tokenizer, name, False)
-    tok = byte_tokenizer()
+    tok = word_tokenizer(SHAPES[opts["shape"]]["vocab_size"])
     model = random_model(opts["shape"], device, dtype, causal, tok)
     return BenchModel(model, tok, f"random {opts['shape']}", True)
 
@@ -172,7 +172,10 @@ def decode_settings(opts: dict, llm: LLMSettings, use_threshold: bool) -> Decode
 
 def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
     """A chat prompt of exactly n tokens: the template around filler text."""
-    text = " ".join(["Tell me something nice about the weather today."] * (n // 4 + 8))
+    words = "Tell me something nice about the weather today."
+    if tok.tok.token_to_id("w100") is not None:  # the random shapes' word vocabulary
+        words = " ".join(f"w{i}" for i in range(100, 140))
+    text = " ".join([words] * (n // 4 + 8))
     head = tok.encode_chat([{"role": "user", "content": ""}])
     body = tok.encode(f"{salt} {text}")
     ids = head[:-2] + body[: max(0, n - len(head))] + head[-2:]
@@ -182,6 +185,7 @@ def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
 def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
               repeats: int) -> dict[str, float]:
     list(engine.stream_ids(ids, decode=decode))  # warm-up (allocations, compilation)
+    engine.step_log.clear()
     stats = []
     for _ in range(repeats):
         stream = engine.stream_ids(ids, decode=decode)
@@ -191,10 +195,14 @@ def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
     nfe = statistics.median(s.nfe for s in stats)
     tokens = statistics.median(s.reply_tokens for s in stats)
     ttfs = [s.ttfs_s for s in stats if s.ttfs_s is not None]
+    steps = [t for refresh, _, t in engine.step_log if not refresh]
+    refreshes = [t for refresh, _, t in engine.step_log if refresh]
     return dict(reply_ms=1e3 * total, nfe=nfe, reply_tokens=tokens,
                 ms_per_step=1e3 * total / max(nfe, 1), tokens_per_forward=tokens / max(nfe, 1),
                 tokens_per_s=tokens / total,
-                ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None)
+                ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None,
+                window_step_ms=1e3 * statistics.median(steps) if steps else None,
+                refresh_ms=1e3 * statistics.median(refreshes) if refreshes else None)
 
 
 def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
@@ -288,7 +296,7 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
         ratio=dict(speed=diffusion["tokens_per_s"] / ar["tokens_per_s"],
                    reply_time=ar["reply_ms"] / diffusion["reply_ms"]),
         weight_read=weight_read(param_bytes, bandwidth_gbs(opts, device),
-                                diffusion["ms_per_step"]),
+                                diffusion["window_step_ms"] or diffusion["ms_per_step"]),
         sessions=sessions, agreement=agree,
     )
 
@@ -333,6 +341,9 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"{name:>12}: {x['ms_per_step']:.2f} ms/forward, {x['tokens_per_forward']:.2f} "
               f"tokens/forward, first span {ttfs}, reply {x['reply_ms']:.1f} ms "
               f"({x['reply_tokens']:.0f} tokens, {x['tokens_per_s']:.0f} tokens/s)")
+        if x["window_step_ms"] is not None:
+            refresh = "-" if x["refresh_ms"] is None else f"{x['refresh_ms']:.2f}"
+            print(f"{'':>12}  cached step {x['window_step_ms']:.2f} ms, refresh {refresh} ms")
     print(f"diffusion/AR: {r['ratio']['speed']:.2f}x tokens/s, "
           f"{r['ratio']['reply_time']:.2f}x whole-reply time; peak memory "
           f"{d['peak_mem_mb']:.0f} MiB")

@@ -412,10 +412,14 @@ class DiffusionEngine:
         self.stop_ids = frozenset(tokenizer.stop_ids)
         es = self.settings.engine
         self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
-        self._bucket = es.context_bucket if es.compile else 1
+        self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
+        self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
+        self._graphs: dict[tuple, _GraphedLayers] = {}
         # only the cached-window step is compiled: its shapes stay fixed (block, bucketed context)
         self._window_layers = self._compiled_layers() if es.compile else self._run_layers
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
+        # (refresh?, rows, seconds) of recent forwards incl. the commit decision, for benchmarks
+        self.step_log: collections.deque[tuple[bool, int, float]] = collections.deque(maxlen=4096)
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
         self._thread.start()
@@ -514,6 +518,7 @@ class DiffusionEngine:
         window = [r for r in rows if not r.wants_refresh()]
         for group, is_refresh in ((refresh, True), (window, False)):
             if group:
+                t0 = time.perf_counter()
                 plans = [r.plan(is_refresh) for r in group]
                 logits, kvs = self._forward(plans, is_refresh)
                 for r, p, kv in zip(group, plans, kvs, strict=True):
@@ -521,6 +526,7 @@ class DiffusionEngine:
                     if p.keep_kv:
                         r.absorb(p, kv)
                 self._decide(group, logits)
+                self.step_log.append((is_refresh, len(group), time.perf_counter() - t0))
 
     # --- one forward for a group of rows ----------------------------------------------------
 
@@ -537,8 +543,7 @@ class DiffusionEngine:
             if ctx_keys is None:
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
-        layers = self._run_layers if is_refresh else self._window_layers
-        hidden, kv = layers(idx, pos, key_mask, ctx)  # (B, T, C)
+        hidden, kv = self._layers_for(is_refresh, key_mask, ctx)(idx, pos, key_mask, ctx)
         out = self._out_index(plans, T)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
@@ -577,10 +582,27 @@ class DiffusionEngine:
         return ctx, mask
 
     def _compiled_layers(self) -> Any:
-        # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost that otherwise
-        # dominates a 32-layer step of a few milliseconds
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        return torch.compile(self._run_layers, mode=mode, dynamic=False)
+        # inductor's own CUDA graphs (cudagraph trees) are bound to the compiling thread's
+        # state; graphs are captured by `_GraphedLayers` instead
+        return torch.compile(self._run_layers, dynamic=False)
+
+    def _layers_for(self, is_refresh: bool, key_mask: Tensor | None, ctx: KV | None) -> Any:
+        """The eager body for refreshes; the window step compiled and/or CUDA-graphed."""
+        if is_refresh:
+            return self._run_layers
+        if not self._graphs_on or key_mask is None or ctx is None:
+            return self._window_layers
+        return lambda idx, pos, km, c: self._graph_for(idx, pos, km, c)(idx, pos, km, c)
+
+    def _graph_for(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV) -> _GraphedLayers:
+        shape = (*idx.shape, ctx[0][0].shape[2])  # (B, T, S)
+        graph = self._graphs.get(shape)
+        if graph is None:
+            log.info("capturing a CUDA graph for window step (B, T, S) = %s", shape)
+            pool = next(iter(self._graphs.values())).pool if self._graphs else None
+            graph = self._graphs[shape] = _GraphedLayers(self._window_layers, idx, pos,
+                                                         key_mask, ctx, pool)
+        return graph
 
     def _run_layers(self, idx: Tensor, pos: Tensor, key_mask: Tensor | None,
                     ctx: KV | None) -> tuple[Tensor, KV]:
@@ -646,6 +668,39 @@ class DiffusionEngine:
         return propose(lg, cur, mask_id=self.tokenizer.mask_id, temperature=d.temperature,
                        top_k=d.top_k, top_p=d.top_p, remasking="low_confidence",
                        generator=row.gen)
+
+
+class _GraphedLayers:
+    """`_run_layers` for one (B, T, S) shape captured as a CUDA graph; inputs are copied into
+    static buffers and the outputs are overwritten by the next replay."""
+
+    def __init__(self, fn: Any, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV,
+                 pool: Any = None):
+        self.idx, self.pos, self.key_mask = idx.clone(), pos.clone(), key_mask.clone()
+        self.ctx = [(k.clone(), v.clone()) for k, v in ctx]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph (lazy inits, workspace)
+                fn(self.idx, self.pos, self.key_mask, self.ctx)
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.out = fn(self.idx, self.pos, self.key_mask, self.ctx)
+        self._copied_ctx: KV | None = None  # the context now in the static buffers
+
+    def __call__(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV) -> Any:
+        self.idx.copy_(idx)
+        self.pos.copy_(pos)
+        self.key_mask.copy_(key_mask)
+        if ctx is not self._copied_ctx:  # the engine reuses a context object until it changes
+            for (sk, sv), (k, v) in zip(self.ctx, ctx, strict=True):
+                sk.copy_(k)
+                sv.copy_(v)
+            self._copied_ctx = ctx
+        self.graph.replay()
+        return self.out
 
 
 def _end_unstarted(req: _Request, reason: str, error: Exception | None = None) -> None:

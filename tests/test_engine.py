@@ -257,3 +257,18 @@ def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
             assert s.stats.finish_reason in ("eot", "length")
     finally:
         bf16.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_give_the_eager_tokens(tok):
+    model = tiny_model(tok.vocab_size).cuda()
+    decode = dict(strategy="fixed", max_new_tokens=32, block_length=8, steps_per_block=4)
+    replies = []
+    for graphs in (False, True):
+        eng = make_engine(tok, model, decode=decode, cache="dual", cuda_graphs=graphs)
+        try:
+            replies.append([run(eng, t)[0] for t in PROMPTS])
+            assert bool(eng._graphs) == graphs
+        finally:
+            eng.close()
+    assert replies[0] == replies[1]
