@@ -302,7 +302,10 @@ class Call:
         session.generate_reply(user_input=self.cfg.dtmf_text.format(digits=" ".join(digits)))
 
     def _on_user_state(self, event: Any) -> None:
-        if event.old_state == "speaking" and event.new_state == "listening":
+        """Remember the end of the caller's last stretch of speech before a reply."""
+        if event.new_state == "speaking":
+            self._user_stopped_at = None  # a pause inside the turn, not its end
+        elif event.old_state == "speaking" and event.new_state == "listening":
             self._user_stopped_at = event.created_at
 
     def _on_heard(self, event: Any) -> None:

@@ -239,6 +239,18 @@ class TwilioCaller:
     async def wait_for_clear(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._clear_event.wait(), timeout_s)
 
+    async def wait_for_reply(self, after_s: float, *, quiet_s: float = 1.0,
+                             timeout_s: float = 30.0) -> float | None:
+        """Wait for agent audio arriving after `after_s`, then for it to end (`quiet_s` without
+        audio, line played out). Returns the reply's first audible playout time, or None."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.log.media_arrivals and self.log.media_arrivals[-1][0] > after_s):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no reply")
+            await asyncio.sleep(0.02)
+        await self.wait_until_quiet(quiet_s, max(0.0, deadline - time.monotonic()))
+        return self.first_audible_s(after_s=after_s)
+
     async def wait_until_quiet(self, quiet_s: float, timeout_s: float) -> None:
         """Wait until no agent audio has arrived for `quiet_s` and the line has played out."""
         deadline = time.monotonic() + timeout_s
