@@ -489,3 +489,26 @@ async def test_a_real_spoken_turn_over_the_phone(tmp_path):
     text = " ".join(s.text for s in segments).lower()
     assert "paris" in text, text
     assert caller.log.marks_echoed and phone.server.finished[-1].end_reason == "stop"
+
+
+async def test_a_key_pressed_while_the_agent_speaks_interrupts_it(tmp_path, vad):
+    models = _scripted(vad, reply=["Okay."])
+    settings = _settings(tmp_path, dtmf_gap_s=0.2)
+    settings.session.greeting = " ".join(["Welcome to the line, thank you for calling."] * 4)
+    async with _Phone(settings, models) as phone:
+        baseline = len(asyncio.all_tasks())
+        caller = await phone.caller()
+        caller.start_line()
+        await caller.wait_for_audio(timeout_s=10)
+        await asyncio.sleep(0.5)
+        await caller.send_dtmf("3")
+        await caller.wait_for_clear(timeout_s=3)
+        t_clear = caller.log.clears[0]
+        await caller.wait_for_reply(t_clear, quiet_s=0.5, timeout_s=10)
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+        await asyncio.sleep(0.2)
+        leftover = len(asyncio.all_tasks()) - baseline
+    assert "I pressed 3 on the keypad." in _user_texts(models.engine)
+    assert leftover <= 0, "the call left tasks running"
