@@ -223,7 +223,8 @@ class TwilioAudioOutput(PacedAudioOutput):
     they start a reply's playback and move its position; `clear_buffer()` (an interruption)
     writes `clear` through `send_now` and starts a new epoch, since the provider then echoes
     the dropped marks as well. A reply whose final mark never returns is ended `mark_timeout_s`
-    after its expected playout, at its sent length.
+    after its expected playout, at its sent length. `pause()` (a possibly false interruption)
+    stops sending; the at most SEND_LEAD_S already on the line still plays.
     """
 
     def __init__(self, *, stream_sid: str, encode: Callable[[np.ndarray], bytes],
@@ -351,8 +352,3 @@ class TwilioAudioOutput(PacedAudioOutput):
                 logger.warning("stream %s: marks are not echoed; playout assumed from the send "
                                "clock", self._sid)
             self._report(p.segment, interrupted=False, samples=p.samples)
-
-    @property
-    def heard_position_s(self) -> float:
-        """Seconds of the current reply the caller has heard (by echoed marks)."""
-        return self._heard.get(self._segment, 0) / SAMPLE_RATE
