@@ -239,3 +239,24 @@ async def test_queue_input_ends_on_close():
     inp.close()
     frames = [f async for f in inp]
     assert len(frames) == 1
+
+
+@pytest.mark.slow
+async def test_preemptive_draft_is_discarded_when_the_user_goes_on(vad):
+    # a draft slow enough (2 x 1.6 s) to still be denoising when the user's next words arrive
+    engine = FakeEngine(reply=["Sure, ", "let me see. "], step_s=0.4, steps_per_span=4)
+    models = _models(engine, vad, FakeSTT(["What is", "the weather like today?"]), FakeTTS())
+    # a long endpointing wait: the pause after "What is" ends the VAD segment, not the turn
+    settings = _settings(min_endpointing_delay_s=1.5, preemptive_generation=True)
+    async with Caller(settings, models) as caller:
+        caller.say(spoken("What is", pad_s=0.0))
+        caller.say(np.zeros(int(0.8 * 16000), np.int16))
+        caller.say(spoken("the weather like today?", pad_s=0.0))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=20)
+    users = [r[-1]["content"] for r in engine.requests]
+    assert users[0] == "What is"  # the draft started on the first final...
+    assert engine.streams[0].cancelled_at is not None  # ...was thrown away
+    assert users[-1].endswith("the weather like today?")
+    assert caller.messages("assistant")[0].text_content.strip() == "Sure, let me see."
+    (user,) = caller.messages("user")
+    assert user.text_content.endswith("the weather like today?")
