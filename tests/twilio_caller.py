@@ -15,7 +15,8 @@ buffered audio and echoes the pending marks at once, as Twilio does. All times a
     await caller.start(custom_parameters={"token": "s3cret"})
     caller.start_line()                                   # silence every 20 ms, like a phone
     t_end = await caller.send_pcm(question_pcm, 22050)    # spoken on the line; last-sample time
-    await caller.wait_for_audio(timeout_s=30)
+    t_heard = await caller.wait_for_reply(t_end)          # reply's first audible playout time
+    clear_after_s = await caller.barge_in(interruption_pcm, 22050)  # speech start -> `clear`
     await caller.stop()
     await caller.close()
 """
@@ -208,6 +209,19 @@ class TwilioCaller:
     async def send_silence(self, duration_s: float, *, realtime: bool = True) -> float:
         return await self.send_pcm(np.zeros(int(duration_s * SAMPLE_RATE), np.int16),
                                    SAMPLE_RATE, realtime=realtime)
+
+    async def barge_in(self, pcm: np.ndarray, sample_rate: int, *,
+                       timeout_s: float = 5.0) -> float | None:
+        """Speak over the agent. Returns seconds from the start of this speech to the agent's
+        `clear`, or None if none came within `timeout_s` of it."""
+        t_start = time.monotonic()
+        n_clears = len(self.log.clears)
+        await self.send_pcm(pcm, sample_rate)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, t_start + timeout_s - time.monotonic())):
+                while len(self.log.clears) == n_clears:  # noqa: ASYNC110 - read off the log
+                    await asyncio.sleep(0.01)
+        return self.log.clears[n_clears] - t_start if len(self.log.clears) > n_clears else None
 
     async def send_dtmf(self, digit: str) -> None:
         await self.send_json({"event": "dtmf", "streamSid": self.stream_sid,
