@@ -60,10 +60,8 @@ class BrowserServer:
         self.visitors.clear()
 
 
-async def serve(settings: Settings) -> None:
-    check_bind(settings.server)  # fail before minutes of model loading
-    logger.info("loading models (%s)", settings.llm.model)
-    models = await asyncio.to_thread(load_models, settings)
+async def serve(settings: Settings, models: Models) -> None:
+    """Serve until SIGINT/SIGTERM; the models are closed by the caller."""
     server = BrowserServer(settings, models)
     url = await server.start()
     print(f"diffvoice: open {url} and allow the microphone (Ctrl+C to stop)", flush=True)
@@ -76,15 +74,21 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         await server.close()
-        close = getattr(models.engine, "close", None)
-        if close is not None:
-            await asyncio.to_thread(close)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        asyncio.run(serve(settings))
-    except ValueError as e:
+        check_bind(settings.server)  # fail before the models load
+        logger.info("loading models (%s)", settings.llm.model)
+        # on the main thread, before the loop: LiveKit registers plugins on import, main only
+        models = load_models(settings)
+    except (ValueError, FileNotFoundError) as e:
         print(f"diffvoice serve: {e}")
         return 2
+    try:
+        asyncio.run(serve(settings, models))
+    finally:
+        close = getattr(models.engine, "close", None)
+        if close is not None:
+            close()
     return 0

@@ -51,7 +51,8 @@ def load_turn_detector(session: SessionSettings) -> Any | None:
 
 
 def load_models(settings: Settings) -> Models:
-    """Load the engine and the speech models (blocking: call from a thread or before the loop)."""
+    """Load the engine and the speech models. Blocking, and on the main thread: LiveKit plugins
+    (Silero) register themselves on import and refuse any other thread."""
     from audio.plugins import build_stt, build_tts, build_vad
     from llm.engine import DiffusionEngine
 

@@ -283,3 +283,27 @@ def test_serve_command_refuses_an_open_bind_without_token(capsys):
 
     assert main(["serve", "--set", 'server.host="0.0.0.0"']) == 2  # before any model loads
     assert "access_token" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_command_runs_and_stops_on_ctrl_c(real_settings):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model = f'llm.model="{real_settings.llm.model}"'
+    cmd = [sys.executable, "-m", "agent.cli", "serve", "--set", model,
+           "--set", "server.port=0", "--set", 'server.metrics_log=""']
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    try:
+        line = proc.stdout.readline()  # models load first; then the URL
+        assert line.startswith("diffvoice: open http://localhost:"), line
+        url = line.split()[2]
+        assert "diffvoice" in _get(url)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
