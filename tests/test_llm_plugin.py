@@ -50,8 +50,8 @@ async def test_streams_committed_spans_and_reports_ttft():
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     await asyncio.sleep(0.05)
     (m,) = metrics
-    # TTFT is the first committed span: three 20 ms steps, not the whole reply (six)
-    assert 0.05 <= m.ttft < 0.11
+    # TTFT is the first committed span (three 20 ms steps), not the whole reply (six)
+    assert m.ttft >= 0.05 and m.ttft < 0.75 * m.duration
 
 
 async def test_close_cancels_engine_within_one_step():

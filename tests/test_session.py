@@ -78,7 +78,7 @@ async def test_spoken_turn_through_custom_audio_io(vad):
     assert user.text_content == QUESTION
     assert caller.messages("assistant")[0].text_content.strip() == "It is sunny."
     latency = caller.heard[0][0] - caller.last_speech_end
-    assert 0 < latency < 3.0  # VAD silence + scripted delays; not a performance check
+    assert 0 < latency < 10.0  # the reply followed the question; not a performance check
 
 
 @pytest.mark.slow
