@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -84,7 +85,8 @@ def _load(path: str, device: str, compute_type: str, cpu_threads: int):  # -> Wh
 def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
     """The Whisper model for these settings, loaded once per process and shared."""
     path = settings.model_path or bundled_model_path()
-    return _load(path, settings.device, settings.compute_type, settings.cpu_threads)
+    threads = settings.cpu_threads or os.cpu_count() or 1
+    return _load(path, settings.device, settings.compute_type, threads)
 
 
 def _decode_window(model, audio: np.ndarray, settings: AsrSettings) -> str:

@@ -34,7 +34,8 @@ class AsrSettings(BaseModel):
     model_path: str = ""
     device: str = "cpu"
     compute_type: str = "int8"  # int8 on CPU: ~2x faster than float32 at the same WER on tiny
-    cpu_threads: int = Field(0, ge=0)  # 0 = CTranslate2's default (all cores)
+    # 0 = one per CPU core (CTranslate2's own default of 4 oversubscribes a 2-core machine)
+    cpu_threads: int = Field(0, ge=0)
     beam_size: int = Field(1, ge=1)  # greedy: beam 5 costs ~2x for <1% WER on short turns
     language: str = "en"
     # an interim decode of the utterance so far at most this often while speech goes on
