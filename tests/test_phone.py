@@ -269,6 +269,12 @@ def _scripted(vad, transcripts=(QUESTION, "wait"), reply=None) -> Models:
                   vad=vad, turn_detector=None)
 
 
+async def _eventually(condition, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polls state owned by the server
+            await asyncio.sleep(0.05)
+
+
 def _user_texts(engine: FakeEngine) -> list[str]:
     return [m["content"] for req in engine.requests for m in req if m["role"] == "user"]
 
@@ -314,7 +320,7 @@ async def test_dtmf_digits_reach_the_conversation_as_text(tmp_path, vad):
         for digit in "42#":
             await caller.send_dtmf(digit)
         await caller.send_dtmf("7")  # ended by the pause, not by '#'
-        await caller.send_silence(1.5)
+        await _eventually(lambda: "I pressed 7 on the keypad." in _user_texts(models.engine))
         await caller.stop()
         await phone.wait_ended(1)
         await caller.close()
@@ -345,7 +351,7 @@ async def test_malformed_frames_are_logged_counted_and_the_call_goes_on(tmp_path
         await caller.send_json({"event": "media", "streamSid": caller.stream_sid,
                                 "media": {"track": "outbound", "payload": "/w=="}})
         await caller.send_dtmf("5")  # the call still works
-        await caller.send_silence(1.0)
+        await _eventually(lambda: "I pressed 5 on the keypad." in _user_texts(models.engine))
         await caller.stop()
         await phone.wait_ended(1)
         await caller.close()
@@ -408,27 +414,25 @@ async def test_secret_and_media_format_are_checked(tmp_path, vad):
 
 async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, vad):
     models = _scripted(vad, reply=["Okay."])
-    settings = _settings(tmp_path, dtmf_gap_s=0.2, media_timeout_s=1.0, max_calls=2)
+    settings = _settings(tmp_path, dtmf_gap_s=0.2, media_timeout_s=2.0, max_calls=2)
     async with _Phone(settings, models) as phone:
         gone = await phone.caller()
+        gone.start_line()
         silent = await phone.caller()
+        silent.start_line()
         third = TwilioCaller(phone.url)  # refused: max_calls is 2
         await third.connect()
         await asyncio.wait_for(third.closed.wait(), 5)
         assert third._ws.close_code == 1013
-        gone.start_line()
-        silent.start_line()
-        await asyncio.sleep(0.3)
         gone._line.cancel()
         gone._ws.transport.abort()  # the TCP connection just dies: no stop, no close frame
         await phone.wait_ended(1)
         assert phone.server.finished[0].call_sid == gone.call_sid
         assert phone.server.finished[0].end_reason.startswith("socket closed")
         await silent.send_dtmf("9")  # the other call still works
-        await asyncio.sleep(1.0)
-        assert "I pressed 9 on the keypad." in _user_texts(models.engine)
+        await _eventually(lambda: "I pressed 9 on the keypad." in _user_texts(models.engine))
         await silent.stop_line()  # now this caller goes quiet without hanging up
-        await phone.wait_ended(2, timeout_s=5)
+        await phone.wait_ended(2, timeout_s=8)
         await silent.close()
     assert phone.server.finished[1].end_reason == "no media (caller vanished)"
     assert not phone.server.calls
