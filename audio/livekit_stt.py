@@ -18,6 +18,7 @@ import logging
 import numpy as np
 from livekit import rtc
 from livekit.agents import APIConnectOptions, stt, utils
+from livekit.agents.language import LanguageCode
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 
 from audio.asr import AsrEvent, StreamingRecognizer, load_whisper, transcribe
@@ -71,9 +72,10 @@ class WhisperSTT(stt.STT):
         frame = rtc.combine_audio_frames(buffer)
         audio = resample(frame_to_float(frame), frame.sample_rate, SAMPLE_RATE)
         text = await asyncio.to_thread(transcribe, self._model, audio, self.asr_settings)
+        language = LanguageCode(self.asr_settings.language)
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-            alternatives=[stt.SpeechData(language=self.asr_settings.language, text=text)],
+            alternatives=[stt.SpeechData(language=language, text=text)],
         )
 
     def stream(
@@ -114,7 +116,7 @@ class WhisperRecognizeStream(stt.RecognizeStream):
     def _send(self, ev: AsrEvent) -> None:
         offset = self.start_time_offset
         data = stt.SpeechData(
-            language=self._whisper.asr_settings.language,
+            language=LanguageCode(self._whisper.asr_settings.language),
             text=ev.text,
             start_time=offset + ev.start_s,
             end_time=offset + ev.end_s,

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 # a text with nothing speakable (only emoji, only markup) still yields a valid, silent answer:
 # LiveKit treats a synthesis that pushed no audio for non-empty text as a failure
 SILENCE_FOR_UNSPEAKABLE_S = 0.02
+# a short opener ("Sure.", "Okay.") is its own sentence, so first audio follows it directly;
+# LiveKit's default of 20 characters merges it into the next sentence and waits for that one
+MIN_SENTENCE_CHARS = 4
 
 
 class PiperTTS(tts.TTS):
@@ -76,5 +79,7 @@ def streaming_piper_tts(settings: TtsSettings) -> tts.StreamAdapter:
     """PiperTTS fed sentence by sentence from streamed text (LLM output)."""
     return tts.StreamAdapter(
         tts=PiperTTS(settings),
-        sentence_tokenizer=tokenize.blingfire.SentenceTokenizer(retain_format=True),
+        sentence_tokenizer=tokenize.blingfire.SentenceTokenizer(
+            retain_format=True, min_sentence_len=MIN_SENTENCE_CHARS
+        ),
     )

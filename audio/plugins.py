@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from livekit.agents import stt, tts, vad
+from livekit.agents.types import NOT_GIVEN
 
 from audio.livekit_stt import WhisperSTT
 from audio.livekit_tts import PiperTTS, streaming_piper_tts
@@ -34,7 +35,6 @@ def build_vad(settings: Settings) -> vad.VAD:
     from livekit.plugins import silero
 
     v = settings.vad
-    kwargs = {"onnx_file_path": v.model_path} if v.model_path else {}
     return silero.VAD.load(
         min_speech_duration=v.min_speech_ms / 1000,
         min_silence_duration=v.min_silence_ms / 1000,
@@ -43,5 +43,5 @@ def build_vad(settings: Settings) -> vad.VAD:
         deactivation_threshold=v.deactivation_threshold,
         sample_rate=16000,
         force_cpu=True,
-        **kwargs,
+        onnx_file_path=v.model_path or NOT_GIVEN,
     )

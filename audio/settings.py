@@ -12,14 +12,14 @@ class VadSettings(BaseModel):
 
     # speech probability that opens speech, and the lower one that closes it (hysteresis keeps a
     # breathy word from toggling the state every 32 ms window)
-    activation_threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    deactivation_threshold: float = Field(0.35, gt=0.0, lt=1.0)
+    activation_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    deactivation_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)
     # this much speech in a row opens an utterance (3 windows of 32 ms: ignores clicks)
-    min_speech_ms: int = Field(96, ge=32)
+    min_speech_ms: int = Field(default=96, ge=32)
     # this much silence closes it; LiveKit's default is 550 ms, shorter ends turns sooner
-    min_silence_ms: int = Field(400, ge=64)
+    min_silence_ms: int = Field(default=400, ge=64)
     # audio kept from before the detected start, so the first phoneme is not clipped
-    prefix_padding_ms: int = Field(300, ge=0)
+    prefix_padding_ms: int = Field(default=300, ge=0)
     # path of a Silero ONNX file; empty = the one shipped in livekit-plugins-silero (stateful,
     # one 32 ms window per call: the streaming fit; faster-whisper's copy is batch-oriented)
     model_path: str = ""
@@ -35,17 +35,17 @@ class AsrSettings(BaseModel):
     device: str = "cpu"
     compute_type: str = "int8"  # int8 on CPU: ~2x faster than float32 at the same WER on tiny
     # 0 = one per CPU core (CTranslate2's own default of 4 oversubscribes a 2-core machine)
-    cpu_threads: int = Field(0, ge=0)
-    beam_size: int = Field(1, ge=1)  # greedy: beam 5 costs ~2x for <1% WER on short turns
+    cpu_threads: int = Field(default=0, ge=0)
+    beam_size: int = Field(default=1, ge=1)  # greedy: beam 5 costs ~2x for <1% WER on short turns
     language: str = "en"
     # an interim decode of the utterance so far at most this often while speech goes on
-    interim_interval_s: float = Field(0.5, gt=0.0)
+    interim_interval_s: float = Field(default=0.5, gt=0.0)
     # decode the final as soon as this much silence is seen, before the VAD ends the utterance;
     # reused if the silence lasts to min_silence_ms, discarded if speech resumes
     speculative_final: bool = True
-    speculation_silence_ms: int = Field(64, ge=32)
+    speculation_silence_ms: int = Field(default=64, ge=32)
     # Whisper sees 30 s at a time: a longer utterance is finalised in chunks of at most this
-    max_chunk_s: float = Field(25.0, gt=1.0, le=30.0)
+    max_chunk_s: float = Field(default=25.0, gt=1.0, le=30.0)
 
 
 class TtsSettings(BaseModel):
@@ -56,8 +56,8 @@ class TtsSettings(BaseModel):
     # a Piper .onnx voice (its .onnx.json beside it, or config_path); empty = bundled joe-medium
     voice_path: str = ""
     config_path: str = ""
-    length_scale: float = Field(1.0, gt=0.0)  # > 1 speaks slower
+    length_scale: float = Field(default=1.0, gt=0.0)  # > 1 speaks slower
     # a sentence longer than this is split at commas/spaces so first audio stays fast
-    max_sentence_chars: int = Field(200, ge=20)
+    max_sentence_chars: int = Field(default=200, ge=20)
     # text longer than this is refused (a clear error instead of minutes of synthesis)
-    max_text_chars: int = Field(20000, ge=100)
+    max_text_chars: int = Field(default=20000, ge=100)

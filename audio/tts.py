@@ -18,7 +18,7 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +114,7 @@ class PiperSynthesizer:
             chunks = [c.audio_int16_array for c in self.voice.synthesize(sentence, self._config)]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
 
-    async def stream(self, text: str) -> AsyncIterator[np.ndarray]:
+    async def stream(self, text: str) -> AsyncGenerator[np.ndarray, None]:
         """Text -> int16 audio per sentence, each synthesised in a worker thread."""
         for sentence in self.sentences(text):
             pcm = await asyncio.to_thread(self.synthesize_sentence, sentence)
