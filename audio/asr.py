@@ -364,7 +364,9 @@ class StreamingRecognizer:
         assert utt is not None
         due = self._now - utt.last_interim >= self.settings.interim_interval_s * SAMPLE_RATE
         enough = self._now - utt.start >= MIN_INTERIM_AUDIO_S * SAMPLE_RATE
-        if not (due and enough) or self._tasks or utt.speculation is not None:
+        # no interim in a silence: it would hold the model when the speculative final is due
+        busy = bool(self._tasks) or utt.speculation is not None or self._vad.in_silence
+        if not (due and enough) or busy:
             return
         utt.last_interim = self._now
         task = asyncio.get_running_loop().create_task(self._interim(utt, self._now))

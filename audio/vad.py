@@ -76,6 +76,11 @@ class StreamingVad:
         self.probabilities: list[float] = []  # per window, for chunk-boundary choice
 
     @property
+    def in_silence(self) -> bool:
+        """Speaking, but the latest windows were silent (a pause may be starting)."""
+        return self.speaking and self._run > 0
+
+    @property
     def t_s(self) -> float:
         return self._windows * WINDOW_S
 
