@@ -515,3 +515,33 @@ async def test_a_key_pressed_while_the_agent_speaks_interrupts_it(tmp_path, vad)
         leftover = len(asyncio.all_tasks()) - baseline
     assert "I pressed 3 on the keypad." in _user_texts(models.engine)
     assert leftover <= 0, "the call left tasks running"
+
+
+import real_parts  # noqa: E402
+
+real_settings = real_parts.real_settings
+real_models = real_parts.real_models
+
+
+@pytest.mark.slow
+async def test_the_shipped_pipeline_answers_the_phone(real_settings, real_models):
+    """Every real part (engine, Whisper, Piper, Silero, LiveKit's turn model) behind a call."""
+    settings = Settings.model_validate({
+        **real_settings.model_dump(),
+        "phone": {"port": 0, "metrics_log": ""},
+    })
+    async with _Phone(settings, real_models) as phone:
+        caller = await phone.caller()
+        caller.start_line()
+        t_end = await caller.send_pcm(spoken(QUESTION, 16000), 16000)
+        t_heard = await caller.wait_for_reply(t_end, quiet_s=1.5, timeout_s=60)
+        call = next(iter(phone.server.calls))
+        history = [i for i in call.session.history.items if i.type == "message"]
+        await caller.stop()
+        await phone.wait_ended(1)
+        await caller.close()
+    user = next(i for i in history if i.role == "user")
+    assert "capital" in user.text_content.lower()
+    assert any(i.role == "assistant" and i.text_content for i in history)
+    assert t_heard is not None and t_heard > t_end
+    assert phone.server.finished[-1].user_stop_to_heard_s
