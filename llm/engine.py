@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import queue
@@ -416,7 +417,10 @@ class DiffusionEngine:
         self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
         self._graphs: dict[tuple, _GraphedLayers] = {}
         # only the cached-window step is compiled: its shapes stay fixed (block, bucketed context)
-        self._window_layers = self._compiled_layers() if es.compile else self._run_layers
+        self._window_layers = self._run_layers
+        if es.compile:
+            block = torch.compile(_block_call, dynamic=False)
+            self._window_layers = functools.partial(self._run_layers, block=block)
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
         # (refresh?, rows, seconds) of recent forwards incl. the commit decision, for benchmarks
         self.step_log: collections.deque[tuple[bool, int, float]] = collections.deque(maxlen=4096)
@@ -581,11 +585,6 @@ class DiffusionEngine:
         self._ctx_cache[is_refresh] = (key, (ctx, mask))
         return ctx, mask
 
-    def _compiled_layers(self) -> Any:
-        # inductor's own CUDA graphs (cudagraph trees) are bound to the compiling thread's
-        # state; graphs are captured by `_GraphedLayers` instead
-        return torch.compile(self._run_layers, dynamic=False)
-
     def _layers_for(self, is_refresh: bool, key_mask: Tensor | None, ctx: KV | None) -> Any:
         """The eager body for refreshes; the window step compiled and/or CUDA-graphed."""
         if is_refresh:
@@ -605,8 +604,13 @@ class DiffusionEngine:
         return graph
 
     def _run_layers(self, idx: Tensor, pos: Tensor, key_mask: Tensor | None,
-                    ctx: KV | None) -> tuple[Tensor, KV]:
-        """The transformer body of `Transformer.forward`, with RoPE tables built once."""
+                    ctx: KV | None, block: Any = None) -> tuple[Tensor, KV]:
+        """The transformer body of `Transformer.forward`, with RoPE tables built once.
+
+        `block` runs one layer: compiled per layer (all layers share one compiled graph, so
+        compiling takes seconds, and it fuses the ~40 small norm/RoPE/residual kernels of a
+        layer that otherwise cost more GPU time than the weight reads at batch 1)."""
+        block = block or _block_call
         m = self.model
         B, T = idx.shape
         cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
@@ -615,7 +619,8 @@ class DiffusionEngine:
         x = m.tok_emb(idx)  # (B, T, C)
         kv: KV = []
         for i, layer in enumerate(m.layers):
-            x, layer_kv = layer(x, cos, sin, mask, is_causal, None if ctx is None else ctx[i])
+            x, layer_kv = block(layer, x, cos, sin, mask, is_causal,
+                                None if ctx is None else ctx[i])
             kv.append(layer_kv)
         return x, kv
 
@@ -668,6 +673,13 @@ class DiffusionEngine:
         return propose(lg, cur, mask_id=self.tokenizer.mask_id, temperature=d.temperature,
                        top_k=d.top_k, top_p=d.top_p, remasking="low_confidence",
                        generator=row.gen)
+
+
+def _block_call(layer: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                is_causal: bool, kv: Any) -> tuple[Tensor, Any]:
+    # inductor's own CUDA graphs (cudagraph trees) are bound to the compiling thread, so
+    # torch.compile runs without them and `_GraphedLayers` captures the whole step instead
+    return layer(x, cos, sin, mask, is_causal, kv)
 
 
 class _GraphedLayers:
