@@ -198,3 +198,17 @@ async def test_five_minute_monologue_is_finalised_in_chunks(whisper):
     words = sum(len(e.text.split()) for e in finals)
     reference = sum(len(SENTENCES[k % len(SENTENCES)].split()) for k in range(i))
     assert words >= 0.8 * reference
+
+
+async def test_flush_finalises_the_utterance_in_progress(whisper):
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    rec.push(pad(trimmed(SENTENCES[4]), 0.3, 0.0))  # no trailing silence: the VAD never ends it
+    rec.flush()
+    events = []
+    async for ev in rec:
+        events.append(ev)
+        if ev.kind == "end":
+            break
+    assert kinds(events)[0] == "start" and kinds(events)[-2:] == ["final", "end"]
+    assert word_error_rate([SENTENCES[4]], [events[-2].text]) <= 0.15
+    await rec.aclose()
