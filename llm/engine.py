@@ -32,7 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm.kvcache import KV, SessionCache, SessionEntry, build_context, common_prefix, kv_cat
+from llm.kvcache import (
+    KV,
+    SessionCache,
+    SessionEntry,
+    build_context,
+    common_prefix,
+    kv_cat,
+    kv_clone,
+)
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
 from llm.sampler import propose
@@ -298,7 +306,7 @@ class _DiffusionRow(_Row):
         """Keep a refresh's K/V: the prompt part is frozen once, the reply part is live."""
         a = plan.start
         if self.eng.settings.engine.freeze_prompt and self.F < self.P:
-            self.frozen = kv_cat([self.frozen, _kv_slice(kv, self.F - a, self.P - a)]) or []
+            self.frozen = kv_clone(kv_cat([self.frozen, _kv_slice(kv, self.F - a, self.P - a)]))
             self.F = self.P
         self.live = _kv_slice(kv, self.F - a)
         self.version += 1
@@ -337,7 +345,7 @@ class _DiffusionRow(_Row):
         if self.F >= self.P:
             kv = _kv_slice(self.frozen, 0, self.P)
         elif self.live:
-            kv = kv_cat([self.frozen, _kv_slice(self.live, 0, self.P - self.F)]) or []
+            kv = kv_clone(kv_cat([self.frozen, _kv_slice(self.live, 0, self.P - self.F)]))
         else:
             return None
         return SessionEntry(tuple(self.req.ids), kv)

@@ -43,6 +43,11 @@ def kv_cat(parts: list[KV]) -> KV | None:
     ]
 
 
+def kv_clone(kv: KV | None) -> KV:
+    """Owned, compact copies (a view would keep a whole batch's forward output alive)."""
+    return [] if not kv else [(k.clone(), v.clone()) for k, v in kv]
+
+
 def kv_bytes(kv: KV | None) -> int:
     return 0 if not kv else sum(k.nbytes + v.nbytes for k, v in kv)
 

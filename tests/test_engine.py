@@ -272,3 +272,18 @@ def test_cuda_graph_steps_give_the_eager_tokens(tok):
         finally:
             eng.close()
     assert replies[0] == replies[1]
+
+
+def test_session_cache_is_lru_bounded_by_count_and_bytes():
+    from llm.kvcache import SessionCache, SessionEntry, kv_bytes
+
+    def entry(n: int) -> SessionEntry:
+        return SessionEntry(tuple(range(n)), [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))])
+
+    one = kv_bytes(entry(10).kv)
+    cache = SessionCache(max_entries=2, max_bytes=3 * one)
+    for sid in "abc":
+        cache.put(sid, entry(10))
+    assert len(cache) == 2 and cache.take("a") is None  # least recently used went first
+    cache.put("big", entry(40))  # larger than the whole budget: not kept
+    assert cache.take("big") is None and cache.take("c") is not None
