@@ -25,6 +25,7 @@ from typing import Any
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobExecutorType
 
 from agent.metrics import TurnReporter
+from agent.phone import KeypadEntry, reply_to_keypad
 from agent.session import Models, build_session
 from agent.settings import Settings
 
@@ -71,9 +72,18 @@ class DiffvoiceWorker:
         logger.info("job %s: joining room %s", job_id, ctx.room.name)
         self.sessions[job_id] = session
         session.on("close", lambda _event: self.sessions.pop(job_id, None))
+        self._hear_keypad(ctx, session)
         await session.start(agent, room=ctx.room, record=False)
         if self.settings.session.greeting:
             session.say(self.settings.session.greeting)
+
+    def _hear_keypad(self, ctx: JobContext, session: AgentSession) -> None:
+        """SIP callers' keypad digits become a user turn, as on `diffvoice phone`."""
+        phone = self.settings.phone
+        entry = KeypadEntry(phone.dtmf_gap_s,
+                            lambda digits: reply_to_keypad(session, phone.dtmf_text, digits))
+        ctx.room.on("sip_dtmf_received", lambda event: entry.add(event.digit))
+        session.on("close", lambda _event: entry.cancel())
 
     def server(self, **options: Any) -> AgentServer:
         """A LiveKit `AgentServer` running `entrypoint` for each dispatched job."""

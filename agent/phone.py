@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ CLOSE_POLICY = 1008  # refused: bad secret, wrong media format
 CLOSE_TRY_AGAIN = 1013  # the server is at max_calls
 SESSION_CLOSE_TIMEOUT_S = 5.0  # a session still busy after this is abandoned with a log line
 MAX_FINISHED = 100  # ended calls kept for inspection
+MAX_KEYPAD_DIGITS = 32  # longer than any card or account number: submit rather than grow
 
 
 @dataclass
@@ -81,10 +83,13 @@ class _FloodGuard:
         return self._count <= self.max_per_s
 
 
-class _Digits:
-    """Keypad digits collected until '#' or `gap_s` of quiet, then handed on as one string."""
+class KeypadEntry:
+    """Keypad digits collected until '#' or `gap_s` of quiet, then handed on as one string.
 
-    def __init__(self, gap_s: float, submit: Any) -> None:
+    add("4"), add("2"), add("#") -> submit("42");  add("7") + gap_s of quiet -> submit("7")
+    """
+
+    def __init__(self, gap_s: float, submit: Callable[[str], None]) -> None:
         self.gap_s = gap_s
         self.submit = submit
         self._digits = ""
@@ -95,7 +100,7 @@ class _Digits:
             self._timer.cancel()
         if digit != "#":
             self._digits += digit
-        if digit == "#" or len(self._digits) >= 32:  # '#' ends an entry, like on a PBX
+        if digit == "#" or len(self._digits) >= MAX_KEYPAD_DIGITS:  # '#' ends it, as on a PBX
             self.flush()
         else:
             self._timer = asyncio.get_running_loop().call_later(self.gap_s, self.flush)
@@ -110,6 +115,14 @@ class _Digits:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def reply_to_keypad(session: AgentSession, text_template: str, digits: str) -> None:
+    """Keypad digits as the caller's next turn; a reply being spoken is interrupted first."""
+    if session.agent_state == "speaking":
+        with contextlib.suppress(RuntimeError):  # a reply that may not be interrupted
+            session.interrupt().add_done_callback(_retrieve)
+    session.generate_reply(user_input=text_template.format(digits=" ".join(digits)))
 
 
 class _TooManyBad(Exception):
@@ -132,7 +145,7 @@ class Call:
         self._tasks: set[asyncio.Task] = set()
         self._flood = _FloodGuard(self.cfg.max_media_frames_per_s)
         self._resampler = StreamResampler(tw.SAMPLE_RATE, self.cfg.input_sample_rate)
-        self._digits = _Digits(self.cfg.dtmf_gap_s, self._submit_digits)
+        self._digits = KeypadEntry(self.cfg.dtmf_gap_s, self._submit_digits)
         self._user_stopped_at: float | None = None
         self._sync: TranscriptSynchronizer | None = None
 
@@ -296,10 +309,7 @@ class Call:
         if session is None:
             return
         logger.info("%s: %d keypad digits", self.name, len(digits))
-        if session.agent_state == "speaking":
-            with contextlib.suppress(RuntimeError):  # a reply that may not be interrupted
-                session.interrupt().add_done_callback(_retrieve)
-        session.generate_reply(user_input=self.cfg.dtmf_text.format(digits=" ".join(digits)))
+        reply_to_keypad(session, self.cfg.dtmf_text, digits)
 
     def _on_user_state(self, event: Any) -> None:
         """Remember the end of the caller's last stretch of speech before a reply."""

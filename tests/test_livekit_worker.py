@@ -7,6 +7,7 @@ it would in a dispatched job.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,11 +71,18 @@ async def test_the_job_session_is_the_shared_factorys(tmp_path, models):
 
 async def test_the_entry_point_starts_the_session_on_the_jobs_room(tmp_path, models):
     worker = DiffvoiceWorker(_settings(tmp_path), models)
-    await worker.entrypoint(_fake_job("AJ_room"))
+    job = _fake_job("AJ_room")
+    await worker.entrypoint(job)
     session = worker.sessions["AJ_room"]
     try:
         assert session.input.audio is not None and session.output.audio is not None  # RoomIO
         assert session.agent_state in ("listening", "speaking", "thinking")
+        for digit in "12#":  # a SIP caller's keypad, as LiveKit reports it
+            job.room.emit("sip_dtmf_received", rtc.SipDTMF(code=0, digit=digit))
+        async with asyncio.timeout(5):
+            pressed = "I pressed 1 2 on the keypad."
+            while not any(pressed in str(r) for r in models.engine.requests):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polls the scripted engine
     finally:
         await session.aclose()
     assert "AJ_room" not in worker.sessions
