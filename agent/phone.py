@@ -48,6 +48,9 @@ CLOSE_POLICY = 1008  # refused: bad secret, wrong media format
 CLOSE_TRY_AGAIN = 1013  # the server is at max_calls
 SESSION_CLOSE_TIMEOUT_S = 5.0  # a session still busy after this is abandoned with a log line
 MAX_FINISHED = 100  # ended calls kept for inspection
+# burst allowance of the media flood guard, in seconds of the sustained rate: 3 s at 150
+# frames/s = 9 s of audio, more than a provider replays after a stall
+FLOOD_BURST_S = 3.0
 MAX_KEYPAD_DIGITS = 32  # longer than any card or account number: submit rather than grow
 
 
@@ -69,18 +72,25 @@ class CallStats:
 
 
 class _FloodGuard:
-    """At most `max_per_s` frames in any one-second window; counts the rest."""
+    """A token bucket: `max_per_s` frames a second sustained, bursts up to FLOOD_BURST_S of that.
+
+    A provider catching up after a network stall sends a burst of frames that are all real
+    speech; only a sustained excess (a replay, a broken or hostile peer) is dropped.
+    """
 
     def __init__(self, max_per_s: int) -> None:
         self.max_per_s = max_per_s
-        self._window_start = 0.0
-        self._count = 0
+        self.capacity = max_per_s * FLOOD_BURST_S
+        self._tokens = self.capacity
+        self._last = time.monotonic()
 
     def allow(self, now: float) -> bool:
-        if now - self._window_start >= 1.0:
-            self._window_start, self._count = now, 0
-        self._count += 1
-        return self._count <= self.max_per_s
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.max_per_s)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 class KeypadEntry:
@@ -282,8 +292,8 @@ class Call:
         if not self._flood.allow(time.monotonic()):
             self.stats.flood_dropped += 1
             if self.stats.flood_dropped == 1:
-                logger.warning("%s: media faster than %d frames/s: dropping the excess",
-                               self.name, self.cfg.max_media_frames_per_s)
+                logger.warning("%s: media faster than %d frames/s for too long: dropping the "
+                               "excess", self.name, self.cfg.max_media_frames_per_s)
             return
         pcm = self._resampler.push(mulaw_decode(event.payload))  # (n,) int16
         if len(pcm):
