@@ -89,7 +89,8 @@ class PhoneSettings(Section):
     max_calls: int = Field(8, ge=1)  # each holds a session; the engine batches their replies
     # a media frame is ~250 bytes of JSON and `start` ~1 KiB; anything far larger is hostile
     max_message_bytes: int = Field(16 * 1024, ge=1024)
-    # the provider streams 50 frames/s; past this rate frames are dropped (a flood or a replay)
+    # the provider streams 50 frames/s; frames past this sustained rate are dropped (a flood or
+    # a replay); short catch-up bursts pass
     max_media_frames_per_s: int = Field(150, ge=50)
     # malformed messages tolerated before the call is ended as a broken peer
     max_bad_messages: int = Field(200, ge=1)
