@@ -93,18 +93,26 @@ class TurnReporter:
 
 
 class ClientTextOutput(io.TextOutput):
-    """The session's transcription sink: each committed reply delta goes to the client."""
+    """The session's transcription sink: each reply delta goes to the client as LiveKit forwards
+    it (committed text, ahead of the speech), then on to `next_in_chain` — typically a
+    `TranscriptSynchronizer`'s text output, so history keeps only what was heard."""
 
-    def __init__(self, send: Send, *, label: str = "client-text") -> None:
-        super().__init__(label=label, next_in_chain=None)
+    def __init__(
+        self, send: Send, *, next_in_chain: io.TextOutput | None = None, label: str = "client-text"
+    ) -> None:
+        super().__init__(label=label, next_in_chain=next_in_chain)
         self.send = send
 
     async def capture_text(self, text: str) -> None:
         if text:
             self.send({"type": "agent_text", "text": text})
+        if self.next_in_chain is not None:
+            await self.next_in_chain.capture_text(text)
 
     def flush(self) -> None:
         self.send({"type": "agent_text_end"})
+        if self.next_in_chain is not None:
+            self.next_in_chain.flush()
 
 
 def _pick(metrics: dict[str, Any], names: dict[str, str]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 from livekit import rtc
+from livekit.agents.voice.transcription import TranscriptSynchronizer
 
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.metrics import ClientTextOutput, TurnReporter
@@ -131,6 +132,7 @@ class Visitor:
         self.track = AgentAudioTrack(self.audio_out)
         self.reporter = TurnReporter(self.id, self.send_event, settings.server.metrics_log)
         self.session: Any = None
+        self.sync: TranscriptSynchronizer | None = None
         self.channel: RTCDataChannel | None = None
         self.closed = asyncio.Event()
         self._pending: list[str] = []
@@ -169,9 +171,16 @@ class Visitor:
         self.reporter.attach(self.session)
         self.session.on("error", self._on_session_error)
         self.session.on("close", self._on_session_close)
-        self.session.output.transcription = ClientTextOutput(self.send_event)
+        # the synchroniser paces the reply text with playout, so an interrupted reply's history
+        # ends where the visitor stopped hearing it; the page still gets text as committed
+        self.sync = sync = TranscriptSynchronizer(
+            next_in_chain_audio=self.audio_out, next_in_chain_text=None
+        )
+        self.session.output.transcription = ClientTextOutput(
+            self.send_event, next_in_chain=sync.text_output
+        )
         await start_session(
-            self.session, agent, audio_in=self.audio_in, audio_out=self.audio_out,
+            self.session, agent, audio_in=self.audio_in, audio_out=sync.audio_output,
             greeting=self.settings.session.greeting,
         )
 
@@ -189,6 +198,8 @@ class Visitor:
         if self.session is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.session.aclose(), SESSION_CLOSE_TIMEOUT_S)
+        if self.sync is not None:
+            await self.sync.aclose()
         await self.pc.close()
         self.closed.set()
         logger.info("visitor %s closed", self.id)

@@ -100,6 +100,11 @@ async def test_barge_in_stops_engine_and_keeps_heard_part(vad):
     assert reply.interrupted
     heard = reply.text_content or ""
     assert heard and len(heard) < len("".join(spans).strip())
+    # FakeTTS speaks 30 ms per character: history holds about what had played, not what the
+    # engine had committed (several sentences ahead)
+    played_s = caller.playouts[0].playback_position
+    assert caller.playouts[0].interrupted
+    assert len(heard) <= played_s / 0.03 + 20
 
 
 @pytest.mark.slow

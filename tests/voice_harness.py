@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 from livekit import rtc
+from livekit.agents.voice.transcription import TranscriptSynchronizer
 
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.session import Models, build_session, start_session
@@ -29,13 +30,20 @@ class Caller:
         self._speech: list[np.ndarray] = []
         self._tasks: list[asyncio.Task] = []
         self.events: list[tuple[str, object]] = []
+        self.playouts: list = []  # PlaybackFinishedEvent per reply
         for name in ("conversation_item_added", "agent_state_changed", "user_input_transcribed",
                      "agent_false_interruption"):
             self.session.on(name, lambda ev, n=name: self.events.append((n, ev)))
 
     async def __aenter__(self) -> Caller:
+        # as the transports do: text paced with playout, so history = what was heard
+        self.sync = sync = TranscriptSynchronizer(
+            next_in_chain_audio=self.audio_out, next_in_chain_text=None
+        )
+        self.session.output.transcription = sync.text_output
+        self.audio_out.on("playback_finished", self.playouts.append)
         await start_session(self.session, self.agent, audio_in=self.audio_in,
-                            audio_out=self.audio_out)
+                            audio_out=sync.audio_output)
         self._tasks = [asyncio.create_task(self._mic()), asyncio.create_task(self._speaker())]
         return self
 
@@ -45,6 +53,7 @@ class Caller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.audio_in.close()
         await self.session.aclose()
+        await self.sync.aclose()
 
     def say(self, pcm: np.ndarray) -> None:
         """Queue 16 kHz int16 speech; the mic sends it next, in real time."""
