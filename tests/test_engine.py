@@ -100,9 +100,11 @@ def test_cached_window_reproduces_the_full_forward(tok, cache, shift, freeze):
         eng.close()
 
 
-def test_batched_equals_solo_with_rows_joining_midway(tok):
+@pytest.mark.parametrize(("cache", "shift"), [("dual", False), ("prefix", True), ("none", False)])
+def test_batched_equals_solo_with_rows_joining_midway(tok, cache, shift):
     decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=32, block_length=8)
-    eng = make_engine(tok, decode=decode, cache="dual")
+    eng = make_engine(tok, tiny_model(tok.vocab_size, shift_logits=shift), decode=decode,
+                      cache=cache)
     try:
         solo = [run(eng, t)[0] for t in PROMPTS]
         batch_sizes: list[int] = []
