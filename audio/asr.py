@@ -199,6 +199,8 @@ class StreamingRecognizer:
         """Queue audio at the constructor's sample rate (int16, or float in [-1, 1])."""
         if self._task.done():
             raise RuntimeError("the recognizer is closed")
+        if pcm.ndim != 1 or not (pcm.dtype == np.int16 or np.issubdtype(pcm.dtype, np.floating)):
+            raise ValueError(f"mono int16 or float audio expected, got {pcm.dtype} {pcm.shape}")
         audio = int16_to_float(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
         self._input.put_nowait(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0))
 
@@ -229,7 +231,9 @@ class StreamingRecognizer:
                 raise item
             yield item
 
-    def _emit(self, kind: AsrKind, text: str = "", end: int = 0, speculative: bool = False):
+    def _emit(
+        self, kind: AsrKind, text: str = "", end: int = 0, speculative: bool = False
+    ) -> None:
         start = self._utt.start if self._utt else 0
         self._events.put_nowait(
             AsrEvent(kind, text, start / SAMPLE_RATE, end / SAMPLE_RATE, speculative)
@@ -256,6 +260,9 @@ class StreamingRecognizer:
                     break
                 if item is _FLUSH:
                     await self._close_utterance(self._now)
+                    if self._vad.speaking:  # still talking: what follows is a new utterance
+                        self._utt = _Utterance(start=self._now, last_interim=self._now)
+                        self._emit("start")
                     continue
                 assert isinstance(item, np.ndarray)
                 await self._on_audio(self._resampler.push(item))
