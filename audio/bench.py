@@ -11,7 +11,7 @@ Measures, in one run:
   at 20 dB SNR.
 
 `--json PATH` keys (latencies in milliseconds, lists are per utterance/sentence):
-  machine: {cpu, cores, python}          settings: {asr, vad, tts} as used
+  machine: {cpu, cores, python, load_avg_1min}   settings: {asr, vad, tts} as used
   final_after_endpoint_ms: {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
   final_after_speech_ms:   {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
   speculation: {reused, discarded}       utterance_s: [..]
@@ -152,7 +152,8 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_1min": os.getloadavg()[0]}  # other processes' load skews every latency
 
 
 def _report(r: dict) -> None:
@@ -167,7 +168,9 @@ def _report(r: dict) -> None:
           f"{r['tts_whole_reply_ms_p50']:.0f} ms (ratio {r['tts_ratio']:.2f})")
     print(f"WER over {r['wer_sentences']} sentences: clean {r['wer_clean']:.1%}, "
           f"20 dB SNR noise {r['wer_noisy_20db']:.1%}")
-    print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores")
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, load average at the start "
+          f"{m['load_avg_1min']:.1f}")
 
 
 def run(args: argparse.Namespace, settings) -> int:
