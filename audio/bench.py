@@ -14,7 +14,7 @@ Measures, in one run:
   machine: {cpu, cores, python, load_avg_1min}   settings: {asr, vad, tts} as used
   final_after_endpoint_ms: {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
   final_after_speech_ms:   {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
-  speculation: {reused, discarded}       utterance_s: [..]
+  speculation: {reused, discarded}       utterance_s: [..]   decode_ms_p50 (offline decode)
   tts_first_audio_ms: [..], tts_first_audio_p50, tts_whole_reply_ms_p50, tts_ratio
   wer_clean, wer_noisy_20db, wer_sentences
 """
@@ -84,6 +84,15 @@ async def _one_utterance(model, asr: AsrSettings, vad: VadSettings, text: str) -
     }
 
 
+def _time_decode(model, asr: AsrSettings, text: str) -> float:
+    """One offline decode of the utterance: the cost a plain final pays after the endpoint."""
+    from audio.asr import transcribe
+
+    t0 = time.perf_counter()
+    transcribe(model, spoken_16k(text), asr)
+    return (time.perf_counter() - t0) * 1000
+
+
 async def _latency(model, asr: AsrSettings, vad: VadSettings) -> dict:
     """Both modes over the same utterances, interleaved so machine load hits both alike."""
     texts = [s for s in SENTENCES if 1.0 <= len(spoken_16k(s)) / SAMPLE_RATE <= 5.0]
@@ -102,6 +111,7 @@ async def _latency(model, asr: AsrSettings, vad: VadSettings) -> dict:
             "speculative_p50": _p50(spec), "plain_p50": _p50(plain),
             "ratio": _p50(spec) / _p50(plain) if _p50(plain) else float("nan"),
         }
+    out["decode_ms_p50"] = _p50([_time_decode(model, asr, t) for t in texts])
     out["speculation"] = {
         "reused": sum(r["stats"].speculative_reused for r in runs["speculative"]),
         "discarded": sum(r["stats"].speculative_discarded for r in runs["speculative"]),
@@ -162,6 +172,7 @@ def _report(r: dict) -> None:
         f = r[f"final_{clock}"]
         print(f"final transcript {label}: speculative p50 {f['speculative_p50']:.0f} ms, "
               f"plain p50 {f['plain_p50']:.0f} ms, ratio {f['ratio']:.2f}")
+    print(f"one offline decode of an utterance: p50 {r['decode_ms_p50']:.0f} ms")
     print(f"speculative finals reused {r['speculation']['reused']}, "
           f"discarded on resumed speech {r['speculation']['discarded']}")
     print(f"Piper first audio p50 {r['tts_first_audio_p50']:.0f} ms vs whole reply "
