@@ -71,6 +71,8 @@ class GenerationStats:
 
 
 _END = object()
+WINDOW_BUCKET = 16  # compiled/graphed forwards pad their token count to a multiple of this
+STATIC_MAX_TOKENS = 256  # longer forwards (prompt encodes) run eager: compute-bound anyway
 
 
 class EngineStream:
@@ -545,22 +547,30 @@ class DiffusionEngine:
     def _forward(self, plans: list[_Plan], is_refresh: bool) -> tuple[Tensor, list[KV]]:
         """Left-padded batch forward; returns logits (N, V) of every plan's out_positions in
         order, and each row's K/V of its own tokens (views)."""
+        n_rows = len(plans)
+        if self._bucket > 1 and max(len(p.ids) for p in plans) <= STATIC_MAX_TOKENS:
+            plans = plans + [_padding_plan(i, self.tokenizer.pad_id)
+                             for i in range(_next_pow2(n_rows) - n_rows)]
         lens = [len(p.ids) for p in plans]
-        B, T = len(plans), max(lens)
-        idx, pos, window_keys = self._window_tensors(plans, T)
         ctx, ctx_keys = self._context(plans, is_refresh)
+        B, T = len(plans), max(lens)
+        if self._bucket > 1 and ctx is not None and T <= STATIC_MAX_TOKENS:
+            T = -(-T // WINDOW_BUCKET) * WINDOW_BUCKET  # few static shapes for graphs/compile
+        idx, pos, window_keys = self._window_tensors(plans, T)
         key_mask = None
         if ctx_keys is not None or not bool(window_keys.all()) or self._bucket > 1:
             S = 0 if ctx is None else ctx[0][0].shape[2]
             if ctx_keys is None:
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
-        hidden, kv = self._layers_for(is_refresh, key_mask, ctx)(idx, pos, key_mask, ctx)
+        hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         out = self._out_index(plans, T)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
         kvs = [[(k[b:b + 1, :, T - n:], v[b:b + 1, :, T - n:]) for k, v in kv]
-               for b, n in enumerate(lens)]
+               for b, n in enumerate(lens[:n_rows])]
+        if self._graphs_on and ctx is not None:  # a graph's outputs are overwritten by its replay
+            kvs = [kv_clone(row) if p.keep_kv else row for p, row in zip(plans, kvs, strict=False)]
         return logits, kvs
 
     def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -593,11 +603,12 @@ class DiffusionEngine:
         self._ctx_cache[is_refresh] = (key, (ctx, mask))
         return ctx, mask
 
-    def _layers_for(self, is_refresh: bool, key_mask: Tensor | None, ctx: KV | None) -> Any:
-        """The eager body for refreshes; the window step compiled and/or CUDA-graphed."""
-        if is_refresh:
+    def _layers_for(self, T: int, key_mask: Tensor | None, ctx: KV | None) -> Any:
+        """Eager for a first encode (no context, any length) and long windows; steps and
+        refreshes against cached K/V (bucketed shapes) compiled and/or CUDA-graphed."""
+        if ctx is None or T > STATIC_MAX_TOKENS:
             return self._run_layers
-        if not self._graphs_on or key_mask is None or ctx is None:
+        if not self._graphs_on or key_mask is None:
             return self._window_layers
         return lambda idx, pos, km, c: self._graph_for(idx, pos, km, c)(idx, pos, km, c)
 
@@ -605,7 +616,7 @@ class DiffusionEngine:
         shape = (*idx.shape, ctx[0][0].shape[2])  # (B, T, S)
         graph = self._graphs.get(shape)
         if graph is None:
-            log.info("capturing a CUDA graph for window step (B, T, S) = %s", shape)
+            log.info("capturing a CUDA graph for the step shape (B, T, S) = %s", shape)
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = self._graphs[shape] = _GraphedLayers(self._window_layers, idx, pos,
                                                          key_mask, ctx, pool)
@@ -681,6 +692,15 @@ class DiffusionEngine:
         return propose(lg, cur, mask_id=self.tokenizer.mask_id, temperature=d.temperature,
                        top_k=d.top_k, top_p=d.top_p, remasking="low_confidence",
                        generator=row.gen)
+
+
+def _padding_plan(i: int, pad_id: int) -> _Plan:
+    """A row that only keeps a compiled/graphed batch at a power-of-two size; nothing is read."""
+    return _Plan([pad_id], 0, [], ("padding", i), [], False)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _block_call(layer: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,

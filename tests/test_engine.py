@@ -289,3 +289,19 @@ def test_session_cache_is_lru_bounded_by_count_and_bytes():
     assert len(cache) == 2 and cache.take("a") is None  # least recently used went first
     cache.put("big", entry(40))  # larger than the whole budget: not kept
     assert cache.take("big") is None and cache.take("c") is not None
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_bucketed_static_shapes_give_the_same_tokens(tok, cache):
+    """Padding windows, contexts and the batch (3 -> 4 rows) to static shapes changes no token."""
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=32, block_length=8)
+    replies = []
+    for bucket in (1, 128):
+        eng = make_engine(tok, decode=decode, cache=cache)
+        eng._bucket = bucket  # what `compile`/`cuda_graphs` select, without compiling here
+        try:
+            streams = [eng.stream(msgs(t)) for t in PROMPTS[:3]]
+            replies.append([[t for s in st for t in s.token_ids] for st in streams])
+        finally:
+            eng.close()
+    assert replies[0] == replies[1]
