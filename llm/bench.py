@@ -170,16 +170,33 @@ def decode_settings(opts: dict, llm: LLMSettings, use_threshold: bool) -> Decode
     return llm.decode.model_copy(update={**common, "strategy": "fixed", "steps_per_block": steps})
 
 
+# a voice conversation for trained models: earlier turns are added until the prompt is long enough
+CONVERSATION = [
+    ("Hi there!", "Hello! How are you doing today?"),
+    ("Pretty good, thanks. I just got back from a walk.", "That sounds lovely. Where did you go?"),
+    ("Down by the river. The weather was great.", "Nice! Do you walk there often?"),
+    ("Most weekends, yes. It helps me relax.", "That is a good habit. What else do you enjoy?"),
+    ("I like cooking, and I read a lot.", "What are you reading at the moment?"),
+    ("A mystery novel a friend gave me.", "Fun! Is it any good so far?"),
+] * 8
+QUESTIONS = ["What should I cook for dinner tonight?", "Can you recommend a good movie?",
+             "What do you like to do on weekends?", "How can I sleep better?"]
+
+
 def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
-    """A chat prompt of exactly n tokens: the template around filler text."""
-    words = "Tell me something nice about the weather today."
-    if tok.tok.token_to_id("w100") is not None:  # the random shapes' word vocabulary
-        words = " ".join(f"w{i}" for i in range(100, 140))
-    text = " ".join([words] * (n // 4 + 8))
-    head = tok.encode_chat([{"role": "user", "content": ""}])
-    body = tok.encode(f"{salt} {text}")
-    ids = head[:-2] + body[: max(0, n - len(head))] + head[-2:]
-    return ids[-n:] if len(ids) > n else ids
+    """A chat prompt of about n tokens (exactly n for the random shapes' word vocabulary)."""
+    if tok.tok.token_to_id("w101") == 101:  # `word_tokenizer`: word i has id i
+        head = tok.encode_chat([{"role": "user", "content": ""}])
+        body = [100 + (salt + i) % 1000 for i in range(n)]
+        return head[:-2] + body[: max(0, n - len(head))] + head[-2:]
+    question = {"role": "user", "content": QUESTIONS[salt % len(QUESTIONS)]}
+    for turns in range(len(CONVERSATION) + 1):
+        history = [m for u, a in CONVERSATION[:turns]
+                   for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+        ids = tok.encode_chat([*history, question])
+        if len(ids) >= n:
+            break
+    return ids
 
 
 def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
@@ -198,6 +215,7 @@ def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
     steps = [t for refresh, _, t in engine.step_log if not refresh]
     refreshes = [t for refresh, _, t in engine.step_log if refresh]
     return dict(reply_ms=1e3 * total, nfe=nfe, reply_tokens=tokens,
+                prompt_tokens=stats[0].prompt_tokens,
                 ms_per_step=1e3 * total / max(nfe, 1), tokens_per_forward=tokens / max(nfe, 1),
                 tokens_per_s=tokens / total,
                 ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None,
