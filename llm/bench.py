@@ -48,9 +48,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # named runs; command-line flags override single fields
 PRESETS: dict[str, dict[str, Any]] = {
-    # the shipped models on a laptop CPU: a ~30-token voice reply after a short conversation
+    # the shipped models on a laptop CPU: a ~30-token voice reply after a short conversation;
+    # block 16: a CPU step is compute-bound, so 2 steps over 16 tokens beat 4 over 32
     "cpu-default": dict(model="dv-small", ar_model="dv-small-ar", shape="dv-small",
-                        device="cpu", prompt_tokens=64, reply_tokens=32, block_length=32,
+                        device="cpu", prompt_tokens=64, reply_tokens=32, block_length=16,
                         tokens_per_step=8, sessions=4, repeats=5, bandwidth_gbs=20.0),
     # LLaDA-8B-sized random weights on one GPU (prompt 512, reply 64, block 32, 8 tokens/step)
     "gpu-llada-8b": dict(model=None, ar_model=None, shape="llada-8b", device="cuda",
