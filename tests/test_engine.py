@@ -45,7 +45,8 @@ FIXED = dict(strategy="fixed", max_new_tokens=24, block_length=8, steps_per_bloc
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_cache_with_refresh_every_step_equals_llada_reference(tok, cache, shift):
-    model = tiny_model(tok.vocab_size, shift_logits=shift)
+    # the shifted variant is Dream-like: shifted logits, QKV bias, grouped-query attention
+    model = tiny_model(tok.vocab_size, shift_logits=shift, qkv_bias=shift)
     eng = make_engine(tok, model, decode=FIXED, cache=cache, **EXACT)
     try:
         for text in PROMPTS[:2]:
@@ -305,3 +306,22 @@ def test_bucketed_static_shapes_give_the_same_tokens(tok, cache):
         finally:
             eng.close()
     assert replies[0] == replies[1]
+
+
+def test_from_settings_loads_a_checkpoint_and_reports_errors_per_request(tmp_path):
+    from helpers.tiny_ckpt import write_diffvoice_checkpoint
+
+    folder = tmp_path / "ckpt"
+    write_diffvoice_checkpoint(folder)
+    llm = LLMSettings(model=str(folder), decode=dict(max_new_tokens=8))
+    eng = DiffusionEngine.from_settings(llm)
+    try:
+        text, stats = eng.generate(msgs(PROMPTS[0]))
+        assert stats.finish_reason in ("eot", "length") and stats.nfe >= 1
+        too_long = eng.stream(msgs("word " * 2000))
+        with pytest.raises(ValueError, match="no room"):
+            list(too_long)
+        assert too_long.stats.finish_reason == "error"
+        assert eng.generate(msgs(PROMPTS[1]))[1].finish_reason in ("eot", "length")
+    finally:
+        eng.close()
