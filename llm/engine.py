@@ -73,6 +73,8 @@ class GenerationStats:
 _END = object()
 WINDOW_BUCKET = 16  # compiled/graphed forwards pad their token count to a multiple of this
 STATIC_MAX_TOKENS = 256  # longer forwards (prompt encodes) run eager: compute-bound anyway
+# captured step graphs kept (LRU); a graph of 16 rows x 1k context of an 8B model holds ~8 GB
+MAX_GRAPHS = 8
 
 
 class EngineStream:
@@ -425,7 +427,7 @@ class DiffusionEngine:
         self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
         self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
-        self._graphs: dict[tuple, _GraphedLayers] = {}
+        self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
         # only the cached-window step is compiled: its shapes stay fixed (block, bucketed context)
         self._window_layers = self._run_layers
         if es.compile:
@@ -620,6 +622,9 @@ class DiffusionEngine:
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = self._graphs[shape] = _GraphedLayers(self._window_layers, idx, pos,
                                                          key_mask, ctx, pool)
+            while len(self._graphs) > MAX_GRAPHS:  # each holds static copies of its context
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(shape)
         return graph
 
     def _run_layers(self, idx: Tensor, pos: Tensor, key_mask: Tensor | None,
