@@ -13,6 +13,10 @@ Notable choices (each a setting in `llm/settings.py`):
   keep each row's numbers its own, so at temperature 0 a batched reply equals a solo reply.
 - The same rows serve a causal model (the autoregressive baseline): one token per forward with
   a K/V cache, same streaming interface.
+- GPU: forwards against cached K/V have bucketed shapes (tokens, context, batch), so they can be
+  compiled per layer and replayed as CUDA graphs; the only host sync of a step is the commit
+  decision. A step of LLaDA-8B is ~1,400 small kernels, whose launches alone take longer than
+  reading the 16 GB of weights.
 """
 
 from __future__ import annotations
@@ -428,11 +432,11 @@ class DiffusionEngine:
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
         self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
         self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
-        # only the cached-window step is compiled: its shapes stay fixed (block, bucketed context)
-        self._window_layers = self._run_layers
+        # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
+        self._static_layers = self._run_layers
         if es.compile:
             block = torch.compile(_block_call, dynamic=False)
-            self._window_layers = functools.partial(self._run_layers, block=block)
+            self._static_layers = functools.partial(self._run_layers, block=block)
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
         # (refresh?, rows, seconds) of recent forwards incl. the commit decision, for benchmarks
         self.step_log: collections.deque[tuple[bool, int, float]] = collections.deque(maxlen=4096)
@@ -611,7 +615,7 @@ class DiffusionEngine:
         if ctx is None or T > STATIC_MAX_TOKENS:
             return self._run_layers
         if not self._graphs_on or key_mask is None:
-            return self._window_layers
+            return self._static_layers
         return lambda idx, pos, km, c: self._graph_for(idx, pos, km, c)(idx, pos, km, c)
 
     def _graph_for(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV) -> _GraphedLayers:
@@ -620,7 +624,7 @@ class DiffusionEngine:
         if graph is None:
             log.info("capturing a CUDA graph for the step shape (B, T, S) = %s", shape)
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
-            graph = self._graphs[shape] = _GraphedLayers(self._window_layers, idx, pos,
+            graph = self._graphs[shape] = _GraphedLayers(self._static_layers, idx, pos,
                                                          key_mask, ctx, pool)
             while len(self._graphs) > MAX_GRAPHS:  # each holds static copies of its context
                 self._graphs.popitem(last=False)
