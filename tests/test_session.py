@@ -75,8 +75,9 @@ async def test_spoken_turn_through_custom_audio_io(vad):
         await caller.wait_for(lambda: caller.messages("assistant"), within=10)
         await caller.wait_for(lambda: caller.heard, within=5)
     (user,) = caller.messages("user")
-    assert user.text_content == QUESTION
-    assert caller.messages("assistant")[0].text_content.strip() == "It is sunny."
+    assert user.text_content == QUESTION, caller.events
+    reply = caller.messages("assistant")[0]
+    assert reply.text_content.strip() == "It is sunny.", (reply, caller.playouts)
     latency = caller.heard[0][0] - caller.last_speech_end
     assert 0 < latency < 10.0  # the reply followed the question; not a performance check
 
