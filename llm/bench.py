@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llm.engine import DiffusionEngine, EngineStream, engine_dtype
+from llm.engine import DiffusionEngine, engine_dtype
 from llm.model import ModelConfig, Transformer
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
@@ -180,6 +180,7 @@ CONVERSATION = [
     ("I like cooking, and I read a lot.", "What are you reading at the moment?"),
     ("A mystery novel a friend gave me.", "Fun! Is it any good so far?"),
 ] * 8
+FOLLOW_UP = "Thanks! And what else would you suggest?"
 QUESTIONS = ["What should I cook for dinner tonight?", "Can you recommend a good movie?",
              "What do you like to do on weekends?", "How can I sleep better?"]
 
@@ -226,14 +227,25 @@ def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
 
 def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
                     decode: DecodeSettings) -> dict[str, Any]:
+    """N sessions at once: a cold turn (whole prompts encoded), then each session's next turn,
+    whose prompt extends the first by a follow-up question (only the new tokens are encoded)."""
     n = opts["sessions"]
-    prompts = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
-    for _ in range(2):  # the first round warms up this batch size's buffers and graphs
-        streams: list[EngineStream] = [engine.stream_ids(p, decode=decode) for p in prompts]
-        for s in streams:
-            list(s)
-    done = sorted(1e3 * s.stats.total_s for s in streams)
-    return dict(n=n, finished_ms=done, max_ms=done[-1], mean_ms=statistics.mean(done))
+    first = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
+    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]  # without BOS
+    rounds = [("warm-up", first), ("cold", first), ("cached", [p + follow for p in first])]
+    done: dict[str, list[float]] = {}
+    for name, prompts in rounds:
+        sid = "warm-up" if name == "warm-up" else "s"  # cold and cached share the sessions
+        streams = [engine.stream_ids(p, session_id=f"{sid}{i}", decode=decode)
+                   for i, p in enumerate(prompts)]
+        for st in streams:
+            list(st)
+        done[name] = sorted(1e3 * st.stats.total_s for st in streams)
+        cached = [st.stats.cached_prompt_tokens for st in streams]
+    return dict(n=n, cold_finished_ms=done["cold"], cold_max_ms=done["cold"][-1],
+                finished_ms=done["cached"], max_ms=done["cached"][-1],
+                mean_ms=statistics.mean(done["cached"]), new_prompt_tokens=len(follow),
+                cached_prompt_tokens=min(cached))
 
 
 def agreement(bm: BenchModel, engine: DiffusionEngine, opts: dict,
@@ -372,7 +384,8 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"weight-read bound {w['bound_ms']:.2f} ms/step at {w['bandwidth_gbs']:.0f} GB/s: "
               f"{100 * w['fraction_achieved']:.0f}% achieved")
     ss = r["sessions"]
-    print(f"{ss['n']} concurrent requests: finished in max {ss['max_ms']:.1f} ms, "
-          f"mean {ss['mean_ms']:.1f} ms")
+    print(f"{ss['n']} concurrent sessions, next turn ({ss['cached_prompt_tokens']} prompt tokens "
+          f"cached, {ss['new_prompt_tokens']} new): each finished in max {ss['max_ms']:.1f} ms, "
+          f"mean {ss['mean_ms']:.1f} ms; cold first turn max {ss['cold_max_ms']:.1f} ms")
     g = r["agreement"]
     print(f"token agreement with {g['reference']} (uncached): {100 * g['token_agreement']:.1f}%")

@@ -26,6 +26,7 @@ def test_bench_llm_tiny_shape_writes_documented_json(tmp_path, capsys):
     assert r["diffusion"]["reply_tokens"] == 16 and r["ar"]["reply_tokens"] == 16
     assert r["diffusion"]["tokens_per_forward"] > 1.0 and r["ar"]["tokens_per_forward"] == 1.0
     assert r["ratio"]["speed"] > 0 and r["weight_read"]["bound_ms"] > 0
-    assert len(r["sessions"]["finished_ms"]) == 3
+    assert len(r["sessions"]["finished_ms"]) == 3 and len(r["sessions"]["cold_finished_ms"]) == 3
+    assert r["sessions"]["cached_prompt_tokens"] > 0
     assert 0.0 <= r["agreement"]["token_agreement"] <= 1.0
     assert "diffusion/AR" in capsys.readouterr().out
