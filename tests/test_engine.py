@@ -325,3 +325,22 @@ def test_from_settings_loads_a_checkpoint_and_reports_errors_per_request(tmp_pat
         assert eng.generate(msgs(PROMPTS[1]))[1].finish_reason in ("eot", "length")
     finally:
         eng.close()
+
+
+def test_sampling_is_seeded_per_request_and_unaffected_by_batching(tok):
+    decode = dict(strategy="fixed", max_new_tokens=16, block_length=8, steps_per_block=4,
+                  temperature=0.8, top_k=50, seed=3)
+    eng = make_engine(tok, decode=decode)
+    try:
+        solo = run(eng, PROMPTS[1])[0]
+        assert run(eng, PROMPTS[1])[0] == solo
+        greedy = DecodeSettings(**{**decode, "temperature": 0.0})
+        streams = [eng.stream(msgs(PROMPTS[0]), decode=greedy), eng.stream(msgs(PROMPTS[1])),
+                   eng.stream(msgs(PROMPTS[2]), decode=greedy)]
+        batched = [[t for s in st for t in s.token_ids] for st in streams]
+        assert batched[1] == solo
+        other_seed = DecodeSettings(**{**decode, "seed": 4})
+        assert [t for s in eng.stream(msgs(PROMPTS[1]), decode=other_seed)
+                for t in s.token_ids] != solo
+    finally:
+        eng.close()
