@@ -132,3 +132,5 @@ async def test_chromium_talks_with_the_agent(real_settings, real_models, tmp_pat
     assert any("weather" in t.lower() for t in state["userFinals"]), state
     assert state["agentTexts"], "the agent's committed reply text never reached the page"
     assert state["audio"]["packetsReceived"] > 0 and state["audio"]["totalAudioEnergy"] > 0
+    # the page measured the turn as a listener would: its last sound to the agent's first
+    assert state["heardLatencies"] and state["heardLatencies"][0] > 0, state

@@ -6,12 +6,21 @@ const $ = (id) => document.getElementById(id);
 const ICE_GATHER_TIMEOUT_MS = 3000; // loopback host candidates gather in a few ms
 const STATS_INTERVAL_MS = 250;
 const CHART_TURNS = 12;
+// client-side "heard" latency: last moment the microphone carried speech -> first audible agent
+// sample, both seen by WebAudio analysers (levels are RMS of the float samples)
+const LEVEL_POLL_MS = 10;
+const MIC_SPEECH_RMS = 0.02;
+const AGENT_AUDIBLE_RMS = 0.01;
+const AGENT_QUIET_MS = 400; // agent audio after this much quiet starts a new reply
+const MAX_TURN_GAP_MS = 8000; // speech longer ago than this was not the question
 
 const state = {
   pc: null, ws: null, mic: null, statsTimer: null, agentLine: null,
+  audioCtx: null, levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0,
 };
 window.diffvoice = {
   connected: false, userFinals: [], userInterims: 0, agentTexts: [], turns: [], errors: [],
+  heardLatencies: [],
   audio: { packetsReceived: 0, totalAudioEnergy: 0, audioLevel: 0 },
 };
 
@@ -113,6 +122,49 @@ function drawChart() {
   });
 }
 
+// ---- heard latency (measured here, in the page) -------------------------------------------
+function analyser(stream) {
+  const node = state.audioCtx.createAnalyser();
+  node.fftSize = 512;
+  state.audioCtx.createMediaStreamSource(stream).connect(node);
+  return node;
+}
+
+function rms(node, buf) {
+  node.getFloatTimeDomainData(buf);
+  let sum = 0;
+  for (const v of buf) sum += v * v;
+  return Math.sqrt(sum / buf.length);
+}
+
+function watchLevels(mic, agentStream) {
+  if (!window.AudioContext) return;
+  state.audioCtx = state.audioCtx || new AudioContext();
+  const micNode = analyser(mic), agentNode = analyser(agentStream);
+  const buf = new Float32Array(micNode.fftSize);
+  state.levelTimer = setInterval(() => {
+    const now = performance.now();
+    const agentAudible = rms(agentNode, buf) > AGENT_AUDIBLE_RMS;
+    if (agentAudible) {
+      const replyStart = now - state.lastAgentAt > AGENT_QUIET_MS;
+      const gap = now - state.lastSpeechAt;
+      if (replyStart && state.lastSpeechAt && gap < MAX_TURN_GAP_MS) recordHeard(gap / 1000);
+      state.lastAgentAt = now;
+    } else if (rms(micNode, buf) > MIC_SPEECH_RMS && now - state.lastAgentAt > AGENT_QUIET_MS) {
+      state.lastSpeechAt = now; // the user, not the agent's echo
+    }
+  }, LEVEL_POLL_MS);
+}
+
+function recordHeard(seconds) {
+  window.diffvoice.heardLatencies.push(seconds);
+  state.lastSpeechAt = 0;
+  const all = window.diffvoice.heardLatencies.slice().sort((a, b) => a - b);
+  const p50 = all[Math.floor((all.length - 1) / 2)];
+  $("heard").textContent = `Heard here: last ${seconds.toFixed(2)} s, median ${p50.toFixed(2)} s ` +
+    `over ${all.length} repl${all.length === 1 ? "y" : "ies"} (your last sound to the agent's first)`;
+}
+
 // ---- connection ---------------------------------------------------------------------------
 async function getMicrophone() {
   try {
@@ -172,6 +224,7 @@ async function connect() {
   showMessage("");
   setStatus("Connecting…");
   $("connect").disabled = true;
+  if (window.AudioContext && !state.audioCtx) state.audioCtx = new AudioContext(); // in the click
   try {
     state.mic = await getMicrophone();
     state.ws = await openSignalling();
@@ -187,7 +240,11 @@ async function connect() {
   for (const track of state.mic.getAudioTracks()) pc.addTrack(track, state.mic);
   const channel = pc.createDataChannel("events");
   channel.onmessage = onEvent;
-  pc.ontrack = (ev) => { $("agent-audio").srcObject = ev.streams[0] || new MediaStream([ev.track]); };
+  pc.ontrack = (ev) => {
+    const stream = ev.streams[0] || new MediaStream([ev.track]);
+    $("agent-audio").srcObject = stream;
+    watchLevels(state.mic, stream);
+  };
   pc.onconnectionstatechange = () => {
     const connected = pc.connectionState === "connected";
     window.diffvoice.connected = connected;
@@ -214,7 +271,9 @@ function hangUp() {
   if (state.pc) state.pc.close();
   if (state.mic) state.mic.getTracks().forEach((t) => t.stop());
   clearInterval(state.statsTimer);
-  Object.assign(state, { pc: null, ws: null, mic: null, statsTimer: null, agentLine: null });
+  clearInterval(state.levelTimer);
+  Object.assign(state, { pc: null, ws: null, mic: null, statsTimer: null, agentLine: null,
+    levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0 });
   window.diffvoice.connected = false;
   setButtons(false);
   $("mute").textContent = "Mute";
