@@ -213,6 +213,18 @@ class _Plan:
     keep_kv: bool
 
 
+@dataclass
+class _Blocks:
+    """The active blocks of a group, on the device: tokens (B, L), still masked (B, L), how many
+    to commit (B,) and the confidence threshold (B,) (inf = commit exactly k)."""
+
+    lens: list[int]
+    cur: Tensor
+    masked: Tensor
+    k: Tensor
+    threshold: Tensor
+
+
 _row_ids = itertools.count()
 
 
@@ -540,12 +552,13 @@ class DiffusionEngine:
             if group:
                 t0 = time.perf_counter()
                 plans = [r.plan(is_refresh) for r in group]
+                blocks = self._blocks(group)  # uploaded before the forward: no sync behind it
                 logits, kvs = self._forward(plans, is_refresh)
                 for r, p, kv in zip(group, plans, kvs, strict=True):
                     r.nfe += 1
                     if p.keep_kv:
                         r.absorb(p, kv)
-                self._decide(group, logits)
+                self._decide(group, logits, blocks)
                 self.step_log.append((is_refresh, len(group), time.perf_counter() - t0))
 
     # --- one forward for a group of rows ----------------------------------------------------
@@ -569,8 +582,8 @@ class DiffusionEngine:
             if ctx_keys is None:
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
-        hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         out = self._out_index(plans, T)
+        hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
         kvs = [[(k[b:b + 1, :, T - n:], v[b:b + 1, :, T - n:]) for k, v in kv]
@@ -654,11 +667,21 @@ class DiffusionEngine:
 
     # --- commit decisions ---------------------------------------------------------------------
 
-    def _decide(self, rows: list[_Row], logits: Tensor) -> None:
-        """Pick tokens for every row's active block and commit the most confident (one sync)."""
+    def _blocks(self, rows: list[_Row]) -> _Blocks:
+        """Every row's active block, padded to (B, L) on the device, and its commit rule."""
         views = [r.block_view() for r in rows]
         lens = [len(v[0]) for v in views]
-        B, L, V = len(rows), max(lens), logits.shape[-1]
+        L, mask_id = max(lens), self.tokenizer.mask_id
+        cur = torch.tensor([v[0] + [mask_id] * (L - len(v[0])) for v in views])
+        valid = torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
+        dev = self.device
+        return _Blocks(lens, cur.to(dev), ((cur == mask_id) & valid).to(dev),
+                       torch.tensor([v[1] for v in views], device=dev),
+                       torch.tensor([v[2] for v in views], dtype=torch.float64, device=dev))
+
+    def _decide(self, rows: list[_Row], logits: Tensor, blocks: _Blocks) -> None:
+        """Pick tokens for every row's active block and commit the most confident (one sync)."""
+        lens, (B, L), V = blocks.lens, blocks.cur.shape, logits.shape[-1]
         if all(n == L for n in lens):
             lg = logits.view(B, L, V)
         else:
@@ -666,19 +689,13 @@ class DiffusionEngine:
             offsets = itertools.accumulate([0, *lens])
             for b, (o, n) in enumerate(zip(offsets, lens, strict=False)):
                 lg[b, :n] = logits[o:o + n]
-        mask_id = self.tokenizer.mask_id
-        cur = torch.tensor([v[0] + [mask_id] * (L - len(v[0])) for v in views], device=self.device)
-        valid = torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
-        masked = (cur == mask_id) & valid.to(self.device)
-        k = torch.tensor([v[1] for v in views], device=self.device)
-        thr = torch.tensor([v[2] for v in views], dtype=torch.float64, device=self.device)
-        x0, conf = self._propose(lg, cur, rows)
-        conf = torch.where(masked, conf, -torch.inf)  # padding is not a mask to fill
+        x0, conf = self._propose(lg, blocks.cur, rows)
+        conf = torch.where(blocks.masked, conf, -torch.inf)  # padding is not a mask to fill
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(L, device=self.device).expand(B, L))
-        commit = masked & ((rank < k[:, None]) | (conf >= thr[:, None]))
-        new = torch.where(commit, x0, cur).cpu().tolist()  # the step's one host sync
+        commit = blocks.masked & ((rank < blocks.k[:, None]) | (conf >= blocks.threshold[:, None]))
+        new = torch.where(commit, x0, blocks.cur).cpu().tolist()  # the step's one host sync
         for r, n, row_new in zip(rows, lens, new, strict=True):
             r.apply(row_new[:n])
 

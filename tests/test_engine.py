@@ -129,8 +129,8 @@ def test_cancel_stops_within_one_step(tok):
         stream = eng.stream(msgs(PROMPTS[0]))
         decide, steps = eng._decide, []
 
-        def decide_then_cancel(rows, logits):
-            decide(rows, logits)
+        def decide_then_cancel(*args):
+            decide(*args)
             steps.append(1)
             if len(steps) == 3:
                 stream.cancel()
