@@ -44,9 +44,9 @@ class EngineSettings(BaseModel):
     # conversation K/V kept between turns so a new turn encodes only its new text
     session_cache_count: int = Field(32, ge=0)
     session_cache_mb: int = Field(512, ge=0)
-    # the cached-window step with few static shapes (contexts padded to multiples of
-    # `context_bucket`): torch.compile it, and/or replay it as a CUDA graph (an 8B step is ~1,400
-    # kernels, whose launch cost alone exceeds the 3-5 ms weight-read time on an H100/H200)
+    # forwards against cached K/V with few static shapes (contexts padded to multiples of
+    # `context_bucket`): torch.compile them per layer, and/or replay them as CUDA graphs (an 8B
+    # step is ~1,400 kernels, whose launches alone exceed the 3-5 ms weight read on an H100/H200)
     compile: bool = False
     cuda_graphs: bool = False
     context_bucket: int = Field(128, ge=1)
