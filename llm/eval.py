@@ -1,0 +1,406 @@
+"""`diffvoice eval-model`: held-out quality of the diffusion model against the AR baseline.
+
+Two measurements on the held-out split of the prepared data (`diffvoice train --prepare`):
+
+1. Perplexity. The diffusion model's ELBO bound (MDLM, arXiv 2406.07524; LLaDA, arXiv
+   2502.09992: the 1/t-weighted masked cross-entropy integrated over t, here by the midpoint rule
+   on `--t-grid` points with masks from a fixed seed) against the AR baseline's exact perplexity,
+   both over the same reply tokens (reply + `<|eot|>`) of `--examples` held-out examples spread
+   evenly over the split. The bound is >= the diffusion model's true perplexity. The loss code is
+   the training code's (`llm.train.reply_nll`). Target: ELBO ppl <= 1.2x the AR ppl.
+2. Generation, on `--prompts` held-out prompts (also spread evenly), temperature 0: the reference
+   sampler (`generate_few_step`: the `--gen-length` reply canvas as one block, the most confident
+   masks committed first) at 2, 4, 8 and 16 steps and at one token per step (steps = gen
+   length); the AR baseline's own greedy replies (K/V cached); and the
+   held-out human replies of the same prompts. Each reply is cut at its first stop token
+   (`<|eot|>`/`<|eos|>`). Per row: the AR baseline's perplexity of the replies ("generative
+   perplexity", Dieleman et al./MDLM; over reply tokens + `<|eot|>` when the reply ended within
+   the canvas), the mean reply length, the share of replies that ended within the canvas, and
+   distinct-1/2 (Li et al. 2016: distinct word n-grams / all word n-grams, over all replies,
+   lower-cased). Target: 8-step generative ppl <= 1.3x that of one token per step.
+   The AR judge favours its own greedy replies (they are its argmax), so their generative
+   perplexity is a floor, not a competitor; low generative perplexity with a low distinct-n
+   means repetition.
+
+Prompts are batched with left padding, per-row positions and a key mask, so a batched reply
+equals the reply to the prompt alone (RoPE is relative; padding is never attended).
+
+`--json PATH` writes:
+
+    config        the settings of the run (model paths, sizes, seed, steps, t_grid)
+    perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
+                   ar_nll, ar_ppl, ratio, target_ratio, met}   (nll in nats per token)
+    generation    list of rows {label, sampler ("diffusion" | "ar" | "reference"),
+                   steps (forward passes per reply; null for AR and reference), gen_ppl,
+                   mean_tokens, mean_words, ended, distinct_1, distinct_2, seconds}
+    step_target   {steps, one_token_per_step, ratio, target_ratio, met}
+    samples       list of {context (the last user message), replies {label: text}}
+    seconds       wall time of the whole evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
+from llm.data import Split, load_split, load_tokenizer
+from llm.sampler import generate_few_step, trim_reply
+from llm.tokenizer import ChatTokenizer
+from llm.train import reply_nll
+
+log = logging.getLogger(__name__)
+
+HELP = "held-out ELBO vs AR perplexity, and generative perplexity / diversity per step count"
+ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
+STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
+TARGET_STEPS = 8
+
+
+class EvalConfig(BaseModel):
+    """What `eval-model` measures; the one place its defaults are written."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # None: the settings' llm.model
+    ar_model: str = "dv-small-ar"
+    data_dir: str = "runs/data"
+    examples: int = Field(256, ge=1)  # held-out examples for the perplexities
+    t_grid: int = Field(4, ge=1)  # ELBO midpoints in t
+    prompts: int = Field(16, ge=1)  # held-out prompts for generation
+    gen_length: int = Field(32, ge=1)  # reply canvas (data replies: <= 64 tokens incl. <|eot|>)
+    steps: tuple[int, ...] = (2, 4, 8, 16)  # plus one token per step (= gen_length)
+    batch_size: int = Field(16, ge=1)  # rows per forward
+    samples: int = Field(3, ge=0)  # prompts whose replies are printed
+    seed: int = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="diffusion model: shipped name or checkpoint folder "
+                                        "(default: the settings' llm.model)")
+    parser.add_argument("--ar-model", help="the AR baseline (judge of generated replies)")
+    parser.add_argument("--data-dir", help="prepared data (diffvoice train --prepare DIR)")
+    parser.add_argument("--examples", type=int, help="held-out examples for the perplexities")
+    parser.add_argument("--t-grid", type=int, help="points in t for the diffusion ELBO")
+    parser.add_argument("--prompts", type=int, help="held-out prompts for generation")
+    parser.add_argument("--gen-length", type=int, help="reply canvas in tokens")
+    parser.add_argument("--steps", type=int, nargs="+", help="diffusion step counts")
+    parser.add_argument("--batch-size", type=int, help="rows per forward")
+    parser.add_argument("--samples", type=int, help="prompts whose replies are printed")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--json", type=Path, help="write the results here")
+
+
+def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
+    given = {k: v for k in EvalConfig.model_fields if (v := getattr(args, k, None)) is not None}
+    if given.get("model") is None:
+        given["model"] = settings.llm.model
+    return EvalConfig.model_validate(given)
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    cfg = config_from_args(args, settings)
+    if settings.llm.threads > 0:
+        torch.set_num_threads(settings.llm.threads)
+    result = evaluate(cfg)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- held-out data
+
+
+def spread(n_total: int, n: int) -> np.ndarray:
+    """n indices spread evenly over range(n_total): many conversations, not the first few."""
+    n = min(n, n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
+
+
+def subset(split: Split, indices: Sequence[int]) -> Split:
+    """The chosen examples as a split of their own (same packed layout)."""
+    parts = [split.example(int(i)) for i in indices]
+    return pack([ids.tolist() for ids, _ in parts], [p for _, p in parts])
+
+
+def pack(rows: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> Split:
+    """Token rows (prompt + reply) -> a `Split`, so the training loss code can score them."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.fromiter((t for r in rows for t in r), dtype=np.uint16, count=int(lengths.sum()))
+    return Split(flat, offsets, np.asarray(prompt_lens, dtype=np.uint16))
+
+
+def by_length(split: Split) -> Split:
+    """Examples sorted by length: batches of similar length waste little on padding."""
+    order = np.argsort(np.diff(split.offsets), kind="stable")
+    return subset(split, order)
+
+
+def check_tokenizer(model: LoadedModel, data_tok: ChatTokenizer, data_dir: str) -> None:
+    if model.tokenizer.tok.get_vocab() != data_tok.tok.get_vocab():
+        raise ValueError(f"{model.path} was not trained with the tokenizer of {data_dir}")
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Split) -> dict:
+    """ELBO bound of the diffusion model and exact NLL of the AR model on the same replies."""
+    split = by_length(subset(test, spread(len(test), cfg.examples)))
+    common = dict(device=torch.device("cpu"), examples=len(split), batch_size=cfg.batch_size,
+                  seq_len=diff.model.cfg.max_seq_len)
+    elbo, count = reply_nll(diff.model, split, diff.tokenizer, objective="diffusion",
+                            t_grid=cfg.t_grid, seed=cfg.seed, **common)
+    ar_total, _ = reply_nll(ar.model, split, ar.tokenizer, objective="ar", **common)
+    d_nll, a_nll = elbo / count, ar_total / count
+    ratio = math.exp(d_nll - a_nll)
+    return {"examples": len(split), "reply_tokens": count, "t_grid": cfg.t_grid,
+            "diffusion_elbo_nll": d_nll, "diffusion_elbo_ppl": math.exp(d_nll),
+            "ar_nll": a_nll, "ar_ppl": math.exp(a_nll), "ratio": ratio,
+            "target_ratio": ELBO_RATIO_TARGET, "met": ratio <= ELBO_RATIO_TARGET}
+
+
+# ---------------------------------------------------------------- generation
+
+
+class LeftPadded(nn.Module):
+    """A model called as `model(x)` on a left-padded batch of a fixed width: per-row positions
+    start at each row's first real token and padding is never attended, so every row's logits
+    are those of the row alone."""
+
+    def __init__(self, model: nn.Module, n_pad: Tensor, width: int):
+        super().__init__()
+        self.model = model
+        cols = torch.arange(width)[None]  # (1, L)
+        self.keys = cols >= n_pad[:, None]  # (B, L) True on real tokens
+        self.pos = (cols - n_pad[:, None]).clamp(min=0)  # (B, L)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.model(x, pos=self.pos, key_mask=self.keys)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> (B, P) left-padded ids and (B,) pad counts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    n_pad = torch.tensor([width - len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    return ids, n_pad
+
+
+def diffusion_replies(model: LoadedModel, prompts: list[list[int]], steps: int,
+                      cfg: EvalConfig) -> list[list[int]]:
+    """Reference few-step replies (whole canvas, temperature 0), each cut at its first stop
+    token; a reply that ended within the canvas keeps the stop token as its last id."""
+    tok, out = model.tokenizer, []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start:start + cfg.batch_size]
+        ids, n_pad = left_pad(chunk, tok.pad_id)  # (B, P)
+        wrapped = LeftPadded(model.model, n_pad, ids.shape[1] + cfg.gen_length)
+        x = generate_few_step(wrapped, ids, mask_id=tok.mask_id, gen_length=cfg.gen_length,
+                              steps=steps)  # (B, P + G)
+        out += [ended_reply(row, tok) for row in x[:, ids.shape[1]:]]
+    return out
+
+
+def ended_reply(canvas: Tensor, tok: ChatTokenizer) -> list[int]:
+    """(G,) canvas -> the reply up to its first stop token, plus `<|eot|>` if there was one."""
+    reply = trim_reply(canvas, tok.stop_ids)
+    return reply + [tok.eot_id] if len(reply) < canvas.shape[0] else reply
+
+
+def ar_replies(ar: LoadedModel, prompts: list[list[int]], cfg: EvalConfig) -> list[list[int]]:
+    """The AR baseline's greedy replies (K/V cached, batched), cut like the diffusion ones."""
+    tok, out = ar.tokenizer, []
+    for start in range(0, len(prompts), cfg.batch_size):
+        ids, n_pad = left_pad(prompts[start:start + cfg.batch_size], tok.pad_id)  # (B, P)
+        canvas = greedy(ar.model, ids, n_pad, cfg.gen_length, tok.stop_ids)  # (B, G)
+        out += [ended_reply(row, tok) for row in canvas]
+    return out
+
+
+def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
+           stop_ids: Sequence[int]) -> Tensor:
+    """Greedy decoding of a causal model on left-padded prompts: (B, P) -> (B, gen_length);
+    stops early once every row has a stop token."""
+    B, P = ids.shape
+    keys = torch.arange(P)[None] >= n_pad[:, None]  # (B, P)
+    pos = (torch.arange(P)[None] - n_pad[:, None]).clamp(min=0)  # (B, P)
+    logits, kv = model(ids, pos=pos, key_mask=keys, return_kv=True)
+    out = torch.full((B, gen_length), stop_ids[0], dtype=torch.long)
+    stops = torch.tensor(list(stop_ids))
+    for i in range(gen_length):
+        out[:, i] = logits[:, -1].argmax(-1)
+        if bool(torch.isin(out[:, : i + 1], stops).any(1).all()) or i == gen_length - 1:
+            break
+        pos = pos[:, -1:] + 1  # (B, 1)
+        keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        logits, new = model(out[:, i : i + 1], pos=pos, key_mask=keys, context=kv,
+                            return_kv=True)
+        kv = [(torch.cat([k, nk], 2), torch.cat([v, nv], 2))  # (B, nkv, S+1, hd)
+              for (k, v), (nk, nv) in zip(kv, new, strict=True)]
+    return out
+
+
+def judge(ar: LoadedModel, prompts: list[list[int]], replies: list[list[int]],
+          cfg: EvalConfig) -> float:
+    """The AR baseline's perplexity of the replies given their prompts (generative ppl)."""
+    split = by_length(pack([p + r for p, r in zip(prompts, replies, strict=True)],
+                           [len(p) for p in prompts]))
+    total, count = reply_nll(ar.model, split, ar.tokenizer, objective="ar",
+                             device=torch.device("cpu"), examples=len(split),
+                             batch_size=cfg.batch_size, seq_len=ar.model.cfg.max_seq_len)
+    return math.exp(total / max(1, count))
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams / all word n-grams over all texts (lower-cased)."""
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.lower().split()]
+             for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def reply_stats(label: str, sampler: str, steps: int | None, replies: list[list[int]],
+                texts: list[str], gen_ppl: float, tok: ChatTokenizer, seconds: float) -> dict:
+    ended = [bool(r) and r[-1] == tok.eot_id for r in replies]
+    n_tokens = [len(r) - e for r, e in zip(replies, ended, strict=True)]  # without <|eot|>
+    return {"label": label, "sampler": sampler, "steps": steps, "gen_ppl": gen_ppl,
+            "mean_tokens": float(np.mean(n_tokens)),
+            "mean_words": float(np.mean([len(t.split()) for t in texts])),
+            "ended": float(np.mean(ended)), "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2), "seconds": round(seconds, 1)}
+
+
+def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
+               test: Split) -> tuple[list[dict], dict[str, list[str]], list[list[int]]]:
+    """Every sampler's replies to the same prompts, judged by the AR baseline."""
+    idx = spread(len(test), cfg.prompts)
+    examples = [test.example(int(i)) for i in idx]
+    prompts = [ids[:p].tolist() for ids, p in examples]
+    tok = diff.tokenizer
+    runs: list[tuple[str, str, int | None]] = [
+        *((f"diffusion {s} steps", "diffusion", s) for s in cfg.steps),
+        (f"diffusion 1 token/step ({cfg.gen_length} steps)", "diffusion", cfg.gen_length),
+        ("AR greedy", "ar", None),
+        ("held-out replies", "reference", None),
+    ]
+    rows, texts_by_label = [], {}
+    for label, sampler, steps in runs:
+        t0 = time.perf_counter()
+        if sampler == "diffusion":
+            replies = diffusion_replies(diff, prompts, steps, cfg)
+        elif sampler == "ar":
+            replies = ar_replies(ar, prompts, cfg)
+        else:
+            replies = [ids[p:].tolist() for ids, p in examples]
+        seconds = time.perf_counter() - t0
+        texts = [tok.decode(r) for r in replies]
+        rows.append(reply_stats(label, sampler, steps, replies, texts,
+                                judge(ar, prompts, replies, cfg), tok, seconds))
+        texts_by_label[label] = texts
+        log.info("%s: %.1f s", label, seconds)
+    return rows, texts_by_label, prompts
+
+
+def step_target(rows: list[dict], gen_length: int) -> dict | None:
+    by_steps = {r["steps"]: r for r in rows if r["sampler"] == "diffusion"}
+    if TARGET_STEPS not in by_steps or gen_length not in by_steps:
+        return None
+    ratio = by_steps[TARGET_STEPS]["gen_ppl"] / by_steps[gen_length]["gen_ppl"]
+    return {"steps": TARGET_STEPS, "one_token_per_step": gen_length, "ratio": ratio,
+            "target_ratio": STEP_RATIO_TARGET, "met": ratio <= STEP_RATIO_TARGET}
+
+
+def last_user_message(prompt: list[int], tok: ChatTokenizer) -> str:
+    """The text of the prompt's last user turn (what the reply answers)."""
+    user = tok.tok.token_to_id("<|user|>")
+    starts = [i for i, t in enumerate(prompt) if t == user]
+    if not starts:
+        return tok.decode(prompt)
+    return tok.decode(prompt[starts[-1] + 1:])
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def load_models(cfg: EvalConfig) -> tuple[LoadedModel, LoadedModel]:
+    assert cfg.model is not None
+    diff = load_checkpoint(resolve_model_path(cfg.model), dtype=torch.float32)
+    ar = load_checkpoint(resolve_model_path(cfg.ar_model), dtype=torch.float32)
+    if diff.objective != "diffusion" or ar.objective != "autoregressive":
+        raise ValueError(f"--model must be a diffusion model ({diff.objective}) and --ar-model "
+                         f"an autoregressive one ({ar.objective})")
+    return diff, ar
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    t0 = time.perf_counter()
+    if not (Path(cfg.data_dir) / "test_tokens.npy").exists():
+        raise FileNotFoundError(f"no prepared data in {cfg.data_dir}: run "
+                                f"`diffvoice train --prepare {cfg.data_dir}`")
+    diff, ar = load_models(cfg)
+    data_tok = load_tokenizer(cfg.data_dir)
+    check_tokenizer(diff, data_tok, cfg.data_dir)
+    check_tokenizer(ar, data_tok, cfg.data_dir)
+    test = load_split(cfg.data_dir, "test")
+    with torch.inference_mode():
+        ppl = perplexities(cfg, diff, ar, test)
+        rows, texts, prompts = generation(cfg, diff, ar, test)
+    samples = [{"context": last_user_message(p, diff.tokenizer),
+                "replies": {label: t[i] for label, t in texts.items()}}
+               for i, p in enumerate(prompts[:cfg.samples])]
+    config = {**cfg.model_dump(), "model": str(diff.path), "ar_model": str(ar.path),
+              "params": diff.model.num_params()}
+    return {"config": config, "perplexity": ppl, "generation": rows,
+            "step_target": step_target(rows, cfg.gen_length), "samples": samples,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def print_report(r: dict) -> None:
+    c, p = r["config"], r["perplexity"]
+    print(f"diffusion model {c['model']} ({c['params'] / 1e6:.1f}M params), "
+          f"AR baseline {c['ar_model']}")
+    print(f"\nheld-out perplexity: {p['examples']} examples, {p['reply_tokens']} reply tokens, "
+          f"ELBO t_grid {p['t_grid']}")
+    print(f"  diffusion ELBO bound  {p['diffusion_elbo_ppl']:9.2f}")
+    print(f"  AR baseline           {p['ar_ppl']:9.2f}")
+    print(f"  ratio                 {p['ratio']:9.2f}x   target <= {p['target_ratio']}x: "
+          f"{_verdict(p['met'])}")
+    print(f"\ngeneration: {c['prompts']} held-out prompts, canvas {c['gen_length']} tokens, "
+          f"temperature 0, judged by the AR baseline")
+    head = ("sampler", "gen ppl", "tokens", "words", "ended", "dist-1", "dist-2", "s")
+    print(f"  {head[0]:<34}" + "".join(f"{h:>9}" for h in head[1:]))
+    for row in r["generation"]:
+        print(f"  {row['label']:<34}{row['gen_ppl']:9.2f}{row['mean_tokens']:9.1f}"
+              f"{row['mean_words']:9.1f}{row['ended']:9.2f}{row['distinct_1']:9.3f}"
+              f"{row['distinct_2']:9.3f}{row['seconds']:9.1f}")
+    st = r["step_target"]
+    if st is not None:
+        print(f"  {st['steps']}-step / 1-token-per-step gen ppl: {st['ratio']:.2f}x   "
+              f"target <= {st['target_ratio']}x: {_verdict(st['met'])}")
+    for s in r["samples"]:
+        print(f"\nuser: {s['context']}")
+        for label, text in s["replies"].items():
+            print(f"  {label:<34} {text!r}")
+    print(f"\n{r['seconds']:.0f} s")

@@ -1,0 +1,134 @@
+"""`diffvoice eval-model` on tiny prepared data and tiny models: table, JSON keys, batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agent import cli
+from llm import eval as E
+from llm.checkpoints import load_checkpoint, save_checkpoint
+from llm.data import PrepareConfig, load_tokenizer, prepare
+from llm.model import ModelConfig, Transformer
+from llm.sampler import generate_few_step
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64, max_seq_len=256,
+            tie_embeddings=True)
+
+
+def conversations(n: int = 20, turns: int = 4) -> dict[str, list[str]]:
+    return {c: [f"Turn {i} of talk {c}. Nice weather, is it not?" for i in range(turns)]
+            for c in map(str, range(n))}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    prepare(data, PrepareConfig(vocab_size=300, max_tokens=64, test_fraction=0.2,
+                                context_turns=2), convs=conversations())
+    tok = load_tokenizer(data)
+    paths = {}
+    for name, causal, shift in (("diff", False, False), ("ar", True, False),
+                                ("shift", False, True)):
+        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, causal=causal,
+                                        shift_logits=shift, **TINY))
+        model.init_weights(seed=len(name))
+        objective = "autoregressive" if causal else "diffusion"
+        paths[name] = save_checkpoint(model, tok, root / name, objective=objective)
+    return data, paths
+
+
+def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
+    data, paths = setup
+    out_json = tmp_path / "eval.json"
+    rc = cli.main(["eval-model", "--model", str(paths[model]), "--ar-model", str(paths["ar"]),
+                   "--data-dir", str(data), "--examples", "6", "--t-grid", "2", "--prompts", "3",
+                   "--gen-length", "8", "--steps", "2", "8", "--batch-size", "2",
+                   "--samples", "1", "--json", str(out_json)])
+    assert rc == 0
+    return capsys.readouterr().out, json.loads(out_json.read_text())
+
+
+def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsys):
+    out, r = _eval(setup, tmp_path, capsys)
+    assert set(r) == {"config", "perplexity", "generation", "step_target", "samples", "seconds"}
+    p = r["perplexity"]
+    assert p["examples"] == 6 and p["reply_tokens"] > 0
+    assert p["ratio"] == pytest.approx(p["diffusion_elbo_ppl"] / p["ar_ppl"])
+    assert p["met"] == (p["ratio"] <= E.ELBO_RATIO_TARGET)
+    labels = [row["label"] for row in r["generation"]]
+    assert labels == ["diffusion 2 steps", "diffusion 8 steps",
+                      "diffusion 1 token/step (8 steps)", "AR greedy", "held-out replies"]
+    for row in r["generation"]:
+        assert set(row) == {"label", "sampler", "steps", "gen_ppl", "mean_tokens", "mean_words",
+                            "ended", "distinct_1", "distinct_2", "seconds"}
+        assert row["gen_ppl"] > 1 and 0 <= row["ended"] <= 1
+        assert 0 <= row["distinct_1"] <= 1 and 0 <= row["distinct_2"] <= 1
+        assert row["mean_tokens"] <= 8 or row["sampler"] == "reference"
+    reference = r["generation"][-1]
+    assert reference["ended"] == 1.0  # every held-out reply ends with <|eot|>
+    # 8 steps on an 8-token canvas is one token per step: the same sampler, the same replies
+    assert r["step_target"]["ratio"] == pytest.approx(1.0)
+    assert len(r["samples"]) == 1 and set(r["samples"][0]["replies"]) == set(labels)
+    for needle in ("held-out perplexity", "diffusion ELBO bound", "AR baseline", "gen ppl",
+                   "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: "):
+        assert needle in out
+
+
+def test_eval_takes_a_shifted_logits_diffusion_model(setup, tmp_path, capsys):
+    _, r = _eval(setup, tmp_path, capsys, model="shift")
+    assert r["perplexity"]["diffusion_elbo_ppl"] > 1
+
+
+def test_left_padded_batch_gives_each_prompt_its_solo_reply(setup):
+    _, paths = setup
+    loaded = load_checkpoint(paths["diff"])
+    tok = loaded.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": t}])
+               for t in ("Nice weather, is it not? Turn 3 of talk 7.", "Turn 3.")]
+    assert len(prompts[0]) != len(prompts[1])
+    cfg = E.EvalConfig(model=str(paths["diff"]), gen_length=8, batch_size=2)
+    batched = E.diffusion_replies(loaded, prompts, 4, cfg)
+    for prompt, reply in zip(prompts, batched, strict=True):
+        x = generate_few_step(loaded.model, torch.tensor([prompt]), mask_id=tok.mask_id,
+                              gen_length=8, steps=4)
+        assert reply == E.ended_reply(x[0, len(prompt):], tok)
+
+
+def test_distinct_n_counts_unique_word_ngrams():
+    assert E.distinct_n(["a b a b", "A B"], 1) == pytest.approx(2 / 6)
+    assert E.distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
+    assert E.distinct_n([""], 2) == 0.0
+
+
+def test_prompts_spread_over_the_split():
+    assert E.spread(100, 5).tolist() == [0, 25, 50, 74, 99]
+    assert E.spread(3, 10).tolist() == [0, 1, 2]
+
+
+def test_a_model_with_another_tokenizer_is_refused(setup, tmp_path):
+    data, paths = setup
+    from llm.chat import write_random_tiny
+
+    other = write_random_tiny(tmp_path / "other")
+    cfg = E.EvalConfig(model=str(other), ar_model=str(paths["ar"]), data_dir=str(data))
+    with pytest.raises(ValueError, match="tokenizer"):
+        E.evaluate(cfg)
+
+
+def test_cached_batched_greedy_equals_plain_greedy(setup):
+    _, paths = setup
+    ar = load_checkpoint(paths["ar"])
+    tok = ar.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": t}])
+               for t in ("Nice weather, is it not? Turn 3 of talk 7.", "Turn 3.")]
+    cfg = E.EvalConfig(gen_length=6, batch_size=2)
+    batched = E.ar_replies(ar, prompts, cfg)
+    for prompt, reply in zip(prompts, batched, strict=True):
+        x = torch.tensor([prompt])
+        for _ in range(6):  # no cache, no padding: the whole sequence each time
+            x = torch.cat([x, ar.model(x)[0][:, -1:].argmax(-1)], dim=1)
+        assert reply == E.ended_reply(x[0, len(prompt):], tok)
