@@ -43,8 +43,10 @@ logger = logging.getLogger(__name__)
 # audio kept while nobody speaks: the prefix padding plus the VAD's start confirmation
 IDLE_KEEP_S = 1.5
 MIN_INTERIM_AUDIO_S = 0.4  # shorter audio gives Whisper too little to say anything stable
-END_PAD_S = 0.1  # silence kept after the speech end: Whisper drops a last word cut too tight
+# audio kept after the reported speech end: Whisper drops a last word cut too tight
+END_PAD_S = 0.15
 CHUNK_SEARCH_S = 3.0  # a long utterance is cut at the quietest window in its last 3 s
+INTERIM_DUTY = 2.0  # interim spacing >= this x the last decode time
 
 AsrKind = Literal["start", "interim", "final", "end"]
 
@@ -192,6 +194,7 @@ class StreamingRecognizer:
         self._utt: _Utterance | None = None
         self._tasks: set[asyncio.Task] = set()
         self._speculating: asyncio.Task | None = None
+        self._decode_s = 0.0  # duration of the latest decode
         self._task = asyncio.get_running_loop().create_task(self._drive())
 
     # -- input ---------------------------------------------------------------------------------
@@ -249,7 +252,10 @@ class StreamingRecognizer:
 
     async def _decode(self, start: int, end: int) -> str:
         audio = self._audio(start, end)
-        return await asyncio.to_thread(transcribe, self._model, audio, self.settings)
+        t0 = time.perf_counter()
+        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings)
+        self._decode_s = time.perf_counter() - t0
+        return text
 
     async def _drive(self) -> None:
         try:
@@ -369,7 +375,10 @@ class StreamingRecognizer:
     def _maybe_interim(self) -> None:
         utt = self._utt
         assert utt is not None
-        due = self._now - utt.last_interim >= self.settings.interim_interval_s * SAMPLE_RATE
+        # interims take at most half of the model's time (a slow or busy CPU spaces them out),
+        # so the speculative final rarely has to queue behind one
+        interval_s = max(self.settings.interim_interval_s, INTERIM_DUTY * self._decode_s)
+        due = self._now - utt.last_interim >= interval_s * SAMPLE_RATE
         enough = self._now - utt.start >= MIN_INTERIM_AUDIO_S * SAMPLE_RATE
         # no interim in a silence: it would hold the model when the speculative final is due
         busy = bool(self._tasks) or utt.speculation is not None or self._vad.in_silence

