@@ -34,7 +34,7 @@ from audio.codecs import frames
 from audio.settings import AsrSettings, TtsSettings, VadSettings
 from audio.speech_eval import SENTENCES, add_noise, pad, speech_bounds, spoken_16k
 from audio.speech_eval import word_error_rate as wer
-from audio.vad import SAMPLE_RATE
+from audio.vad import END_LAG_S, SAMPLE_RATE
 
 HELP = "speech I/O benchmark: speculative final latency, Piper first audio, round-trip WER"
 LATENCY_UTTERANCES = 8  # real-time runs per mode: ~4 s each
@@ -76,7 +76,8 @@ async def _one_utterance(model, asr: AsrSettings, vad: VadSettings, text: str) -
     if not finals:
         raise RuntimeError("no final transcript for a benchmark utterance")
     final = finals[-1]
-    endpoint = t0 + final.end_s + vad.min_silence_ms / 1000
+    # the VAD decides once min_silence has passed since the silence it saw begin
+    endpoint = t0 + final.end_s + END_LAG_S + vad.min_silence_ms / 1000
     return {
         "after_endpoint_ms": (final.t_wall_s - endpoint) * 1000,
         "after_speech_ms": (final.t_wall_s - (t0 + LEAD_S + true_end)) * 1000,
