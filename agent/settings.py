@@ -113,6 +113,22 @@ class PhoneSettings(Section):
 class BenchSettings(Section):
     """`diffvoice bench`: end-to-end turn latency measured at the client."""
 
+    # webrtc: an aiortc peer through `diffvoice serve`'s signalling (what a browser does);
+    # inprocess: the session on our own audio I/O, no transport (isolates the pipeline)
+    transport: Literal["webrtc", "inprocess"] = "webrtc"
+    turns: int = Field(0, ge=0)  # spoken turns per session; 0 = the whole input set
+    # the built-in set is spoken as conversations of this many turns (history carries inside one)
+    turns_per_conversation: int = Field(4, ge=1)
+    # int16 level of the first "audible" agent sample: about -36 dBFS, above Opus's noise floor
+    # and Piper's leading near-silence
+    audible_level: int = Field(500, ge=1, le=32767)
+    # no turn metrics and audible reply by then = a dropped turn (replies run up to ~6 s)
+    reply_timeout_s: float = Field(30.0, gt=0.0)
+    # quiet (no agent audio, agent listening) before the next turn is spoken
+    settle_s: float = Field(0.6, ge=0.0)
+    cache_dir: str = ".cache/bench-speech"  # synthesised built-in turns, one WAV each
+    out_dir: str = "runs/bench"  # bench.json, bench.png, bench.html
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -1,0 +1,421 @@
+"""`diffvoice bench`: end-to-end turn latency as a caller hears it, with the server's breakdown.
+
+    spoken turns (Piper, cached) --real time--> caller --WebRTC / in-process--> AgentSession
+    caller: t_end = last loud user sample sent ... t_heard = first audible agent sample received
+    server: turn_metrics over the data channel (LiveKit's per-turn delays, one server clock)
+
+Per turn the client latency is `t_heard - t_end`. The server's stages for the same turn, all
+durations measured by LiveKit on the server clock from the VAD's end of speech, are laid end to
+end: final transcript (VAD silence window + STT), endpoint wait (turn decision after it), first
+committed LLM span, TTS first audio; the rest of the client latency is transport/playout (network,
+jitter buffer, playout clock, the TTS's leading near-silence). So the stages sum to the client
+latency by construction, and a stage reads as "time spent here before the caller heard anything".
+
+The first turn after the pipeline starts is "cold", the rest "warm". `--compare A B C` runs each
+config in turn (self-started server each) and prints ratios against A; `--sessions N` runs 1..N
+simultaneous callers and reports latency against N and any dropped turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import bench_report as report
+from agent.clients import MIC_RATE, InProcessCaller, WebRTCCaller
+from agent.settings import BenchSettings, Settings, load_settings
+
+HELP = "measure end-to-end turn latency at the client (WebRTC or in-process), with breakdown"
+
+logger = logging.getLogger(__name__)
+
+# varied questions and remarks a caller might say; 3-12 words, ~1-3 s spoken
+BUILTIN_TURNS = (
+    "Hi there, how are you doing today?",
+    "What is the weather like today?",
+    "Can you recommend a good book to read?",
+    "I just got back from a long walk.",
+    "What time do you usually wake up?",
+    "Tell me something interesting about the ocean.",
+    "Do you like music?",
+    "My favourite food is pizza.",
+    "How do I make a cup of tea?",
+    "What should I cook for dinner tonight?",
+    "I am feeling a bit tired.",
+    "Where would you go on holiday?",
+    "Thanks, that was really helpful.",
+    "Can you tell me a joke?",
+    "What is your favourite movie?",
+    "I have a meeting tomorrow morning.",
+    "How far away is the moon?",
+    "Do you have any hobbies?",
+    "It is raining outside again.",
+    "What is a good way to relax after work?",
+    "I started learning to play the guitar.",
+    "Which season do you like best?",
+    "Could you help me plan my weekend?",
+    "Okay, goodbye for now.",
+)
+LEAD_SILENCE_S = 0.2  # before each utterance, so the VAD sees a clean onset
+QUIET_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Utterance:
+    text: str  # what is said (the WAV's name for recorded inputs)
+    pcm: np.ndarray  # (n,) int16 mono at MIC_RATE
+
+
+Conversation = list[Utterance]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="signalling URL of a running `diffvoice serve` "
+                        "(ws://HOST:PORT/ws); default: start the server in this process")
+    parser.add_argument("--transport", choices=("webrtc", "inprocess"),
+                        help="overrides bench.transport")
+    inputs = parser.add_mutually_exclusive_group()
+    inputs.add_argument("--inputs", type=Path, help="a folder of WAV files, one turn each")
+    inputs.add_argument("--conversation", type=Path,
+                        help="a TOML file of multi-turn scripts (see docs/benchmarks.md)")
+    parser.add_argument("--turns", type=int, help="turns per session (overrides bench.turns)")
+    parser.add_argument("--compare", nargs="+", metavar="CONFIG",
+                        help="run each config (name in configs/ or TOML path); ratios vs the first")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="run 1..N simultaneous callers and report latency against N")
+    parser.add_argument("--out", type=Path, help="report folder (overrides bench.out_dir)")
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+def spoken(text: str, settings: Settings) -> np.ndarray:
+    """`text` spoken by the configured Piper voice at MIC_RATE, cached as a WAV."""
+    from audio.codecs import read_wav, resample, write_wav
+
+    tts = settings.tts
+    key = hashlib.sha1(f"{text}|{tts.voice_path}|{tts.length_scale}".encode()).hexdigest()[:16]
+    path = Path(settings.bench.cache_dir) / f"{key}.wav"
+    if not path.is_file():
+        from audio.tts import synthesize
+
+        pcm, rate = synthesize(text, tts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_wav(path, resample(pcm, rate, MIC_RATE), MIC_RATE)
+    pcm, rate = read_wav(path)
+    lead = np.zeros(int(LEAD_SILENCE_S * MIC_RATE), dtype=np.int16)
+    return np.concatenate([lead, resample(pcm, rate, MIC_RATE)])
+
+
+def wav_utterance(path: Path) -> Utterance:
+    from audio.codecs import read_wav, resample
+
+    pcm, rate = read_wav(path)
+    return Utterance(path.name, resample(pcm, rate, MIC_RATE))
+
+
+def _chunks(items: list[Utterance], size: int) -> list[Conversation]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def load_conversations(args: argparse.Namespace, settings: Settings) -> list[Conversation]:
+    """The built-in set, `--inputs DIR` or `--conversation FILE`, cut to `bench.turns`."""
+    per = settings.bench.turns_per_conversation
+    if args.conversation is not None:
+        convs = conversation_file(args.conversation, settings)
+    elif args.inputs is not None:
+        wavs = sorted(args.inputs.glob("*.wav"))
+        if not wavs:
+            raise FileNotFoundError(f"no .wav files in {args.inputs}")
+        convs = _chunks([wav_utterance(p) for p in wavs], per)
+    else:
+        convs = _chunks([Utterance(t, spoken(t, settings)) for t in BUILTIN_TURNS], per)
+    return limit_turns(convs, settings.bench.turns)
+
+
+def conversation_file(path: Path, settings: Settings) -> list[Conversation]:
+    """`[[conversation]] turns = ["text", "recorded.wav", ...]`; a `.wav` item is a file
+    relative to the script, anything else is spoken by Piper."""
+    data = tomllib.loads(path.read_text())
+    convs = []
+    for conv in data.get("conversation", []):
+        turns = [wav_utterance(path.parent / t) if t.endswith(".wav")
+                 else Utterance(t, spoken(t, settings)) for t in conv["turns"]]
+        convs.append(turns)
+    if not convs:
+        raise ValueError(f"{path}: no [[conversation]] with turns")
+    return convs
+
+
+def limit_turns(convs: list[Conversation], turns: int) -> list[Conversation]:
+    if turns <= 0:
+        return convs
+    out: list[Conversation] = []
+    left = turns
+    for conv in convs:
+        if left <= 0:
+            break
+        out.append(conv[:left])
+        left -= len(out[-1])
+    return out
+
+
+# ---- one turn ---------------------------------------------------------------------------------
+def breakdown_s(latency_s: float, m: dict[str, Any]) -> dict[str, float] | None:
+    """Server stages laid end to end from the VAD's end of speech, plus transport/playout =
+    the client latency not spent on the server. None when the server did not report the turn's
+    LLM and TTS times.
+
+    With preemptive generation the LLM starts before the turn ends, so only the part of its
+    time after the turn decision (bounded by LiveKit's e2e latency) is on the critical path.
+    """
+    eou, ttft, ttfb = (m.get(k) for k in ("end_of_utterance_delay_s", "llm_ttft_s", "tts_ttfb_s"))
+    if eou is None or ttft is None or ttfb is None:
+        return None
+    transcript = min(m.get("transcription_delay_s") or 0.0, eou)
+    e2e = m.get("e2e_latency_s")
+    after_turn = max(e2e - eou, 0.0) if e2e is not None else ttft + ttfb
+    llm = min(ttft, after_turn)
+    tts = min(ttfb, after_turn - llm)
+    stages = {"endpoint_s": eou - transcript, "transcript_s": transcript, "llm_s": llm,
+              "tts_s": tts}
+    stages["transport_playout_s"] = latency_s - sum(stages.values())
+    return stages
+
+
+async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> dict[str, Any] | None:
+    """The first `turn_metrics` event after index `start`, or None at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for ev in caller.events[start:]:
+            if ev["type"] == "turn_metrics":
+                return ev
+        await asyncio.sleep(QUIET_POLL_S)
+    return None
+
+
+async def _wait_quiet(caller: Any, bench: BenchSettings) -> None:
+    """Until the agent is listening and no agent audio arrived for `settle_s`."""
+    deadline = time.monotonic() + bench.reply_timeout_s
+    while time.monotonic() < deadline:
+        states = [e["state"] for e in caller.events if e["type"] == "agent_state"]
+        last_audio = caller.heard.chunks[-1][0] if len(caller.heard) else 0.0
+        idle = not states or states[-1] == "listening"
+        if idle and time.monotonic() - last_audio >= bench.settle_s:
+            return
+        await asyncio.sleep(QUIET_POLL_S)
+
+
+def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
+    heard = " ".join(e["text"] for e in events if e["type"] == "user_transcript" and e["final"])
+    reply = "".join(e["text"] for e in events if e["type"] == "agent_text")
+    return heard.strip(), reply.strip()
+
+
+async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings) -> dict[str, Any]:
+    """Speak one turn, wait for its reply to finish, and return the turn's record."""
+    start = len(caller.events)
+    t_end = await caller.speak(utt.pcm)
+    metrics = await _wait_metrics(caller, start, bench.reply_timeout_s)
+    await _wait_quiet(caller, bench)
+    t_heard = caller.heard.first_audible_s(after_s=t_end)
+    recognised, reply = _texts(caller.events[start:])
+    latency = None if t_heard is None else t_heard - t_end
+    server = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}
+    ok = latency is not None and metrics is not None
+    return {
+        "prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
+        "status": "ok" if ok else "dropped", "latency_s": latency,
+        "breakdown_s": breakdown_s(latency, server) if ok and latency is not None else None,
+        "server_s": server, "t_speech_end_s": t_end, "t_first_audible_s": t_heard,
+    }
+
+
+# ---- sessions -----------------------------------------------------------------------------------
+async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSettings,
+                     tags: dict[str, Any], *, first_is_cold: bool) -> list[dict[str, Any]]:
+    """One simulated person: each conversation on a fresh connection, turns in order."""
+    turns: list[dict[str, Any]] = []
+    for ci, conv in enumerate(convs):
+        c = caller(ci)
+        try:
+            await c.connect()
+            await _wait_quiet(c, bench)  # a server's greeting, if it has one
+            for ti, utt in enumerate(conv):
+                rec = await measure_turn(c, utt, bench)
+                cold = first_is_cold and ci == 0 and ti == 0
+                turns.append({**tags, "conversation": ci, "turn": ti, "cold": cold, **rec})
+                tags["progress"].update(1)
+        except Exception as e:  # a failed connection or turn is a result, not a crash
+            logger.warning("bench caller failed: %s", type(e).__name__, exc_info=True)
+            done = {(t["conversation"], t["turn"]) for t in turns}
+            turns += [_failed(tags, ci, ti, u, e) for ti, u in enumerate(conv)
+                      if (ci, ti) not in done]
+        finally:
+            with contextlib.suppress(Exception):
+                await c.close()
+    return turns
+
+
+def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception) -> dict:
+    return {**tags, "conversation": ci, "turn": ti, "cold": False, "prompt_text": utt.text,
+            "recognised_text": "", "reply_text": "", "status": "failed", "latency_s": None,
+            "breakdown_s": None, "server_s": {}, "t_speech_end_s": None,
+            "t_first_audible_s": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def caller_factory(settings: Settings, models: Any, url: str | None, session: int) -> Any:
+    level = settings.bench.audible_level
+    if settings.bench.transport == "inprocess":
+        return lambda ci: InProcessCaller(settings, models, session_id=f"bench-{session}-{ci}",
+                                          level=level)
+    assert url is not None
+    return lambda ci: WebRTCCaller(url, level=level)
+
+
+async def run_level(settings: Settings, models: Any, url: str | None, convs: list[Conversation],
+                    n: int, tags: dict[str, Any], *, cold: bool) -> list[dict[str, Any]]:
+    """`n` callers at once, each through every conversation."""
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(run_caller(
+            caller_factory(settings, models, url, s), convs, settings.bench,
+            {**tags, "sessions": n, "session": s}, first_is_cold=cold))
+            for s in range(n)]
+    turns = [t for task in tasks for t in task.result()]
+    for t in turns:
+        t.pop("progress", None)
+    return turns
+
+
+async def run_config(settings: Settings, models: Any, url: str | None,
+                     convs: list[Conversation], sessions: int, name: str,
+                     progress: Any) -> dict[str, Any]:
+    """Every concurrency level of one config; a self-started server when needed."""
+    server = None
+    if settings.bench.transport == "webrtc" and url is None:
+        from agent.serve import BrowserServer
+
+        server = BrowserServer(settings, models)
+        await server.start()
+        url = f"ws://127.0.0.1:{server.signalling.port}/ws"
+    levels, turns = [], []
+    try:
+        for n in range(1, sessions + 1):
+            tags = {"config": name, "progress": progress}
+            got = await run_level(settings, models, url, convs, n, tags, cold=n == 1)
+            levels.append({"sessions": n, "summary": report.summarize(got)})
+            turns += got
+    finally:
+        if server is not None:
+            await server.close()
+    return {"config": name, "transport": settings.bench.transport, "levels": levels,
+            "turns": turns, "summary": report.summarize([t for t in turns if t["sessions"] == 1]),
+            "settings": _settings_digest(settings)}
+
+
+def _settings_digest(settings: Settings) -> dict[str, Any]:
+    return {"llm": {"model": settings.llm.model, "device": settings.llm.device,
+                    "decode": settings.llm.decode.model_dump()},
+            "session": settings.session.model_dump(), "asr": settings.asr.model_dump()}
+
+
+# ---- the command --------------------------------------------------------------------------------
+def bench_settings(settings: Settings, args: argparse.Namespace, self_started: bool) -> Settings:
+    """CLI flags over the settings; a self-started server speaks no greeting (turns only) and
+    listens on any free loopback port."""
+    s = settings.model_copy(deep=True)
+    if args.transport:
+        s.bench.transport = args.transport
+    if args.turns is not None:
+        s.bench.turns = args.turns
+    if args.out is not None:
+        s.bench.out_dir = str(args.out)
+    if self_started:
+        s.session.greeting = ""
+        s.server.port = 0
+        s.server.metrics_log = ""
+    return s
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                    if ln.startswith("Model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_before": list(os.getloadavg())}
+
+
+def run_one(settings: Settings, args: argparse.Namespace, name: str, progress: Any,
+            convs: list[Conversation]) -> dict[str, Any]:
+    """Load this config's models (main thread: LiveKit plugins insist), bench, free them."""
+    models = None
+    if args.url is None or settings.bench.transport == "inprocess":
+        from agent.session import load_models
+
+        models = load_models(settings)
+    try:
+        return asyncio.run(run_config(settings, models, args.url, convs, args.sessions, name,
+                                      progress))
+    finally:
+        if models is not None:
+            models.engine.close()
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    if args.sessions < 1:
+        print("diffvoice bench: --sessions must be >= 1", file=sys.stderr)
+        return 2
+    names = args.compare or [args.config]
+    configs = [bench_settings(settings if not args.compare else
+                              load_settings(n, args.overrides), args, args.url is None)
+               for n in names]
+    if args.url is not None and len(configs) > 1:
+        print("diffvoice bench: --compare starts its own servers; drop --url", file=sys.stderr)
+        return 2
+    try:
+        convs = load_conversations(args, configs[0])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"diffvoice bench: {e}", file=sys.stderr)
+        return 2
+    per_run = sum(map(len, convs)) * sum(range(1, args.sessions + 1))
+    info = machine()
+    with tqdm(total=per_run * len(configs), desc="turns", unit="turn", file=sys.stderr) as bar:
+        runs = [run_one(s, args, n, bar, convs) for s, n in zip(configs, names, strict=True)]
+    info["load_after"] = list(os.getloadavg())
+    return write_reports(runs, info, Path(configs[0].bench.out_dir))
+
+
+def write_reports(runs: list[dict[str, Any]], info: dict[str, Any], out: Path) -> int:
+    text = "\n".join(report.run_text(r) for r in runs)
+    rows = report.comparison(runs) if len(runs) > 1 else []
+    if rows:
+        text += "\n" + report.comparison_text(rows)
+    load = f"load average {info['load_before'][0]:.2f} -> {info['load_after'][0]:.2f}"
+    text += f"\n{info['cpu']}, {info['cores']} cores, {load}"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+           "command": ["diffvoice", "bench", *sys.argv[2:]], "machine": info, "runs": runs,
+           "comparison": rows, "text": text}
+    report.write_json(doc, out / "bench.json")
+    report.plot_png(runs, out / "bench.png")
+    (out / "bench.html").write_text(report.html_report(doc, out / "bench.png"))
+    print(f"reports: {out / 'bench.json'}, {out / 'bench.png'}, {out / 'bench.html'}")
+    failed = sum(r["summary"]["failed_turns"] for r in runs)
+    return 1 if failed else 0

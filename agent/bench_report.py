@@ -1,0 +1,185 @@
+"""Statistics, terminal tables, JSON, PNG and HTML for `diffvoice bench` results.
+
+A run is a dict `{"config", "transport", "levels": [...], "turns": [turn, ...]}`; each turn is a
+dict whose keys are documented in docs/benchmarks.md (`latency_s`, `breakdown_s`, `cold`, ...).
+Everything here is pure: turns in, numbers/text/files out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# the per-stage breakdown, in the order a turn passes through them
+STAGES = ("endpoint_s", "transcript_s", "llm_s", "tts_s", "transport_playout_s")
+STAGE_LABELS = {
+    "endpoint_s": "endpoint wait", "transcript_s": "final transcript",
+    "llm_s": "first LLM span", "tts_s": "TTS first audio",
+    "transport_playout_s": "transport/playout",
+}
+PERCENTILES = (50, 95, 99)
+
+
+def latency_stats(values: list[float]) -> dict[str, float | int | None]:
+    """n, p50/p95/p99 (linear interpolation), mean and max, in seconds."""
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    a = np.asarray(values, dtype=np.float64)
+    out: dict[str, float | int | None] = {"n": len(values)}
+    for p in PERCENTILES:
+        out[f"p{p}"] = float(np.percentile(a, p))
+    out["mean"], out["max"] = float(a.mean()), float(a.max())
+    return out
+
+
+def measured(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in turns if t["status"] == "ok"]
+
+
+def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency stats for all/cold/warm turns, mean stage times, and dropped/failed counts."""
+    ok = measured(turns)
+    stages = {s: float(np.mean([t["breakdown_s"][s] for t in ok if t["breakdown_s"]]))
+              for s in STAGES} if any(t["breakdown_s"] for t in ok) else {}
+    return {
+        "all": latency_stats([t["latency_s"] for t in ok]),
+        "cold": latency_stats([t["latency_s"] for t in ok if t["cold"]]),
+        "warm": latency_stats([t["latency_s"] for t in ok if not t["cold"]]),
+        "stage_mean_s": stages,
+        "dropped_turns": sum(t["status"] == "dropped" for t in turns),
+        "failed_turns": sum(t["status"] == "failed" for t in turns),
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def stats_row(name: str, st: dict[str, Any]) -> str:
+    return (f"  {name:<10} n={st['n']:<4} p50={_ms(st['p50']):>6} p95={_ms(st['p95']):>6} "
+            f"p99={_ms(st['p99']):>6} max={_ms(st['max']):>6} ms")
+
+
+def run_text(run: dict[str, Any]) -> str:
+    """The terminal report of one config: latency rows, stage table, concurrency levels."""
+    s = run["summary"]
+    lines = [f"== {run['config']} ({run['transport']}): client latency, last speech sample "
+             "-> first audible agent sample"]
+    lines += [stats_row(k, s[k]) for k in ("warm", "cold", "all")]
+    if s["stage_mean_s"]:
+        total = sum(s["stage_mean_s"].values()) or 1.0
+        lines.append("  breakdown (mean over measured turns):")
+        for stage, v in s["stage_mean_s"].items():
+            share = 100 * v / total
+            lines.append(f"    {STAGE_LABELS[stage]:<18} {v * 1000:7.0f} ms  {share:5.1f}%")
+    for level in run["levels"]:
+        w = level["summary"]["warm"]
+        lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "
+                     f"p95={_ms(w['p95'])} ms, dropped={level['summary']['dropped_turns']}, "
+                     f"failed={level['summary']['failed_turns']}")
+    return "\n".join(lines)
+
+
+def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Warm p50/p95 of each run and its ratio against the first run's (x = times slower)."""
+    base = runs[0]["summary"]["warm"]
+    rows = []
+    for run in runs:
+        w = run["summary"]["warm"]
+        row: dict[str, Any] = {"config": run["config"], "warm_p50_s": w["p50"],
+                               "warm_p95_s": w["p95"]}
+        for p in ("p50", "p95"):
+            ok = w[p] is not None and base[p]
+            row[f"{p}_vs_first"] = w[p] / base[p] if ok else None
+        rows.append(row)
+    return rows
+
+
+def comparison_text(rows: list[dict[str, Any]]) -> str:
+    lines = [f"== compare (ratio vs {rows[0]['config']}; >1 = slower)"]
+    for r in rows:
+        ratio = "-" if r["p50_vs_first"] is None else f"{r['p50_vs_first']:.2f}x"
+        ratio95 = "-" if r["p95_vs_first"] is None else f"{r['p95_vs_first']:.2f}x"
+        lines.append(f"  {r['config']:<28} warm p50={_ms(r['warm_p50_s']):>6} ms ({ratio})  "
+                     f"p95={_ms(r['warm_p95_s']):>6} ms ({ratio95})")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1))
+
+
+def plot_png(runs: list[dict[str, Any]], path: Path) -> None:
+    """Stacked per-stage bars for every measured turn (runs side by side) and latency CDFs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(2, 1))
+    _stacked_bars(bars, runs)
+    for run in runs:
+        lat = np.sort([t["latency_s"] * 1000 for t in measured(run["turns"])])
+        if len(lat):
+            cdf.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=run["config"])
+    cdf.set_xlabel("client latency (ms)")
+    cdf.set_ylabel("fraction of turns")
+    cdf.set_title("latency CDF")
+    cdf.grid(alpha=0.3)
+    cdf.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _stacked_bars(ax: Any, runs: list[dict[str, Any]]) -> None:
+    turns = [(run["config"], t) for run in runs for t in measured(run["turns"]) if t["breakdown_s"]]
+    x = np.arange(len(turns))
+    bottom_pos, bottom_neg = np.zeros(len(turns)), np.zeros(len(turns))
+    for stage in STAGES:
+        v = np.array([t["breakdown_s"][stage] * 1000 for _, t in turns])
+        base = np.where(v >= 0, bottom_pos, bottom_neg)
+        ax.bar(x, v, bottom=base, label=STAGE_LABELS[stage], width=0.85)
+        bottom_pos += np.where(v >= 0, v, 0)
+        bottom_neg += np.where(v < 0, v, 0)
+    ax.plot(x, [t["latency_s"] * 1000 for _, t in turns], "k.", label="client latency")
+    for i in range(1, len(turns)):
+        if turns[i][0] != turns[i - 1][0]:
+            ax.axvline(i - 0.5, color="grey", lw=0.8)
+    ax.set_xlabel("turn (runs in order: " + ", ".join(r["config"] for r in runs) + ")")
+    ax.set_ylabel("ms")
+    ax.set_title("per-turn breakdown")
+    ax.legend(fontsize=7, ncol=3)
+
+
+def html_report(report: dict[str, Any], png_path: Path) -> str:
+    """One self-contained page: the terminal text, the plot (base64 PNG) and every turn."""
+    png = base64.b64encode(png_path.read_bytes()).decode()
+    rows = "".join(_turn_row(t) for run in report["runs"] for t in run["turns"])
+    head = "".join(f"<th>{h}</th>" for h in (
+        "config", "sessions", "session", "conv", "turn", "cold", "status", "latency ms",
+        *(STAGE_LABELS[s] for s in STAGES), "recognised", "reply"))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>diffvoice bench</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;font-size:12px}table{border-collapse:collapse}</style></head><body>"
+        f"<h1>diffvoice bench</h1><p>{html.escape(report['machine']['cpu'])}, "
+        f"load before {report['machine']['load_before']}</p>"
+        f"<pre>{html.escape(report['text'])}</pre>"
+        f"<img alt='latency plot' src='data:image/png;base64,{png}'>"
+        f"<h2>Turns</h2><table><tr>{head}</tr>{rows}</table></body></html>"
+    )
+
+
+def _turn_row(t: dict[str, Any]) -> str:
+    b = t["breakdown_s"] or {}
+    cells = [t["config"], t["sessions"], t["session"], t["conversation"], t["turn"], t["cold"],
+             t["status"], _ms(t["latency_s"]), *(_ms(b.get(s)) for s in STAGES),
+             t["recognised_text"], t["reply_text"]]
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
