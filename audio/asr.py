@@ -46,7 +46,7 @@ MIN_INTERIM_AUDIO_S = 0.4  # shorter audio gives Whisper too little to say anyth
 # audio kept after the reported speech end: Whisper drops a last word cut too tight
 END_PAD_S = 0.15
 CHUNK_SEARCH_S = 3.0  # a long utterance is cut at the quietest window in its last 3 s
-INTERIM_DUTY = 2.0  # interim spacing >= this x the last decode time
+INTERIM_DUTY = 1.5  # interim spacing >= this x the last decode time
 
 AsrKind = Literal["start", "interim", "final", "end"]
 
@@ -375,8 +375,8 @@ class StreamingRecognizer:
     def _maybe_interim(self) -> None:
         utt = self._utt
         assert utt is not None
-        # interims take at most half of the model's time (a slow or busy CPU spaces them out),
-        # so the speculative final rarely has to queue behind one
+        # interims take at most 2/3 of the model's time (a slow or busy CPU spaces them out),
+        # so the speculative final queues behind one less often
         interval_s = max(self.settings.interim_interval_s, INTERIM_DUTY * self._decode_s)
         due = self._now - utt.last_interim >= interval_s * SAMPLE_RATE
         enough = self._now - utt.start >= MIN_INTERIM_AUDIO_S * SAMPLE_RATE

@@ -24,8 +24,9 @@ SETTINGS = Settings()
 QUESTION = "What time does the pharmacy close on Sunday?"
 # long enough for two agreeing interim decodes even on a busy 2-core machine
 LONG_QUESTION = (
-    "Could you tell me what time the pharmacy near the station closes on Sunday evening, "
-    "because I need to pick up a prescription after work?"
+    "Could you tell me what time the pharmacy near the old train station closes on Sunday "
+    "evening, because I need to pick up a prescription for my mother after work and I do not "
+    "want to drive all the way there for nothing?"
 )
 REPLY = "The pharmacy closes at 5 pm on Sundays. Anything else?"
 FRAME_MS = 20
