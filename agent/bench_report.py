@@ -23,6 +23,13 @@ STAGE_LABELS = {
     "transport_playout_s": "transport/playout",
 }
 PERCENTILES = (50, 95, 99)
+# every turn record of bench.json has exactly these keys (documented in docs/benchmarks.md);
+# failed turns add "error"
+TURN_KEYS = frozenset({
+    "config", "sessions", "session", "conversation", "turn", "cold", "status", "prompt_text",
+    "recognised_text", "reply_text", "latency_s", "breakdown_s", "server_s", "t_speech_end_s",
+    "t_first_audible_s",
+})
 
 
 def latency_stats(values: list[float]) -> dict[str, float | int | None]:

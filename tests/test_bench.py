@@ -1,0 +1,102 @@
+"""`diffvoice bench`: breakdown arithmetic, inputs, and the command end to end on real models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from agent import bench, bench_report
+from agent.cli import main
+from agent.clients import HeardAudio, last_sound_index
+from audio.codecs import write_wav
+
+SERVER = {"end_of_utterance_delay_s": 0.5, "transcription_delay_s": 0.3, "llm_ttft_s": 0.2,
+          "tts_ttfb_s": 0.1, "e2e_latency_s": 0.9}
+
+
+def test_breakdown_lays_server_stages_end_to_end():
+    b = bench.breakdown_s(1.2, SERVER)
+    assert b == pytest.approx({"endpoint_s": 0.2, "transcript_s": 0.3, "llm_s": 0.2,
+                               "tts_s": 0.1, "transport_playout_s": 0.4})
+    assert sum(b.values()) == pytest.approx(1.2)
+
+
+def test_breakdown_counts_only_llm_time_after_the_turn_decision():
+    # preemptive generation: the LLM started before the turn ended; e2e bounds what is left
+    b = bench.breakdown_s(1.0, {**SERVER, "llm_ttft_s": 0.7, "e2e_latency_s": 0.8})
+    assert b["llm_s"] == pytest.approx(0.3) and b["tts_s"] == pytest.approx(0.0)
+    assert sum(b.values()) == pytest.approx(1.0)
+    assert bench.breakdown_s(1.0, {"end_of_utterance_delay_s": 0.5}) is None
+
+
+def test_heard_audio_times_the_first_loud_sample():
+    heard = HeardAudio(level=500)
+    quiet, loud = np.zeros(480, np.int16), np.zeros(480, np.int16)
+    loud[240:] = 4000
+    heard.add(1.0, quiet, 48000)
+    heard.add(2.0, loud, 48000)
+    assert len(heard) == 1
+    assert heard.first_audible_s(after_s=0.5) == pytest.approx(2.005)
+    assert heard.first_audible_s(after_s=2.5) is None
+    assert last_sound_index(loud) == 479 and last_sound_index(quiet) == -1
+
+
+def test_stats_and_limits():
+    st = bench_report.latency_stats([0.1, 0.2, 0.3, 0.4])
+    assert st["n"] == 4 and st["p50"] == pytest.approx(0.25) and st["max"] == 0.4
+    assert bench_report.latency_stats([])["p50"] is None
+    u = bench.Utterance("x", np.zeros(10, np.int16))
+    convs = bench.limit_turns([[u, u, u], [u, u]], 4)
+    assert [len(c) for c in convs] == [3, 1]
+
+
+def test_conversation_file_reads_wavs(tmp_path):
+    write_wav(tmp_path / "a.wav", (np.sin(np.arange(8000) / 5) * 8000).astype(np.int16), 8000)
+    script = tmp_path / "script.toml"
+    script.write_text('[[conversation]]\nturns = ["a.wav", "a.wav"]\n')
+    convs = bench.conversation_file(script, None)  # WAV items need no synthesis
+    assert len(convs) == 1 and len(convs[0]) == 2
+    assert len(convs[0][0].pcm) == 16000  # resampled to the mic rate
+    script.write_text("title = 'nothing'\n")
+    with pytest.raises(ValueError):
+        bench.conversation_file(script, None)
+
+
+def _check_report(out, transport: str, turns: int) -> None:
+    doc = json.loads((out / "bench.json").read_text())
+    assert {"version", "created", "command", "machine", "runs", "comparison", "text"} <= set(doc)
+    (run,) = doc["runs"]
+    assert run["transport"] == transport and len(run["turns"]) == turns
+    for t in run["turns"]:
+        assert set(t) == bench_report.TURN_KEYS, set(t) ^ bench_report.TURN_KEYS
+        assert t["status"] == "ok", t
+        assert t["latency_s"] > 0 and t["recognised_text"] and t["reply_text"]
+        b = t["breakdown_s"]
+        assert set(b) == set(bench_report.STAGES)
+        assert all(b[s] >= 0 for s in bench_report.STAGES[:-1])
+        assert math.isclose(sum(b.values()), t["latency_s"], rel_tol=0.1)
+    assert [t["cold"] for t in run["turns"]] == [True] + [False] * (turns - 1)
+    summary = run["summary"]
+    assert summary["warm"]["n"] == turns - 1 and summary["cold"]["n"] == 1
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "bench.html").read_text()
+    assert "data:image/png;base64," in page and run["turns"][0]["prompt_text"] in page
+
+
+# fast replies: the assertions are about measurement, not about what the agent says
+_QUICK = ["--set", "llm.decode.max_new_tokens=24", "--set", "bench.settle_s=0.3",
+          "--set", 'session.turn_detector="vad"']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["inprocess", "webrtc"])
+def test_bench_command_end_to_end(transport, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--transport", transport, "--turns", "3", "--out", str(out), *_QUICK])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "p50=" in printed and "transport/playout" in printed
+    _check_report(out, transport, 3)
