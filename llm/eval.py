@@ -166,6 +166,7 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
                             t_grid=cfg.t_grid, seed=cfg.seed, **common)
     ar_total, _ = reply_nll(ar.model, split, ar.tokenizer, objective="ar", **common)
     d_nll, a_nll = elbo / count, ar_total / count
+    log.info("perplexities of %d examples done", len(split))
     ratio = math.exp(d_nll - a_nll)
     return {"examples": len(split), "reply_tokens": count, "t_grid": cfg.t_grid,
             "diffusion_elbo_nll": d_nll, "diffusion_elbo_ppl": math.exp(d_nll),
