@@ -1,8 +1,9 @@
 """`diffvoice bench`: end-to-end turn latency as a caller hears it, with the server's breakdown.
 
-    spoken turns (Piper, cached) --real time--> caller --WebRTC / in-process--> AgentSession
+    spoken turns (Piper, cached) --real time--> caller --WebRTC / Twilio / in-process--> session
     caller: t_end = last loud user sample sent ... t_heard = first audible agent sample received
-    server: turn_metrics over the data channel (LiveKit's per-turn delays, one server clock)
+    server: turn_metrics over the data channel (LiveKit per-turn delays, one server clock);
+            for Twilio, read off the call in this process (the protocol carries no metrics)
 
 Per turn the client latency is `t_heard - t_end`. The server's stages for the same turn, all
 durations measured by LiveKit on the server clock from the VAD's end of speech, are laid end to
@@ -37,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from agent import bench_report as report
-from agent.clients import MIC_RATE, InProcessCaller, WebRTCCaller
+from agent.clients import MIC_RATE, InProcessCaller, TwilioBenchCaller, WebRTCCaller
 from agent.settings import BenchSettings, Settings, load_settings
 
-HELP = "measure end-to-end turn latency at the client (WebRTC or in-process), with breakdown"
+HELP = "measure end-to-end turn latency at the client (WebRTC, Twilio, in-process), with breakdown"
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ Conversation = list[Utterance]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="signalling URL of a running `diffvoice serve` "
                         "(ws://HOST:PORT/ws); default: start the server in this process")
-    parser.add_argument("--transport", choices=("webrtc", "inprocess"),
+    parser.add_argument("--transport", choices=("webrtc", "twilio", "inprocess"),
                         help="overrides bench.transport")
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--inputs", type=Path, help="a folder of WAV files, one turn each")
@@ -277,21 +278,46 @@ def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception
             "t_first_audible_s": None, "error": f"{type(e).__name__}: {e}"}
 
 
-def caller_factory(settings: Settings, models: Any, url: str | None, session: int) -> Any:
+def caller_factory(settings: Settings, models: Any, server: Any, url: str | None,
+                   session: int) -> Any:
     level = settings.bench.audible_level
     if settings.bench.transport == "inprocess":
         return lambda ci: InProcessCaller(settings, models, session_id=f"bench-{session}-{ci}",
                                           level=level)
     assert url is not None
+    if settings.bench.transport == "twilio":
+        return lambda ci: TwilioBenchCaller(url, server, level=level)
     return lambda ci: WebRTCCaller(url, level=level)
 
 
-async def run_level(settings: Settings, models: Any, url: str | None, convs: list[Conversation],
-                    n: int, tags: dict[str, Any], *, cold: bool) -> list[dict[str, Any]]:
+async def start_server(settings: Settings, models: Any) -> tuple[Any, str | None]:
+    """The transport's server in this process: (server, caller URL); (None, None) in-process."""
+    if settings.bench.transport == "webrtc":
+        from agent.serve import BrowserServer
+
+        web = BrowserServer(settings, models)
+        await web.start()
+        return web, f"ws://127.0.0.1:{web.signalling.port}/ws"
+    if settings.bench.transport == "twilio":
+        from agent.phone import PhoneServer
+
+        phone = PhoneServer(settings, models)
+        return phone, f"ws://127.0.0.1:{await phone.start()}"
+    return None, None
+
+
+async def stop_server(server: Any) -> None:
+    if server is not None:
+        await (server.close() if hasattr(server, "close") else server.aclose())
+
+
+async def run_level(settings: Settings, models: Any, server: Any, url: str | None,
+                    convs: list[Conversation], n: int, tags: dict[str, Any], *,
+                    cold: bool) -> list[dict[str, Any]]:
     """`n` callers at once, each through every conversation."""
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(run_caller(
-            caller_factory(settings, models, url, s), convs, settings.bench,
+            caller_factory(settings, models, server, url, s), convs, settings.bench,
             {**tags, "sessions": n, "session": s}, first_is_cold=cold))
             for s in range(n)]
     turns = [t for task in tasks for t in task.result()]
@@ -305,22 +331,17 @@ async def run_config(settings: Settings, models: Any, url: str | None,
                      progress: Any) -> dict[str, Any]:
     """Every concurrency level of one config; a self-started server when needed."""
     server = None
-    if settings.bench.transport == "webrtc" and url is None:
-        from agent.serve import BrowserServer
-
-        server = BrowserServer(settings, models)
-        await server.start()
-        url = f"ws://127.0.0.1:{server.signalling.port}/ws"
+    if url is None:
+        server, url = await start_server(settings, models)
     levels, turns = [], []
     try:
         for n in range(1, sessions + 1):
             tags = {"config": name, "progress": progress}
-            got = await run_level(settings, models, url, convs, n, tags, cold=n == 1)
+            got = await run_level(settings, models, server, url, convs, n, tags, cold=n == 1)
             levels.append({"sessions": n, "summary": report.summarize(got)})
             turns += got
     finally:
-        if server is not None:
-            await server.close()
+        await stop_server(server)
     return {"config": name, "transport": settings.bench.transport, "levels": levels,
             "turns": turns, "summary": report.summarize([t for t in turns if t["sessions"] == 1]),
             "settings": _settings_digest(settings)}
@@ -347,6 +368,8 @@ def bench_settings(settings: Settings, args: argparse.Namespace, self_started: b
         s.session.greeting = ""
         s.server.port = 0
         s.server.metrics_log = ""
+        s.phone.port = 0
+        s.phone.metrics_log = ""
     return s
 
 
@@ -385,8 +408,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     configs = [bench_settings(settings if not args.compare else
                               load_settings(n, args.overrides), args, args.url is None)
                for n in names]
-    if args.url is not None and len(configs) > 1:
-        print("diffvoice bench: --compare starts its own servers; drop --url", file=sys.stderr)
+    if args.url is not None and (len(configs) > 1 or configs[0].bench.transport != "webrtc"):
+        print("diffvoice bench: --url takes a running `diffvoice serve` (webrtc) and one config; "
+              "--compare and the twilio transport start their own servers", file=sys.stderr)
         return 2
     try:
         convs = load_conversations(args, configs[0])

@@ -16,6 +16,7 @@ All times are `time.monotonic()` seconds on the caller's clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -275,5 +276,61 @@ class InProcessCaller:
             await self._sync.aclose()
 
 
-Caller = WebRTCCaller | InProcessCaller
+class _LineHeard:
+    """`HeardAudio`'s reading side over a simulated phone line's playout log."""
+
+    def __init__(self, caller: Any, level: int) -> None:
+        self.caller = caller
+        self.level = level
+
+    @property
+    def chunks(self) -> list[tuple[float, int, np.ndarray]]:
+        return [(c.t_start_s, 8000, c.pcm) for c in self.caller.heard]
+
+    def __len__(self) -> int:
+        return len(self.caller.heard)
+
+    def first_audible_s(self, after_s: float = 0.0) -> float | None:
+        return self.caller.first_audible_s(after_s=after_s, threshold=self.level)
+
+
+class TwilioBenchCaller:
+    """A phone call over Twilio Media Streams (`diffvoice phone`), timed at the caller's playout.
+
+    The protocol has no channel for the server's turn metrics, so they are read from the call's
+    `TurnReporter` on a server running in this process (`server`, an `agent.phone.PhoneServer`).
+    """
+
+    def __init__(self, url: str, server: Any, *, level: int = AUDIBLE_LEVEL) -> None:
+        from agent.twilio_caller import TwilioCaller
+
+        self.caller = TwilioCaller(url)
+        self.server = server
+        self.heard = _LineHeard(self.caller, level)
+
+    async def connect(self) -> None:
+        await self.caller.connect()
+        await self.caller.start()
+        self.caller.start_line()
+
+    async def speak(self, pcm16k: np.ndarray) -> float:
+        """Say it on the line; returns when its last loud sample was sent."""
+        last = max(last_sound_index(pcm16k, self.heard.level), 0)
+        t_sent = await self.caller.send_pcm(pcm16k, MIC_RATE)
+        return t_sent - (len(pcm16k) - 1 - last) / MIC_RATE
+
+    @property
+    def events(self) -> list[dict]:
+        for call in list(self.server.calls):
+            if call.stats.call_sid == self.caller.call_sid and call.reporter is not None:
+                return [{"type": "turn_metrics", **t} for t in call.reporter.turns]
+        return []
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.caller.stop()
+        await self.caller.close()
+
+
+Caller = WebRTCCaller | InProcessCaller | TwilioBenchCaller
 CallerFactory = Callable[[int], Caller]

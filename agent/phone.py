@@ -158,6 +158,7 @@ class Call:
         self._digits = KeypadEntry(self.cfg.dtmf_gap_s, self._submit_digits)
         self._user_stopped_at: float | None = None
         self._sync: TranscriptSynchronizer | None = None
+        self.reporter: TurnReporter | None = None
 
     @property
     def name(self) -> str:
@@ -235,8 +236,10 @@ class Call:
             send_now=self._outbox.put_nowait, mark_timeout_s=self.cfg.mark_timeout_s)
         session, agent = build_session(self.settings, self.models, session_id=start.call_sid)
         self.session = session
-        TurnReporter(start.call_sid, lambda _event: None,
-                     self.cfg.metrics_log or None).attach(session)
+        # kept: its per-turn metrics are this call's breakdown (read by `diffvoice bench`)
+        self.reporter = TurnReporter(start.call_sid, lambda _event: None,
+                                     self.cfg.metrics_log or None)
+        self.reporter.attach(session)
         session.on("user_state_changed", self._on_user_state)
         session.on("close", self._on_session_close)
         self.audio_out.on("playback_started", self._on_heard)

@@ -114,8 +114,9 @@ class BenchSettings(Section):
     """`diffvoice bench`: end-to-end turn latency measured at the client."""
 
     # webrtc: an aiortc peer through `diffvoice serve`'s signalling (what a browser does);
+    # twilio: a simulated caller on `diffvoice phone`'s Media Streams socket (timed at playout);
     # inprocess: the session on our own audio I/O, no transport (isolates the pipeline)
-    transport: Literal["webrtc", "inprocess"] = "webrtc"
+    transport: Literal["webrtc", "twilio", "inprocess"] = "webrtc"
     turns: int = Field(0, ge=0)  # spoken turns per session; 0 = the whole input set
     # the built-in set is spoken as conversations of this many turns (history carries inside one)
     turns_per_conversation: int = Field(4, ge=1)
