@@ -394,8 +394,9 @@ def run_one(settings: Settings, args: argparse.Namespace, name: str, progress: A
         return asyncio.run(run_config(settings, models, args.url, convs, args.sessions, name,
                                       progress))
     finally:
-        if models is not None:
-            models.engine.close()
+        close = getattr(models.engine, "close", None) if models is not None else None
+        if close is not None:
+            close()
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

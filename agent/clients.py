@@ -174,6 +174,8 @@ class WebRTCCaller:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             now = time.monotonic()
             pcm = frame.to_ndarray().reshape(-1)  # packed s16, channels interleaved
             if np.abs(pcm.astype(np.int32)).max(initial=0) > self.heard.level:
