@@ -100,7 +100,8 @@ class DevTools:
 
 def _done(s: dict) -> bool:
     audio = s.get("audio", {})
-    return bool(s.get("userFinals") and s.get("turns") and audio.get("totalAudioEnergy", 0) > 0)
+    return bool(s.get("userFinals") and s.get("turns") and audio.get("totalAudioEnergy", 0) > 0
+                and s.get("heardLatencies"))
 
 
 @pytest.mark.slow
