@@ -30,6 +30,7 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,8 @@ class GenerationStats:
     ttfs_s: float | None  # time to first committed span
     total_s: float
     finish_reason: str  # "eot" | "length" | "cancelled" | "error"
+    draft_tokens: int = 0  # draft tokens laid on the canvas (0: the reply started from masks)
+    draft_kept: int = 0  # reply tokens equal to the draft token at the same position
 
 
 _END = object()
@@ -199,6 +202,7 @@ class _Request:
     session_id: str | None
     stream: EngineStream
     t_submit: float
+    draft: tuple[int, ...] = ()  # an earlier reply's tokens to re-denoise from (diffusion rows)
 
 
 @dataclass
@@ -213,6 +217,9 @@ class _Plan:
     keep_kv: bool
 
 
+NO_DRAFT = -1  # a block position without a draft token: no proposal equals it
+
+
 @dataclass
 class _Blocks:
     """The active blocks of a group, on the device: tokens (B, L), still masked (B, L), how many
@@ -223,6 +230,7 @@ class _Blocks:
     masked: Tensor
     k: Tensor
     threshold: Tensor
+    draft: Tensor | None = None  # (B, L) draft tokens (NO_DRAFT elsewhere); None: no row has one
 
 
 _row_ids = itertools.count()
@@ -243,6 +251,7 @@ class _Row:
         self.F = self.reused  # positions [0, F) have frozen K/V
         self.version, self.nfe, self.ttfs = 0, 0, None
         self.finished = False
+        self.seed: list[int] = []  # the draft this reply was seeded with
         self.writer = _SpanWriter(eng.tokenizer)
         self.gen: torch.Generator | None = None
         if req.decode.temperature > 0:
@@ -264,7 +273,8 @@ class _Row:
         self.stream.stats = GenerationStats(
             prompt_tokens=self.P, cached_prompt_tokens=self.reused, reply_tokens=len(reply),
             nfe=self.nfe, ttfs_s=self.ttfs, total_s=time.perf_counter() - self.req.t_submit,
-            finish_reason=reason,
+            finish_reason=reason, draft_tokens=len(self.seed),
+            draft_kept=sum(a == b for a, b in zip(reply, self.seed, strict=False)),
         )
         entry = self.session_entry()
         if entry is not None:
@@ -276,18 +286,35 @@ class _Row:
     def session_entry(self) -> SessionEntry | None:
         raise NotImplementedError
 
+    def block_draft(self) -> list[int] | None:
+        """Draft tokens of the active block's positions, or None when not following a draft."""
+        return None
+
 
 class _DiffusionRow(_Row):
-    """A reply denoised block by block on an adaptive canvas (LLaDA's semi-AR schedule)."""
+    """A reply denoised block by block on an adaptive canvas (LLaDA's semi-AR schedule).
+
+    Seeded with a draft (an earlier reply, e.g. to a partial transcript), the reply is an edit of
+    it rather than a fresh sample, as a masked-diffusion model can re-mask and re-denoise tokens it
+    already produced (ReMDM, arXiv 2503.00307): the draft and its end of turn lie on the canvas;
+    each block is re-masked when it becomes active, and a masked position takes its draft token
+    as soon as the model's proposal under the new context equals it (besides the usual threshold
+    rule). So the draft tokens whose prediction changed under the new prompt stay masked and are
+    denoised afresh with the kept ones and the rest of the draft as context; a block that ends
+    unlike its draft drops the draft's remainder (its positions no longer line up).
+    """
 
     def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
         super().__init__(eng, req, entry)
         self.mask_id = eng.tokenizer.mask_id
         self.tokens = req.ids + [self.mask_id] * self.max_new  # the canvas, host side
         self.Lb = req.decode.block_length
+        self.dropped = False  # the reply departed from its draft
         self.live: KV = []  # K/V of [F, live_end) from the last refresh
         self.block, self.step, self.block_masks = 0, 0, 0
         self.final = 0  # reply tokens that form a fully unmasked prefix
+        if req.draft and eng.settings.engine.draft_reuse:
+            self.seed = [*req.draft, eng.tokenizer.eot_id][: self.max_new]
 
     @property
     def bs(self) -> int:
@@ -301,6 +328,23 @@ class _DiffusionRow(_Row):
     def canvas_end(self) -> int:
         blocks = self.block + 1 + self.decode.lookahead_blocks
         return self.P + min(self.max_new, blocks * self.Lb)
+
+    @property
+    def following(self) -> bool:
+        """Whether the reply still follows its draft (every finished block equals it)."""
+        return bool(self.seed) and not self.dropped
+
+    def _check_draft(self) -> None:
+        """At a block's end: drop the rest of the draft if the block departed from it."""
+        a, b = self.bs - self.P, min(self.be - self.P, len(self.seed))
+        if self.following and self.tokens[self.bs:self.P + b] != self.seed[a:b]:
+            self.dropped = True
+
+    def block_draft(self) -> list[int] | None:
+        if not self.following:
+            return None
+        draft = self.seed[self.bs - self.P:self.be - self.P]
+        return draft + [NO_DRAFT] * (self.be - self.bs - len(draft))
 
     def wants_refresh(self) -> bool:
         es = self.eng.settings.engine
@@ -346,6 +390,7 @@ class _DiffusionRow(_Row):
         self.step += 1
         block_done = self.mask_id not in new
         if block_done:
+            self._check_draft()
             self.block, self.step = self.block + 1, 0
         reply = self.tokens[self.P:]
         while self.final < self.max_new and reply[self.final] != self.mask_id:
@@ -466,18 +511,31 @@ class DiffusionEngine:
                                  dtype=engine_dtype(llm))
         return cls(loaded.model, loaded.tokenizer, llm)
 
+    @property
+    def accepts_drafts(self) -> bool:
+        """Whether `stream(draft=...)` re-denoises from a draft (a diffusion model and
+        `engine.draft_reuse`); otherwise a draft is ignored and the reply starts from masks."""
+        return self.settings.engine.draft_reuse and not self.model.cfg.causal
+
     def stream(self, messages: list[Message], *, session_id: str | None = None,
-               decode: DecodeSettings | None = None) -> EngineStream:
-        """Submit a reply; returns at once. Spans arrive as the worker commits them."""
+               decode: DecodeSettings | None = None,
+               draft: Sequence[int] = ()) -> EngineStream:
+        """Submit a reply; returns at once. Spans arrive as the worker commits them.
+
+        `draft`: the reply tokens of an earlier request whose context differed a little (a
+        preemptive reply to a partial transcript); the reply is then edited from it (see
+        `_DiffusionRow`) when `accepts_drafts`. `stats.draft_tokens` says whether it was used.
+        """
         return self.stream_ids(self.tokenizer.encode_chat(messages), session_id=session_id,
-                               decode=decode)
+                               decode=decode, draft=draft)
 
     def stream_ids(self, ids: list[int], *, session_id: str | None = None,
-                   decode: DecodeSettings | None = None) -> EngineStream:
+                   decode: DecodeSettings | None = None,
+                   draft: Sequence[int] = ()) -> EngineStream:
         """`stream` for an already rendered prompt (benchmarks use exact prompt lengths)."""
         stream = EngineStream()
         self._inbox.put(_Request(list(ids), decode or self.settings.decode, session_id, stream,
-                                 time.perf_counter()))
+                                 time.perf_counter(), tuple(draft)))
         return stream
 
     def generate(self, messages: list[Message], **kw: Any) -> tuple[str, GenerationStats]:
@@ -677,7 +735,8 @@ class DiffusionEngine:
         dev = self.device
         return _Blocks(lens, cur.to(dev), ((cur == mask_id) & valid).to(dev),
                        torch.tensor([v[1] for v in views], device=dev),
-                       torch.tensor([v[2] for v in views], dtype=torch.float64, device=dev))
+                       torch.tensor([v[2] for v in views], dtype=torch.float64, device=dev),
+                       _draft_tensor([r.block_draft() for r in rows], L, dev))
 
     def _decide(self, rows: list[_Row], logits: Tensor, blocks: _Blocks) -> None:
         """Pick tokens for every row's active block and commit the most confident (one sync)."""
@@ -695,6 +754,8 @@ class DiffusionEngine:
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(L, device=self.device).expand(B, L))
         commit = blocks.masked & ((rank < blocks.k[:, None]) | (conf >= blocks.threshold[:, None]))
+        if blocks.draft is not None:
+            commit |= _draft_run(x0, blocks)
         new = torch.where(commit, x0, blocks.cur).cpu().tolist()  # the step's one host sync
         for r, n, row_new in zip(rows, lens, new, strict=True):
             r.apply(row_new[:n])
@@ -718,6 +779,24 @@ class DiffusionEngine:
         return propose(lg, cur, mask_id=self.tokenizer.mask_id, temperature=d.temperature,
                        top_k=d.top_k, top_p=d.top_p, remasking="low_confidence",
                        generator=row.gen)
+
+
+def _draft_run(x0: Tensor, blocks: _Blocks) -> Tensor:
+    """(B, L) masked positions to commit from the draft: the new context proposes the draft
+    token there, and so it does at every masked position before it in the block (a left-to-right
+    run, as speculative decoding accepts a draft's agreeing prefix: a draft token accepted out of
+    order would pin the edit around a stale word)."""
+    assert blocks.draft is not None
+    agree = blocks.masked & (x0 == blocks.draft)
+    return agree & (agree | ~blocks.masked).int().cumprod(dim=1).bool()
+
+
+def _draft_tensor(drafts: list[list[int] | None], L: int, device: torch.device) -> Tensor | None:
+    """Rows' block drafts padded to (B, L) with NO_DRAFT; None when no row follows a draft."""
+    if all(d is None for d in drafts):
+        return None
+    rows = [(d or []) + [NO_DRAFT] * (L - len(d or [])) for d in drafts]
+    return torch.tensor(rows, device=device)
 
 
 def _padding_plan(i: int, pad_id: int) -> _Plan:
