@@ -12,7 +12,7 @@ const LEVEL_POLL_MS = 10;
 const MIC_SPEECH_RMS = 0.02;
 const AGENT_AUDIBLE_RMS = 0.01;
 const AGENT_QUIET_MS = 400; // agent audio after this much quiet starts a new reply
-const MAX_TURN_GAP_MS = 8000; // speech longer ago than this was not the question
+const MAX_TURN_GAP_MS = 20000; // speech longer ago than this was not the question
 
 const state = {
   pc: null, ws: null, mic: null, statsTimer: null, agentLine: null,
