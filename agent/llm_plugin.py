@@ -9,9 +9,13 @@ the first chunk with content as the LLM's TTFT, which here is the time to the fi
 span. Closing the stream (an interruption) cancels the engine row, which stops within one
 denoising step.
 
-Drafts: the last finished reply is kept keyed by its exact request. LiveKit's preemptive
-generation can ask for the same context twice (a draft started on the interim transcript, then
-the confirmed turn); a repeat of a finished request replays the draft without running the model.
+Drafts: the last finished reply is kept keyed by its request (the messages). LiveKit's
+preemptive generation can ask for the same context twice (a draft started on the interim
+transcript, then the confirmed turn); a repeat of a finished request replays the draft without
+running the model. When the new request differs only in the latest user text and the engine
+`accepts_drafts` (`llm.engine.draft_reuse`), the draft's tokens go with the request and the
+engine re-denoises from them instead of starting from masks; the log line of each reply says
+which path it took (`path=replay|draft|fresh`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class EngineLike(Protocol):
     ) -> EngineStreamLike: ...
 
 
+def engine_accepts_drafts(engine: Any) -> bool:
+    """Capability flag: `stream(..., draft=token_ids)` re-denoises from a draft."""
+    return bool(getattr(engine, "accepts_drafts", False))
+
+
 def chat_ctx_to_messages(chat_ctx: llm.ChatContext, system_prompt: str) -> list[Message]:
     """LiveKit's chat items -> engine messages; the agent's instructions become the system turn.
 
@@ -76,23 +85,37 @@ def chat_ctx_to_messages(chat_ctx: llm.ChatContext, system_prompt: str) -> list[
     return messages
 
 
-def _key(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+Key = tuple[tuple[str, str], ...]
+
+
+def _key(messages: Sequence[Message]) -> Key:
     return tuple((m["role"], m["content"]) for m in messages)
+
+
+def only_last_user_text_differs(old: Key, new: Key) -> bool:
+    """Same history, and both end in a user message whose text changed (a partial transcript
+    and its final version)."""
+    return (
+        len(old) == len(new) > 0 and old[:-1] == new[:-1] and old[-1] != new[-1]
+        and old[-1][0] == new[-1][0] == "user"
+    )
 
 
 @dataclass
 class Draft:
     """A finished reply and the request that produced it."""
 
-    key: tuple[tuple[str, str], ...]
+    key: Key
     spans: list[str] = field(default_factory=list)
+    token_ids: tuple[int, ...] = ()  # the reply's tokens, to re-denoise a near request from
 
 
 @dataclass
 class DraftStats:
     """How often drafts were replayed; exposed for tests and the bench."""
 
-    reused: int = 0
+    reused: int = 0  # replayed for an identical request
+    reseeded: int = 0  # passed to the engine for a request differing in the latest user text
     discarded: int = 0
     generated: int = 0
 
@@ -159,6 +182,19 @@ class DiffusionLLM(llm.LLM):
         self.draft = None
         return None
 
+    def draft_seed(self, messages: list[Message]) -> tuple[int, ...]:
+        """The kept draft's tokens when this request differs from its request only in the latest
+        user text and the engine re-denoises from drafts; () otherwise."""
+        draft = self.draft
+        if not self.reuse_drafts or draft is None or not draft.token_ids:
+            return ()
+        if not engine_accepts_drafts(self.engine):
+            return ()
+        if not only_last_user_text_differs(draft.key, _key(messages)):
+            return ()
+        self.draft_stats.reseeded += 1
+        return draft.token_ids
+
 
 class DiffusionLLMStream(llm.LLMStream):
     """One reply: engine spans in, `ChatChunk`s out; closing it cancels the engine row."""
@@ -170,21 +206,26 @@ class DiffusionLLMStream(llm.LLMStream):
 
     async def _run(self) -> None:
         messages = chat_ctx_to_messages(self._chat_ctx, self._dllm.system_prompt)
-        draft = self._dllm.cached_draft(messages)
+        seed = self._dllm.draft_seed(messages)
+        draft = None if seed else self._dllm.cached_draft(messages)
         if draft is not None:
             for text in draft.spans:
                 self._send_text(text)
+            logger.debug("reply done: path=replay, %d spans", len(draft.spans))
             return
-        await self._generate(messages)
+        await self._generate(messages, seed)
 
-    async def _generate(self, messages: list[Message]) -> None:
+    async def _generate(self, messages: list[Message], seed: tuple[int, ...]) -> None:
         t0 = time.perf_counter()
+        kw = {"draft": seed} if seed else {}
         stream = self._dllm.engine.stream(
-            messages, session_id=self._dllm.session_id, decode=self._dllm.decode
+            messages, session_id=self._dllm.session_id, decode=self._dllm.decode, **kw
         )
         spans: list[str] = []
+        ids: list[int] = []
         try:
             async for span in stream:
+                ids += span.token_ids
                 if span.text:
                     spans.append(span.text)
                     self._send_text(span.text)
@@ -194,22 +235,24 @@ class DiffusionLLMStream(llm.LLMStream):
             ) from e
         finally:
             stream.cancel()  # no-op when finished; stops the row within one step otherwise
-        self._finish(messages, spans, stream.stats, time.perf_counter() - t0)
+        self._finish(Draft(_key(messages), spans, tuple(ids)), stream.stats,
+                     time.perf_counter() - t0)
 
-    def _finish(
-        self, messages: list[Message], spans: list[str], stats: Any, total_s: float
-    ) -> None:
+    def _finish(self, reply: Draft, stats: Any, total_s: float) -> None:
         self._dllm.draft_stats.generated += 1
         reason = getattr(stats, "finish_reason", None)
         if reason == "error":
             raise APIConnectionError("diffusion engine reported an error", retryable=False)
         if reason in ("eot", "length"):
-            self._dllm.draft = Draft(key=_key(messages), spans=spans)
+            self._dllm.draft = reply
         if stats is not None:
             self._send_usage(stats)
+        seeded = getattr(stats, "draft_tokens", 0)
         logger.debug(
-            "reply done: %d spans, %.3f s, finish=%s, ttfs=%s",
-            len(spans), total_s, reason, getattr(stats, "ttfs_s", None),
+            "reply done: path=%s, %d spans, %.3f s, finish=%s, ttfs=%s, nfe=%s, draft kept %s/%d",
+            "draft" if seeded else "fresh", len(reply.spans), total_s, reason,
+            getattr(stats, "ttfs_s", None), getattr(stats, "nfe", None),
+            getattr(stats, "draft_kept", 0), seeded,
         )
 
     def _send_text(self, text: str) -> None:

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--draft-reuse", action="store_true",
+                        help="only measure re-denoising from a preemptive draft vs starting over "
+                             "(the configured model and decode settings, --repeats rounds)")
 
 
 def run(args: argparse.Namespace, settings) -> int:
@@ -93,8 +96,12 @@ def run(args: argparse.Namespace, settings) -> int:
     llm = settings.llm.model_copy(update={"device": opts["device"]})
     if llm.threads > 0:
         torch.set_num_threads(llm.threads)
-    result = benchmark(opts, llm, force_random=args.random, threshold=args.threshold)
-    print_report(result)
+    if args.draft_reuse:
+        result = draft_reuse_benchmark(settings.llm, args.repeats or 1)
+        print_draft_report(result)
+    else:
+        result = benchmark(opts, llm, force_random=args.random, threshold=args.threshold)
+        print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
@@ -389,3 +396,98 @@ def print_report(r: dict[str, Any]) -> None:
           f"mean {ss['mean_ms']:.1f} ms; cold first turn max {ss['cold_max_ms']:.1f} ms")
     g = r["agreement"]
     print(f"token agreement with {g['reference']} (uncached): {100 * g['token_agreement']:.1f}%")
+
+
+# --- draft re-denoising (`--draft-reuse`) ------------------------------------------------------
+
+# preemptive generation: a draft is made for the partial transcript, then the final one arrives
+DRAFT_PAIRS = [
+    ("what's the weather", "what's the weather like today"),
+    ("can you recommend a good", "can you recommend a good movie"),
+    ("what should I cook", "what should I cook for dinner tonight"),
+    ("how can I sleep", "how can I sleep better"),
+    ("tell me a joke", "tell me a joke about cats"),
+    ("what time is it", "what time is it in Tokyo"),
+    ("I'm feeling a bit", "I'm feeling a bit tired today"),
+    ("do you like music", "do you like music from the eighties"),
+    ("what are you reading", "what are you reading at the moment"),
+    ("I just got back from", "I just got back from a long walk"),
+    ("can you help me plan", "can you help me plan a trip to Paris"),
+    ("what's a good book", "what's a good book for the summer"),
+    ("how do I make", "how do I make pancakes"),
+    ("where should we go", "where should we go this weekend"),
+    ("I want to learn", "I want to learn to play the guitar"),
+    ("what do you think about", "what do you think about running"),
+    ("my friend gave me", "my friend gave me a mystery novel"),
+    ("any ideas for a", "any ideas for a birthday present"),
+    ("how was your", "how was your day"),
+    ("is it going to rain", "is it going to rain tomorrow"),
+    ("thanks, and what else", "thanks, and what else would you suggest"),
+    ("can we talk about", "can we talk about movies"),
+]
+
+
+def draft_reuse_benchmark(llm: LLMSettings, repeats: int) -> dict[str, Any]:
+    """Per pair: a draft for the partial transcript, then the final transcript started over and
+    re-denoised from the draft, interleaved (the order alternates per pair and repeat)."""
+    engine = DiffusionEngine.from_settings(
+        llm.model_copy(update={"engine": llm.engine.model_copy(update={"draft_reuse": True})}))
+    try:
+        list(engine.stream(_draft_messages(llm, DRAFT_PAIRS[0][1])))  # warm-up
+        runs = [_draft_pair(engine, llm, pair, i % 2 == 1)
+                for i, pair in enumerate(DRAFT_PAIRS * repeats)]
+    finally:
+        engine.close()
+    return _draft_summary(runs, llm)
+
+
+def _draft_messages(llm: LLMSettings, text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": llm.system_prompt}, {"role": "user", "content": text}]
+
+
+def _draft_pair(engine: DiffusionEngine, llm: LLMSettings, pair: tuple[str, str],
+                draft_first: bool) -> dict[str, Any]:
+    partial, final = (_draft_messages(llm, text) for text in pair)
+    draft = [t for span in engine.stream(partial) for t in span.token_ids]
+    out: dict[str, Any] = {}
+    for name in ("draft", "fresh") if draft_first else ("fresh", "draft"):
+        stream = engine.stream(final, draft=draft if name == "draft" else ())
+        out[name + "_ids"] = [t for span in stream for t in span.token_ids]
+        out[name] = stream.stats
+    return out
+
+
+def _draft_summary(runs: list[dict[str, Any]], llm: LLMSettings) -> dict[str, Any]:
+    def side(name: str) -> dict[str, float]:
+        stats = [r[name] for r in runs]
+        ttfs = [s.ttfs_s for s in stats if s.ttfs_s is not None]
+        return dict(ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None,
+                    reply_ms=1e3 * statistics.median(s.total_s for s in stats),
+                    nfe=statistics.mean(s.nfe for s in stats),
+                    reply_tokens=statistics.mean(s.reply_tokens for s in stats))
+    fresh, draft = side("fresh"), side("draft")
+    kept = [r["draft"].draft_kept / max(r["draft"].draft_tokens, 1) for r in runs]
+    return dict(pairs=len(DRAFT_PAIRS), runs=len(runs), decode=llm.decode.model_dump(),
+                cache=llm.engine.cache, fresh=fresh, draft=draft,
+                ratio=dict(ttfs=_ratio(fresh["ttfs_ms"], draft["ttfs_ms"]),
+                           reply_time=fresh["reply_ms"] / draft["reply_ms"]),
+                differs=statistics.mean(r["fresh_ids"] != r["draft_ids"] for r in runs),
+                draft_kept=statistics.mean(kept), machine=machine_info(torch.device("cpu")))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def print_draft_report(r: dict[str, Any]) -> None:
+    print(f"{r['runs']} final transcripts ({r['pairs']} pairs), each started over and "
+          f"re-denoised from the partial transcript's draft, interleaved")
+    for name in ("fresh", "draft"):
+        x = r[name]
+        ttfs = "-" if x["ttfs_ms"] is None else f"{x['ttfs_ms']:.1f} ms"
+        print(f"{name:>6}: first span {ttfs} (median), reply {x['reply_ms']:.1f} ms (median), "
+              f"{x['nfe']:.1f} forwards, {x['reply_tokens']:.1f} tokens (mean)")
+    ttfs = "-" if r["ratio"]["ttfs"] is None else f"{r['ratio']['ttfs']:.2f}x"
+    print(f"fresh/draft: first span {ttfs}, whole reply {r['ratio']['reply_time']:.2f}x "
+          f"(> 1: the draft is faster); replies differ in {100 * r['differs']:.0f}% of runs; "
+          f"{100 * r['draft_kept']:.0f}% of draft tokens kept at their position")
