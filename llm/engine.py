@@ -73,7 +73,7 @@ class GenerationStats:
     ttfs_s: float | None  # time to first committed span
     total_s: float
     finish_reason: str  # "eot" | "length" | "cancelled" | "error"
-    draft_tokens: int = 0  # draft tokens laid on the canvas (0: the reply started from masks)
+    draft_tokens: int = 0  # draft tokens offered, its end of turn included (0: no draft used)
     draft_kept: int = 0  # reply tokens equal to the draft token at the same position
 
 
@@ -295,13 +295,14 @@ class _DiffusionRow(_Row):
     """A reply denoised block by block on an adaptive canvas (LLaDA's semi-AR schedule).
 
     Seeded with a draft (an earlier reply, e.g. to a partial transcript), the reply is an edit of
-    it rather than a fresh sample, as a masked-diffusion model can re-mask and re-denoise tokens it
-    already produced (ReMDM, arXiv 2503.00307): the draft and its end of turn lie on the canvas;
-    each block is re-masked when it becomes active, and a masked position takes its draft token
-    as soon as the model's proposal under the new context equals it (besides the usual threshold
-    rule). So the draft tokens whose prediction changed under the new prompt stay masked and are
-    denoised afresh with the kept ones and the rest of the draft as context; a block that ends
-    unlike its draft drops the draft's remainder (its positions no longer line up).
+    it: a masked-diffusion model can re-mask and re-denoise tokens of a finished sequence (ReMDM,
+    arXiv 2503.00307). The canvas starts masked as usual (a stale draft shown as context pulled
+    even an unchanged context's proposals away from it on dv-small); the draft's tokens are
+    candidates: at every step a masked position takes its draft token when the model's proposal
+    under the new context equals it and so do all masked positions before it in the block, on
+    top of the usual commit rule. Draft tokens whose prediction changed under the new prompt are
+    so re-masked and denoised afresh with the kept ones as context; once a finished block differs
+    from its draft, the rest of the draft is dropped (its positions no longer line up).
     """
 
     def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
