@@ -148,3 +148,19 @@ def test_seeded_row_batched_equals_solo(tok, cache):
         assert streams[0].stats.draft_tokens > 0
     finally:
         eng.close()
+
+
+def test_draft_reuse_benchmark_reports_both_paths_and_the_ratio(tmp_path, capsys):
+    from helpers.tiny_ckpt import write_diffvoice_checkpoint
+
+    from llm.bench import DRAFT_PAIRS, draft_reuse_benchmark, print_draft_report
+
+    write_diffvoice_checkpoint(tmp_path / "ckpt")
+    llm = LLMSettings(model=str(tmp_path / "ckpt"), decode=dict(max_new_tokens=8))
+    r = draft_reuse_benchmark(llm, repeats=1)
+    assert r["runs"] == len(DRAFT_PAIRS) >= 20
+    assert r["fresh"]["nfe"] >= 1 and r["draft"]["nfe"] >= 1
+    assert r["ratio"]["reply_time"] == r["fresh"]["reply_ms"] / r["draft"]["reply_ms"]
+    assert 0.0 <= r["differs"] <= 1.0 and 0.0 <= r["draft_kept"] <= 1.0
+    print_draft_report(r)
+    assert "fresh/draft:" in capsys.readouterr().out
