@@ -45,9 +45,10 @@ class EngineSettings(BaseModel):
     session_cache_count: int = Field(32, ge=0)
     session_cache_mb: int = Field(512, ge=0)
     # a reply may be re-denoised from an earlier draft (preemptive generation: the draft for a
-    # partial transcript, then the final one) instead of starting from masks; see
-    # docs/benchmarks.md "Draft re-denoising" for the measurement behind the default
-    draft_reuse: bool = False
+    # partial transcript, then the final one) instead of starting from masks. On: dv-small's
+    # first span came ~7x sooner and the whole reply ~1.1x (docs/benchmarks.md, "Draft
+    # re-denoising"; `diffvoice bench-llm --draft-reuse` measures it for another model)
+    draft_reuse: bool = True
     # forwards against cached K/V with few static shapes (contexts padded to multiples of
     # `context_bucket`): torch.compile them per layer, and/or replay them as CUDA graphs (an 8B
     # step is ~1,400 kernels, whose launches alone exceed the 3-5 ms weight read on an H100/H200)
