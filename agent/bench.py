@@ -208,9 +208,19 @@ async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> dict[str, 
     return None
 
 
+async def _wait_audible(caller: Any, after_s: float, timeout_s: float) -> float | None:
+    """The first audible agent sample after `after_s`, or None at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (t := caller.heard.first_audible_s(after_s=after_s)) is None:
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(QUIET_POLL_S)
+    return t
+
+
 async def _wait_quiet(caller: Any, bench: BenchSettings) -> None:
     """Until the agent is listening and no agent audio arrived for `settle_s`."""
-    deadline = time.monotonic() + bench.reply_timeout_s
+    deadline = time.monotonic() + bench.reply_timeout_s + bench.metrics_timeout_s
     while time.monotonic() < deadline:
         states = [e["state"] for e in caller.events if e["type"] == "agent_state"]
         last_audio = caller.heard.chunks[-1][0] if len(caller.heard) else 0.0
@@ -230,9 +240,12 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings) -> dic
     """Speak one turn, wait for its reply to finish, and return the turn's record."""
     start = len(caller.events)
     t_end = await caller.speak(utt.pcm)
-    metrics = await _wait_metrics(caller, start, bench.reply_timeout_s)
+    t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
+    # LiveKit reports a turn's metrics when its reply has finished playing: a long reply on a
+    # busy machine takes a while, so only a reply that never became audible is dropped
+    wait_s = bench.reply_timeout_s + (bench.metrics_timeout_s if t_heard is not None else 0.0)
+    metrics = await _wait_metrics(caller, start, wait_s)
     await _wait_quiet(caller, bench)
-    t_heard = caller.heard.first_audible_s(after_s=t_end)
     recognised, reply = _texts(caller.events[start:])
     latency = None if t_heard is None else t_heard - t_end
     server = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}

@@ -123,8 +123,11 @@ class BenchSettings(Section):
     # int16 level of the first "audible" agent sample: about -36 dBFS, above Opus's noise floor
     # and Piper's leading near-silence
     audible_level: int = Field(500, ge=1, le=32767)
-    # no turn metrics and audible reply by then = a dropped turn (replies run up to ~6 s)
+    # no audible reply this long after the user's last sample = a dropped turn
     reply_timeout_s: float = Field(30.0, gt=0.0)
+    # an audible reply's metrics come once it has finished playing (replies run up to ~10 s;
+    # longer on a saturated CPU); none by then = a dropped turn
+    metrics_timeout_s: float = Field(60.0, gt=0.0)
     # quiet (no agent audio, agent listening) before the next turn is spoken
     settle_s: float = Field(0.6, ge=0.0)
     cache_dir: str = ".cache/bench-speech"  # synthesised built-in turns, one WAV each
