@@ -12,7 +12,7 @@ import contextvars
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 
 from audio.settings import AsrSettings, TtsSettings, VadSettings
-from llm.settings import LLMSettings
+from llm.settings import LLMSettings, apply_override
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
@@ -174,26 +174,6 @@ def resolve_config_path(name_or_path: str) -> Path:
     return path
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`llm.decode.steps=8` -> (["llm", "decode", "steps"], 8); values parse as TOML scalars."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r} is not of the form section.key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string
-    return key.split("."), value
-
-
-def _merge(tree: dict, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-        if not isinstance(tree, dict):
-            raise ValueError(f"override path {'.'.join(keys)!r} crosses a value")
-    tree[keys[-1]] = value
-
-
 def _check_env() -> None:
     """pydantic-settings ignores unknown prefixed variables; a typo must not pass silently."""
     prefix = Settings.model_config["env_prefix"]
@@ -214,8 +194,7 @@ def load_settings(config: str | None = None, overrides: list[str] | None = None)
     base = Settings(**data)  # file + environment
     merged = base.model_dump()
     for item in overrides or []:
-        keys, value = parse_override(item)
-        _merge(merged, keys, value)
+        apply_override(merged, item)
     if not overrides:
         return base
     token = _READ_ENV.set(False)  # re-reading the environment would let it beat the overrides

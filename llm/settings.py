@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import tomllib
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,3 +68,25 @@ class LLMSettings(BaseModel):
     system_prompt: str = "You are a friendly voice assistant. Keep replies short."
     decode: DecodeSettings = DecodeSettings()
     engine: EngineSettings = EngineSettings()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`llm.decode.steps=8` -> (["llm", "decode", "steps"], 8); values parse as TOML scalars."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string, e.g. a path
+    return key.split("."), value
+
+
+def apply_override(tree: dict, item: str) -> None:
+    """Set one `a.b.c=value` override in a nested dict of settings (a TOML file's data)."""
+    keys, value = parse_override(item)
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override path {'.'.join(keys)!r} crosses a value")
+    tree[keys[-1]] = value

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from llm.data import PrepareConfig, Split, load_split, load_tokenizer, prepare
 from llm.model import ModelConfig, Transformer
+from llm.settings import apply_override
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -112,21 +113,6 @@ def resolve_recipe(name_or_path: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"training recipe {name_or_path!r} not found")
     return path
-
-
-def apply_override(tree: dict, item: str) -> None:
-    """`optim.lr=3e-4` -> tree["optim"]["lr"] = 3e-4; values parse as TOML scalars."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r} is not of the form key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string, e.g. a path
-    *parents, last = key.split(".")
-    for k in parents:
-        tree = tree.setdefault(k, {})
-    tree[last] = value
 
 
 def load_recipe(name_or_path: str | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent import cli
-from agent.settings import CONFIG_DIR, Settings, load_settings, parse_override, resolve_config_path
-from llm.settings import DecodeSettings
+from agent.settings import CONFIG_DIR, Settings, load_settings, resolve_config_path
+from llm.settings import DecodeSettings, parse_override
 
 
 @pytest.fixture(autouse=True)
