@@ -21,6 +21,10 @@ Two measurements on the held-out split of the prepared data (`diffvoice train --
    The AR judge favours its own greedy replies (they are its argmax), so their generative
    perplexity is a floor, not a competitor; low generative perplexity with a low distinct-n
    means repetition.
+3. Context use. The same perplexities with every reply placed after the context of the next
+   example (mismatched prompts). A model that conditions on the conversation scores the
+   mismatched replies worse; `gap_nll` (mismatched minus matching, nats per reply token) near 0
+   means the model has learned the replies' style but not to answer what was said.
 
 Prompts are batched with left padding, per-row positions and a key mask, so a batched reply
 equals the reply to the prompt alone (RoPE is relative; padding is never attended).
@@ -34,6 +38,7 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
                    steps (forward passes per reply; null for AR and reference), gen_ppl,
                    mean_tokens, mean_words, ended, distinct_1, distinct_2, seconds}
     step_target   {steps, one_token_per_step, ratio, target_ratio, met}
+    context_use   {diffusion, ar}: each {matching_nll, mismatched_nll, gap_nll}
     samples       list of {context (the last user message), replies {label: text}}
     seconds       wall time of the whole evaluation
 """
@@ -172,6 +177,33 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
             "diffusion_elbo_nll": d_nll, "diffusion_elbo_ppl": math.exp(d_nll),
             "ar_nll": a_nll, "ar_ppl": math.exp(a_nll), "ratio": ratio,
             "target_ratio": ELBO_RATIO_TARGET, "met": ratio <= ELBO_RATIO_TARGET}
+
+
+def mismatched(split: Split) -> Split:
+    """Each example's reply after the next example's context (the last after the first's)."""
+    parts = [split.example(i) for i in range(len(split))]
+    rows, prompt_lens = [], []
+    for k, (ids, p) in enumerate(parts):
+        other, q = parts[(k + 1) % len(parts)]
+        rows.append(other[:q].tolist() + ids[p:].tolist())
+        prompt_lens.append(q)
+    return pack(rows, prompt_lens)
+
+
+def context_use(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Split) -> dict:
+    """Reply NLL after the matching context vs after another example's context, per model."""
+    split = subset(test, spread(len(test), cfg.examples))
+    out: dict[str, dict] = {}
+    for name, m, objective in (("diffusion", diff, "diffusion"), ("ar", ar, "ar")):
+        nll = {}
+        for kind, data in (("matching", split), ("mismatched", mismatched(split))):
+            total, count = reply_nll(m.model, by_length(data), m.tokenizer, objective=objective,
+                                     device=torch.device("cpu"), examples=len(data),
+                                     batch_size=cfg.batch_size, seq_len=m.model.cfg.max_seq_len,
+                                     t_grid=cfg.t_grid, seed=cfg.seed)
+            nll[f"{kind}_nll"] = total / count
+        out[name] = {**nll, "gap_nll": nll["mismatched_nll"] - nll["matching_nll"]}
+    return out
 
 
 # ---------------------------------------------------------------- generation
@@ -361,13 +393,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     with torch.inference_mode():
         ppl = perplexities(cfg, diff, ar, test)
         rows, texts, prompts = generation(cfg, diff, ar, test)
+        context = context_use(cfg, diff, ar, test)
     samples = [{"context": last_user_message(p, diff.tokenizer),
                 "replies": {label: t[i] for label, t in texts.items()}}
                for i, p in enumerate(prompts[:cfg.samples])]
     config = {**cfg.model_dump(), "model": str(diff.path), "ar_model": str(ar.path),
               "params": diff.model.num_params()}
     return {"config": config, "perplexity": ppl, "generation": rows,
-            "step_target": step_target(rows, cfg.gen_length), "samples": samples,
+            "step_target": step_target(rows, cfg.gen_length), "context_use": context,
+            "samples": samples,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -400,6 +434,10 @@ def print_report(r: dict) -> None:
     if st is not None:
         print(f"  {st['steps']}-step / 1-token-per-step gen ppl: {st['ratio']:.2f}x   "
               f"target <= {st['target_ratio']}x: {_verdict(st['met'])}")
+    print("\ncontext use: reply NLL (nats/token) after the matching vs another example's context")
+    for name, c_use in r["context_use"].items():
+        print(f"  {name:<10} matching {c_use['matching_nll']:.3f}  mismatched "
+              f"{c_use['mismatched_nll']:.3f}  gap {c_use['gap_nll']:+.3f}")
     for s in r["samples"]:
         print(f"\nuser: {s['context']}")
         for label, text in s["replies"].items():

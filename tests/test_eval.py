@@ -54,7 +54,16 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
 
 def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsys):
     out, r = _eval(setup, tmp_path, capsys)
-    assert set(r) == {"config", "perplexity", "generation", "step_target", "samples", "seconds"}
+    assert set(r) == {"config", "perplexity", "generation", "step_target", "context_use",
+                      "samples", "seconds"}
+    for name in ("diffusion", "ar"):
+        use = r["context_use"][name]
+        assert set(use) == {"matching_nll", "mismatched_nll", "gap_nll"}
+        assert use["gap_nll"] == pytest.approx(use["mismatched_nll"] - use["matching_nll"])
+    # the matching half is the perplexity measurement itself
+    assert r["context_use"]["ar"]["matching_nll"] == pytest.approx(r["perplexity"]["ar_nll"])
+    assert r["context_use"]["diffusion"]["matching_nll"] == pytest.approx(
+        r["perplexity"]["diffusion_elbo_nll"])
     p = r["perplexity"]
     assert p["examples"] == 6 and p["reply_tokens"] > 0
     assert p["ratio"] == pytest.approx(p["diffusion_elbo_ppl"] / p["ar_ppl"])
@@ -132,3 +141,13 @@ def test_cached_batched_greedy_equals_plain_greedy(setup):
         for _ in range(6):  # no cache, no padding: the whole sequence each time
             x = torch.cat([x, ar.model(x)[0][:, -1:].argmax(-1)], dim=1)
         assert reply == E.ended_reply(x[0, len(prompt):], tok)
+
+
+def test_mismatched_puts_each_reply_after_the_next_context():
+    from llm.eval import mismatched, pack
+
+    split = pack([[1, 2, 10, 11], [3, 20], [4, 5, 6, 30, 31, 32]], [2, 1, 3])
+    out = mismatched(split)
+    assert [out.example(i)[0].tolist() for i in range(3)] == [
+        [3, 10, 11], [4, 5, 6, 20], [1, 2, 30, 31, 32]]
+    assert out.prompt_len.tolist() == [1, 3, 2]
