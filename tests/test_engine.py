@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from helpers.engine_hooks import cancel_after_steps
 from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
 
 from llm.engine import DiffusionEngine, EngineStream, _DiffusionRow, _Request, _SpanWriter
@@ -127,15 +128,7 @@ def test_cancel_stops_within_one_step(tok):
     eng = make_engine(tok, decode=decode)
     try:
         stream = eng.stream(msgs(PROMPTS[0]))
-        decide, steps = eng._decide, []
-
-        def decide_then_cancel(*args):
-            decide(*args)
-            steps.append(1)
-            if len(steps) == 3:
-                stream.cancel()
-
-        eng._decide = decide_then_cancel
+        cancel_after_steps(eng, stream, 3)
         list(stream)
         assert stream.stats.finish_reason == "cancelled"
         assert stream.stats.nfe == 3  # no forward after the step that saw the cancel

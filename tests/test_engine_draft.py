@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.engine_hooks import cancel_after_steps
 from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
 
 from llm.engine import DiffusionEngine, EngineStream
@@ -117,15 +118,7 @@ def test_cancel_of_a_seeded_reply_stops_within_one_step(tok):
         stale = [tok.encode(" cold")[0]] * REPLY_LEN  # never agrees: one token per step
         eng.scripted_prompt_len = len(tok.encode_chat(msgs(FINAL)))
         stream = eng.stream(msgs(FINAL), draft=stale)
-        decide, steps = eng._decide, []
-
-        def decide_then_cancel(*args):
-            decide(*args)
-            steps.append(1)
-            if len(steps) == 2:
-                stream.cancel()
-
-        eng._decide = decide_then_cancel
+        cancel_after_steps(eng, stream, 2)
         list(stream)
         assert stream.stats.finish_reason == "cancelled"
         assert stream.stats.nfe == 2  # no forward after the step that saw the cancel
