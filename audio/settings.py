@@ -57,6 +57,9 @@ class TtsSettings(BaseModel):
     voice_path: str = ""
     config_path: str = ""
     length_scale: float = Field(default=1.0, gt=0.0)  # > 1 speaks slower
+    # silence kept before a sentence's first audible sample; Piper's own lead-in is 40-60 ms of
+    # near-silence that a caller waits through before the voice starts. None keeps it as is
+    lead_in_ms: int | None = Field(default=10, ge=0)
     # a sentence longer than this is split at commas/spaces so first audio stays fast
     max_sentence_chars: int = Field(default=200, ge=20)
     # text longer than this is refused (a clear error instead of minutes of synthesis)

@@ -29,6 +29,8 @@ from audio.settings import TtsSettings
 
 logger = logging.getLogger(__name__)
 
+# the level (int16) where speech is audible: about -40 dBFS, above Piper's near-silent lead-in
+AUDIBLE_LEVEL = 320
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])[\"')\]]*\s+")
 _CLAUSE_END = re.compile(r"(?<=[,])\s+")
 
@@ -53,6 +55,16 @@ def _split_long(sentence: str, max_chars: int) -> Iterator[str]:
             piece = piece[cut:].strip()
     if piece:
         yield piece
+
+
+def trim_lead_in(pcm: np.ndarray, rate: int, keep_ms: int) -> np.ndarray:
+    """Drop the near-silence before the first audible sample, keeping `keep_ms` of it so the
+    onset is not clipped. Audio that is never audible is returned unchanged."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > AUDIBLE_LEVEL)
+    if len(loud) == 0:
+        return pcm
+    start = max(0, int(loud[0]) - rate * keep_ms // 1000)
+    return pcm[start:]
 
 
 def split_sentences(text: str, max_chars: int) -> list[str]:
@@ -112,7 +124,9 @@ class PiperSynthesizer:
         """One normalised sentence -> int16 samples; blocking (call from a thread)."""
         with self._lock:
             chunks = [c.audio_int16_array for c in self.voice.synthesize(sentence, self._config)]
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+        pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+        keep = self.settings.lead_in_ms
+        return pcm if keep is None else trim_lead_in(pcm, self.sample_rate, keep)
 
     async def stream(self, text: str) -> AsyncGenerator[np.ndarray, None]:
         """Text -> int16 audio per sentence, each synthesised in a worker thread."""

@@ -10,11 +10,13 @@ import pytest
 from audio.codecs import read_wav
 from audio.settings import TtsSettings
 from audio.tts import (
+    AUDIBLE_LEVEL,
     PiperSynthesizer,
     TextTooLongError,
     split_sentences,
     synthesize,
     synthesize_to_wav,
+    trim_lead_in,
 )
 
 
@@ -37,6 +39,29 @@ def test_a_sentence_becomes_speech(synth):
     seconds = len(pcm) / synth.sample_rate
     assert pcm.dtype == np.int16 and synth.sample_rate == 22050
     assert 1.0 < seconds < 5.0 and np.abs(pcm).max() > 3000
+
+
+def _lead_in_ms(pcm: np.ndarray, rate: int) -> float:
+    return 1000 * int(np.argmax(np.abs(pcm.astype(np.int32)) > AUDIBLE_LEVEL)) / rate
+
+
+def test_the_voice_starts_within_the_configured_lead_in(synth):
+    untrimmed = PiperSynthesizer.load(TtsSettings(lead_in_ms=None))
+    for text in ["I think so.", "Yes, I do.", "Okay."]:
+        raw, trimmed = untrimmed.synthesize(text), synth.synthesize(text)
+        assert _lead_in_ms(raw, synth.sample_rate) > 20  # Piper's own lead-in
+        assert _lead_in_ms(trimmed, synth.sample_rate) <= TtsSettings().lead_in_ms + 0.1
+        assert np.abs(trimmed).max() > 3000  # the speech itself is kept (synthesis is random)
+
+
+def test_trim_lead_in_keeps_the_onset_and_leaves_silence_alone():
+    rate = 1000
+    pcm = np.zeros(100, dtype=np.int16)
+    assert trim_lead_in(pcm, rate, 10) is pcm  # never audible: unchanged
+    pcm[50:] = 1000
+    out = trim_lead_in(pcm, rate, 10)
+    assert len(out) == 60 and out[10] == 1000 and not out[:10].any()
+    assert len(trim_lead_in(pcm[45:], rate, 10)) == 55  # less lead-in than kept: nothing cut
 
 
 def test_unspeakable_and_empty_text_give_no_audio(synth):
