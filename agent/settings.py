@@ -72,6 +72,9 @@ class ServerSettings(Section):
     max_sessions: int = Field(4, ge=1)  # each holds STT, TTS and a share of the engine batch
     max_message_bytes: int = Field(64 * 1024, ge=1024)  # an SDP offer is 2-8 KiB
     ice_timeout_s: float = Field(15.0, gt=0.0)  # a peer not connected by then is dropped
+    # the microphone's packets held for reordering before decoding: each one adds 20 ms before
+    # the agent hears the caller (aiortc's default holds 4; loss is concealed by Opus anyway)
+    jitter_prefetch_frames: int = Field(1, ge=1, le=8)
     # WebRTC audio is 48 kHz both ways; the agent's speech stages run at 16 kHz
     input_sample_rate: int = 16000
     metrics_log: str = "logs/turns.jsonl"  # per-turn latency records; empty = off

@@ -30,6 +30,8 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc import __version__ as aiortc_version
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 from livekit import rtc
 from livekit.agents.voice.transcription import TranscriptSynchronizer
@@ -45,6 +47,8 @@ WEBRTC_SAMPLE_RATE = 48000  # Opus always runs at 48 kHz in WebRTC
 SESSION_CLOSE_TIMEOUT_S = 5.0
 # events kept for a data channel that has not opened yet (a greeting's text and state changes)
 MAX_PENDING_EVENTS = 256
+AUDIO_JITTER_CAPACITY = 16  # packets, as aiortc sizes its audio jitter buffer
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"  # aiortc keeps it private (name-mangled)
 _OPUS_RTPMAP = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTILINE)
 
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
@@ -82,6 +86,21 @@ class AgentAudioTrack(MediaStreamTrack):
         frame.time_base = Fraction(1, self.output.rate)
         self._pts += len(samples)
         return frame
+
+
+def set_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> bool:
+    """Make the peer's audio receivers release a packet once `frames` later ones arrived
+    (aiortc fixes 4, i.e. 80 ms before the agent hears anything). Call before media flows.
+    False (and a warning) if this aiortc version keeps its jitter buffer elsewhere."""
+    receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "audio"]
+    for receiver in receivers:
+        if not isinstance(getattr(receiver, _JITTER_ATTR, None), JitterBuffer):
+            logger.warning("aiortc %s: cannot set the jitter prefetch; keeping its default",
+                           aiortc_version)
+            return False
+        setattr(receiver, _JITTER_ATTR, JitterBuffer(capacity=AUDIO_JITTER_CAPACITY,
+                                                     prefetch=frames))
+    return True
 
 
 def av_to_mono(frame: av.AudioFrame) -> rtc.AudioFrame:
@@ -150,6 +169,7 @@ class Visitor:
         self.pc.on("connectionstatechange", self._on_connection_state)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            set_jitter_prefetch(self.pc, self.settings.server.jitter_prefetch_frames)
             self.pc.addTrack(self.track)
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except (ValueError, AttributeError, KeyError) as e:

@@ -18,7 +18,7 @@ from agent.serve import BrowserServer
 from agent.session import Models
 from agent.settings import Settings, load_settings
 from agent.signalling import check_bind, parse_message
-from agent.webrtc import OfferError, check_offer
+from agent.webrtc import OfferError, check_offer, set_jitter_prefetch
 
 # fixtures with the real models, shared by the modules that need them
 real_settings = real_parts.real_settings
@@ -64,6 +64,23 @@ def test_offer_checks():
     with pytest.raises(OfferError, match="Opus"):
         check_offer("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\n")
     check_offer("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n")
+
+
+async def test_the_microphone_jitter_prefetch_is_set_before_media_flows():
+    from aiortc import RTCPeerConnection
+
+    caller, server = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        caller.addTransceiver("audio")
+        await caller.setLocalDescription(await caller.createOffer())
+        await server.setRemoteDescription(caller.localDescription)
+        assert set_jitter_prefetch(server, 2)
+        (transceiver,) = server.getTransceivers()
+        buffer = transceiver.receiver._RTCRtpReceiver__jitter_buffer
+        assert buffer._prefetch == 2 and buffer.capacity == 16
+    finally:
+        await caller.close()
+        await server.close()
 
 
 def test_message_parsing():
