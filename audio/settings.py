@@ -16,8 +16,10 @@ class VadSettings(BaseModel):
     deactivation_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)
     # this much speech in a row opens an utterance (3 windows of 32 ms: ignores clicks)
     min_speech_ms: int = Field(default=96, ge=32)
-    # this much silence closes it; LiveKit's default is 550 ms, shorter ends turns sooner
-    min_silence_ms: int = Field(default=400, ge=64)
+    # this much silence closes it (and brings the final transcript); LiveKit's default is 550 ms.
+    # Shorter ends turns sooner; a pause inside an unfinished sentence is bridged by the turn
+    # detector, which then waits up to session.max_endpointing_delay_s
+    min_silence_ms: int = Field(default=300, ge=64)
     # audio kept from before the detected start, so the first phoneme is not clipped
     prefix_padding_ms: int = Field(default=300, ge=0)
     # path of a Silero ONNX file; empty = the one shipped in livekit-plugins-silero (stateful,

@@ -122,7 +122,10 @@ async def test_interims_before_speech_end_and_speculative_final_reused(whisper):
 
 async def test_speculative_final_discarded_when_speech_resumes(whisper):
     first, second = "Please remind me to call my sister", "after lunch on Friday."
-    gap = np.zeros(int(0.25 * SAMPLE_RATE), np.float32)  # > speculation, < end of utterance
+    # a pause longer than the speculation silence, well short of the end of an utterance
+    gap_ms = (ASR.speculation_silence_ms + VAD.min_silence_ms) / 2
+    assert ASR.speculation_silence_ms + 64 < gap_ms < VAD.min_silence_ms - 64
+    gap = np.zeros(int(gap_ms / 1000 * SAMPLE_RATE), np.float32)
     audio = pad(np.concatenate([trimmed(first), gap, trimmed(second)]), 0.3, 1.0)
     rec = StreamingRecognizer(whisper, ASR, VAD)
     events, _ = await run_stream(rec, audio, realtime=True)
