@@ -14,12 +14,15 @@ only the `DiffusionLLM` wrapper (which carries the conversation's K/V-cache id) 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from livekit.agents import Agent, AgentSession, llm, stt, tts, vad
-from livekit.agents.types import NOT_GIVEN
+from livekit.agents.types import NOT_GIVEN, FlushSentinel
 from livekit.agents.voice import io
+from livekit.agents.voice.agent import ModelSettings
 from livekit.agents.voice.turn import TurnHandlingOptions
 
 from agent.llm_plugin import DiffusionLLM, EngineLike
@@ -38,6 +41,33 @@ class Models:
     vad: vad.VAD | None
     turn_detector: Any | None  # LiveKit's turn detector, or None to end turns on silence
     model_name: str = "diffvoice"
+
+
+# a committed span that ends like this closes a sentence (the engine cuts spans there)
+_ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]]*\s*$")
+
+
+def ends_sentence(chunk: Any) -> bool:
+    """Whether an LLM chunk's text ends a sentence."""
+    text = chunk if isinstance(chunk, str) else getattr(chunk.delta, "content", None)
+    return bool(text) and _ENDS_SENTENCE.search(text) is not None
+
+
+class VoiceAgent(Agent):
+    """The agent of every session: its reply is spoken sentence by sentence as committed.
+
+    The engine releases text only once it is final, cut at sentence ends, so a chunk that ends
+    a sentence is followed by a flush: TTS speaks it now instead of holding it until the next
+    sentence starts (LiveKit's sentence splitter only releases a sentence when it sees the next
+    one, which for a diffusion reply can be several denoising steps later)."""
+
+    async def llm_node(
+        self, chat_ctx: llm.ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
+    ) -> AsyncIterator[llm.ChatChunk | str | FlushSentinel]:
+        async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
+            yield chunk
+            if ends_sentence(chunk):
+                yield FlushSentinel()
 
 
 def load_turn_detector(session: SessionSettings) -> Any | None:
@@ -118,7 +148,7 @@ def build_session(
         aec_warmup_duration=s.aec_warmup_s or None,
         user_away_timeout=s.user_away_timeout_s,
     )
-    agent = Agent(instructions=settings.llm.system_prompt)
+    agent = VoiceAgent(instructions=settings.llm.system_prompt)
     return session, agent
 
 

@@ -35,6 +35,7 @@ class FakeEngineStream:
         self.stats: FakeStats | None = None
         self.cancelled_at: float | None = None
         self.steps_after_cancel = 0
+        self.released_at: list[float] = []  # time.monotonic() of each span handed out
         self._t0 = time.perf_counter()
         self.failing = engine.fail or engine.fail_next > 0
         engine.fail_next = max(0, engine.fail_next - 1)
@@ -63,6 +64,7 @@ class FakeEngineStream:
                 reason = "error"
                 break
             self._out.put_nowait(FakeSpan(text, (1,), time.perf_counter() - self._t0, 1))
+            self.released_at.append(time.monotonic())
         total = time.perf_counter() - self._t0
         self.stats = FakeStats(10, 0, 5, 3, None, total, reason)
         self._out.put_nowait(None)

@@ -16,7 +16,7 @@ from voice_harness import Caller
 
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
-from agent.session import Models, build_session, turn_handling
+from agent.session import Models, build_session, ends_sentence, turn_handling
 from agent.settings import Settings, load_settings
 
 # fixtures with the real models, shared by the modules that need them
@@ -80,6 +80,30 @@ async def test_spoken_turn_through_custom_audio_io(vad):
     assert reply.text_content.strip() == "It is sunny.", (reply, caller.playouts)
     latency = caller.heard[0][0] - caller.last_speech_end
     assert 0 < latency < 10.0  # the reply followed the question; not a performance check
+
+
+@pytest.mark.slow
+async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad):
+    # the second sentence is committed ~1.2 s after the first: its first audio must not wait
+    first, second = "It is sunny today. ", "Bring a hat with you."
+    engine = FakeEngine(reply=[first, second], step_s=0.3, steps_per_span=4)
+    tts = FakeTTS()
+    models = _models(engine, vad, FakeSTT([QUESTION]), tts)
+    async with Caller(_settings(), models) as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=15)
+    (stream,) = engine.streams
+    assert len(stream.released_at) == 2, stream.released_at
+    assert caller.heard and caller.heard[0][0] < stream.released_at[1]
+    assert tts.texts[:2] == [first.strip(), second]  # synthesised one sentence at a time
+    reply = caller.messages("assistant")[0]
+    assert reply.text_content.replace("  ", " ").strip() == (first + second).strip()
+
+
+def test_only_text_that_closes_a_sentence_is_flushed():
+    assert ends_sentence("It is sunny. ") and ends_sentence('He said "no."')
+    assert ends_sentence("Really?!") and not ends_sentence("It is")
+    assert not ends_sentence("") and not ends_sentence("3.5 degrees")
 
 
 @pytest.mark.slow
