@@ -11,7 +11,10 @@ Two measurements on the held-out split of the prepared data (`diffvoice train --
 2. Generation, on `--prompts` held-out prompts (also spread evenly), temperature 0: the reference
    sampler (`generate_few_step`: the `--gen-length` reply canvas as one block, the most confident
    masks committed first) at 2, 4, 8 and 16 steps and at one token per step (steps = gen
-   length); the AR baseline's own greedy replies (K/V cached); and the
+   length); confidence-threshold decoding (Fast-dLLM, `generate_threshold`: every mask above
+   the threshold committed per forward, at least one; the canvas as one block) at each of
+   `--thresholds`, prompt by prompt so a row's `steps` is the mean forwards per reply; the AR
+   baseline's own greedy replies (K/V cached); and the
    held-out human replies of the same prompts. Each reply is cut at its first stop token
    (`<|eot|>`/`<|eos|>`). Per row: the AR baseline's perplexity of the replies ("generative
    perplexity", Dieleman et al./MDLM; over reply tokens + `<|eot|>` when the reply ended within
@@ -34,8 +37,9 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
     config        the settings of the run (model paths, sizes, seed, steps, t_grid)
     perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
                    ar_nll, ar_ppl, ratio, target_ratio, met}   (nll in nats per token)
-    generation    list of rows {label, sampler ("diffusion" | "ar" | "reference"),
-                   steps (forward passes per reply; null for AR and reference), gen_ppl,
+    generation    list of rows {label, sampler ("diffusion" | "threshold" | "ar" |
+                   "reference"), steps (forward passes per reply, the mean for "threshold";
+                   null for AR and reference), threshold (threshold rows), gen_ppl,
                    mean_tokens, mean_words, ended, distinct_1, distinct_2, seconds}
     step_target   {steps, one_token_per_step, ratio, target_ratio, met}
     context_use   {diffusion, ar}: each {matching_nll, mismatched_nll, gap_nll}
@@ -52,6 +56,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -60,7 +65,7 @@ from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, load_split, load_tokenizer
-from llm.sampler import generate_few_step, trim_reply
+from llm.sampler import generate_few_step, generate_threshold, trim_reply
 from llm.tokenizer import ChatTokenizer
 from llm.train import reply_nll
 
@@ -84,6 +89,8 @@ class EvalConfig(BaseModel):
     prompts: int = Field(16, ge=1)  # held-out prompts for generation
     gen_length: int = Field(32, ge=1)  # reply canvas (data replies: <= 64 tokens incl. <|eot|>)
     steps: tuple[int, ...] = (2, 4, 8, 16)  # plus one token per step (= gen_length)
+    # confidence thresholds for threshold decoding (the agent's decode strategy)
+    thresholds: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (0.9, 0.7, 0.5)
     batch_size: int = Field(16, ge=1)  # rows per forward
     samples: int = Field(3, ge=0)  # prompts whose replies are printed
     seed: int = 0
@@ -99,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, help="held-out prompts for generation")
     parser.add_argument("--gen-length", type=int, help="reply canvas in tokens")
     parser.add_argument("--steps", type=int, nargs="+", help="diffusion step counts")
+    parser.add_argument("--thresholds", type=float, nargs="*",
+                        help="confidence thresholds for threshold decoding (none: skip)")
     parser.add_argument("--batch-size", type=int, help="rows per forward")
     parser.add_argument("--samples", type=int, help="prompts whose replies are printed")
     parser.add_argument("--seed", type=int)
@@ -250,6 +259,20 @@ def diffusion_replies(model: LoadedModel, prompts: list[list[int]], steps: int,
     return out
 
 
+def threshold_replies(model: LoadedModel, prompts: list[list[int]], threshold: float,
+                      cfg: EvalConfig) -> tuple[list[list[int]], float]:
+    """Threshold-decoded replies (the canvas as one block, temperature 0), one prompt at a time
+    so each reply's forward count is its own; returns the replies and the mean forwards."""
+    tok, out, forwards = model.tokenizer, [], []
+    for prompt in prompts:
+        x, nfe = generate_threshold(model.model, torch.tensor([prompt]), mask_id=tok.mask_id,
+                                    gen_length=cfg.gen_length, block_length=cfg.gen_length,
+                                    threshold=threshold)  # (1, P + G)
+        out.append(ended_reply(x[0, len(prompt):], tok))
+        forwards.append(nfe)
+    return out, float(np.mean(forwards))
+
+
 def ended_reply(canvas: Tensor, tok: ChatTokenizer) -> list[int]:
     """(G,) canvas -> the reply up to its first stop token, plus `<|eot|>` if there was one."""
     reply = trim_reply(canvas, tok.stop_ids)
@@ -307,7 +330,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def reply_stats(label: str, sampler: str, steps: int | None, replies: list[list[int]],
+def reply_stats(label: str, sampler: str, steps: float | None, replies: list[list[int]],
                 texts: list[str], gen_ppl: float, tok: ChatTokenizer, seconds: float) -> dict:
     ended = [bool(r) and r[-1] == tok.eot_id for r in replies]
     n_tokens = [len(r) - e for r, e in zip(replies, ended, strict=True)]  # without <|eot|>
@@ -325,17 +348,21 @@ def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
     examples = [test.example(int(i)) for i in idx]
     prompts = [ids[:p].tolist() for ids, p in examples]
     tok = diff.tokenizer
-    runs: list[tuple[str, str, int | None]] = [
+    runs: list[tuple[str, str, float | None]] = [
         *((f"diffusion {s} steps", "diffusion", s) for s in cfg.steps),
         (f"diffusion 1 token/step ({cfg.gen_length} steps)", "diffusion", cfg.gen_length),
+        *((f"diffusion threshold {t:g}", "threshold", t) for t in cfg.thresholds),
         ("AR greedy", "ar", None),
         ("held-out replies", "reference", None),
     ]
     rows, texts_by_label = [], {}
-    for label, sampler, steps in runs:
+    for label, sampler, arg in runs:
         t0 = time.perf_counter()
+        steps: float | None = arg
         if sampler == "diffusion":
-            replies = diffusion_replies(diff, prompts, steps, cfg)
+            replies = diffusion_replies(diff, prompts, int(arg), cfg)
+        elif sampler == "threshold":
+            replies, steps = threshold_replies(diff, prompts, arg, cfg)
         elif sampler == "ar":
             replies = ar_replies(ar, prompts, cfg)
         else:
@@ -344,6 +371,8 @@ def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
         texts = [tok.decode(r) for r in replies]
         rows.append(reply_stats(label, sampler, steps, replies, texts,
                                 judge(ar, prompts, replies, cfg), tok, seconds))
+        if sampler == "threshold":
+            rows[-1]["threshold"] = arg
         texts_by_label[label] = texts
         log.info("%s: %.1f s", label, seconds)
     return rows, texts_by_label, prompts
@@ -427,7 +456,10 @@ def print_report(r: dict) -> None:
     head = ("sampler", "gen ppl", "tokens", "words", "ended", "dist-1", "dist-2", "s")
     print(f"  {head[0]:<34}" + "".join(f"{h:>9}" for h in head[1:]))
     for row in r["generation"]:
-        print(f"  {row['label']:<34}{row['gen_ppl']:9.2f}{row['mean_tokens']:9.1f}"
+        label = row["label"]
+        if row["sampler"] == "threshold":
+            label += f" ({row['steps']:.1f} fwd)"
+        print(f"  {label:<34}{row['gen_ppl']:9.2f}{row['mean_tokens']:9.1f}"
               f"{row['mean_words']:9.1f}{row['ended']:9.2f}{row['distinct_1']:9.3f}"
               f"{row['distinct_2']:9.3f}{row['seconds']:9.1f}")
     st = r["step_target"]

@@ -46,7 +46,8 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
     out_json = tmp_path / "eval.json"
     rc = cli.main(["eval-model", "--model", str(paths[model]), "--ar-model", str(paths["ar"]),
                    "--data-dir", str(data), "--examples", "6", "--t-grid", "2", "--prompts", "3",
-                   "--gen-length", "8", "--steps", "2", "8", "--batch-size", "2",
+                   "--gen-length", "8", "--steps", "2", "8", "--thresholds", "0.9", "1e-6",
+                   "--batch-size", "2",
                    "--samples", "1", "--json", str(out_json)])
     assert rc == 0
     return capsys.readouterr().out, json.loads(out_json.read_text())
@@ -70,20 +71,26 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     assert p["met"] == (p["ratio"] <= E.ELBO_RATIO_TARGET)
     labels = [row["label"] for row in r["generation"]]
     assert labels == ["diffusion 2 steps", "diffusion 8 steps",
-                      "diffusion 1 token/step (8 steps)", "AR greedy", "held-out replies"]
+                      "diffusion 1 token/step (8 steps)", "diffusion threshold 0.9",
+                      "diffusion threshold 1e-06", "AR greedy", "held-out replies"]
     for row in r["generation"]:
+        extra = {"threshold"} if row["sampler"] == "threshold" else set()
         assert set(row) == {"label", "sampler", "steps", "gen_ppl", "mean_tokens", "mean_words",
-                            "ended", "distinct_1", "distinct_2", "seconds"}
+                            "ended", "distinct_1", "distinct_2", "seconds"} | extra
         assert row["gen_ppl"] > 1 and 0 <= row["ended"] <= 1
         assert 0 <= row["distinct_1"] <= 1 and 0 <= row["distinct_2"] <= 1
         assert row["mean_tokens"] <= 8 or row["sampler"] == "reference"
+    strict, loose = (row for row in r["generation"] if row["sampler"] == "threshold")
+    assert strict["threshold"] == 0.9 and 1 <= strict["steps"] <= 8
+    assert loose["steps"] == 1.0  # every mask clears a near-zero threshold in one forward
     reference = r["generation"][-1]
     assert reference["ended"] == 1.0  # every held-out reply ends with <|eot|>
     # 8 steps on an 8-token canvas is one token per step: the same sampler, the same replies
     assert r["step_target"]["ratio"] == pytest.approx(1.0)
     assert len(r["samples"]) == 1 and set(r["samples"][0]["replies"]) == set(labels)
     for needle in ("held-out perplexity", "diffusion ELBO bound", "AR baseline", "gen ppl",
-                   "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: "):
+                   "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: ",
+                   "diffusion threshold 1e-06 (1.0 fwd)"):
         assert needle in out
 
 
