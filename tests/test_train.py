@@ -159,6 +159,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_recipes_validate_and_unknown_keys_fail():
     for name in ("train-dv-small", "train-dv-small-ar", "train-dv-small-adapt"):
         assert T.load_recipe(name).batch_size >= 128
+    # the CPU stage: both rivals differ only in their start and what adaptation needs
+    scratch, adapt = T.load_recipe("train-dv-small-cpu"), T.load_recipe("train-dv-small-adapt-cpu")
+    assert adapt.model.shift_logits and not scratch.model.shift_logits
+    assert (scratch.batch_size, scratch.max_steps, scratch.max_minutes) == (
+        adapt.batch_size, adapt.max_steps, adapt.max_minutes)
     with pytest.raises(ValueError):
         T.load_recipe("train-dv-small", ["optim.learning_rate=1e-3"])
 
