@@ -32,7 +32,8 @@ def test_default_config_is_the_shipped_deployment():
     data = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
     s = load_settings()
     assert s.llm.model == data["llm"]["model"]
-    assert s.llm.decode == DecodeSettings()  # untouched sections keep the model defaults
+    # what the file sets is taken; the rest of the section keeps the model defaults
+    assert s.llm.decode == DecodeSettings(**data["llm"]["decode"])
     assert load_settings("default") == s
 
 
