@@ -170,7 +170,7 @@ def html_report(report: dict[str, Any], png_path: Path) -> str:
     rows = "".join(_turn_row(t) for run in report["runs"] for t in run["turns"])
     head = "".join(f"<th>{h}</th>" for h in (
         "config", "sessions", "session", "conv", "turn", "cold", "status", "latency ms",
-        *(STAGE_LABELS[s] for s in STAGES), "recognised", "reply"))
+        *(STAGE_LABELS[s] for s in STAGES), "said", "recognised", "reply"))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>diffvoice bench</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
@@ -187,6 +187,6 @@ def _turn_row(t: dict[str, Any]) -> str:
     b = t["breakdown_s"] or {}
     cells = [t["config"], t["sessions"], t["session"], t["conversation"], t["turn"], t["cold"],
              t["status"], _ms(t["latency_s"]), *(_ms(b.get(s)) for s in STAGES),
-             t["recognised_text"], t["reply_text"]]
+             t["prompt_text"], t["recognised_text"], t["reply_text"]]
     return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
