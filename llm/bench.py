@@ -277,7 +277,7 @@ def reference_reply(bm: BenchModel, ids: list[int], decode: DecodeSettings,
     tok, block = bm.tokenizer, decode.block_length
     prompt = torch.tensor([ids], device=next(bm.model.parameters()).device)
     kw = dict(mask_id=tok.mask_id, gen_length=gen_length, block_length=block,
-              stop_ids=tok.stop_ids)
+              stop_ids=tok.stop_ids, ordered_end=decode.ordered_end)
     if decode.strategy == "threshold":
         out, _ = generate_threshold(bm.model, prompt, threshold=decode.threshold, **kw)
     else:

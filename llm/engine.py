@@ -48,7 +48,7 @@ from llm.kvcache import (
 )
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
-from llm.sampler import propose
+from llm.sampler import defer_ends, propose
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 
@@ -750,6 +750,11 @@ class DiffusionEngine:
             for b, (o, n) in enumerate(zip(offsets, lens, strict=False)):
                 lg[b, :n] = logits[o:o + n]
         x0, conf = self._propose(lg, blocks.cur, rows)
+        if any(r.decode.ordered_end for r in rows):
+            ordered = torch.tensor([r.decode.ordered_end for r in rows], device=self.device)
+            late = defer_ends(blocks.cur, x0, conf, mask_id=self.tokenizer.mask_id,
+                              stop_ids=self.tokenizer.stop_ids)
+            conf = torch.where(ordered[:, None], late, conf)
         conf = torch.where(blocks.masked, conf, -torch.inf)  # padding is not a mask to fill
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(

@@ -91,6 +91,9 @@ class EvalConfig(BaseModel):
     steps: tuple[int, ...] = (2, 4, 8, 16)  # plus one token per step (= gen_length)
     # confidence thresholds for threshold decoding (the agent's decode strategy)
     thresholds: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (0.9, 0.7, 0.5)
+    # stop tokens commit only at the reply's first masked position, as the engine does by default
+    # (`DecodeSettings.ordered_end`); off: LLaDA's reference order, whose replies end early
+    ordered_end: bool = True
     batch_size: int = Field(16, ge=1)  # rows per forward
     samples: int = Field(3, ge=0)  # prompts whose replies are printed
     seed: int = 0
@@ -108,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", help="diffusion step counts")
     parser.add_argument("--thresholds", type=float, nargs="*",
                         help="confidence thresholds for threshold decoding (none: skip)")
+    parser.add_argument("--ordered-end", action=argparse.BooleanOptionalAction, default=None,
+                        help="stop tokens commit only at the reply's first mask (default: on)")
     parser.add_argument("--batch-size", type=int, help="rows per forward")
     parser.add_argument("--samples", type=int, help="prompts whose replies are printed")
     parser.add_argument("--seed", type=int)
@@ -254,7 +259,8 @@ def diffusion_replies(model: LoadedModel, prompts: list[list[int]], steps: int,
         ids, n_pad = left_pad(chunk, tok.pad_id)  # (B, P)
         wrapped = LeftPadded(model.model, n_pad, ids.shape[1] + cfg.gen_length)
         x = generate_few_step(wrapped, ids, mask_id=tok.mask_id, gen_length=cfg.gen_length,
-                              steps=steps)  # (B, P + G)
+                              steps=steps, stop_ids=tok.stop_ids,
+                              ordered_end=cfg.ordered_end)  # (B, P + G)
         out += [ended_reply(row, tok) for row in x[:, ids.shape[1]:]]
     return out
 
@@ -267,7 +273,8 @@ def threshold_replies(model: LoadedModel, prompts: list[list[int]], threshold: f
     for prompt in prompts:
         x, nfe = generate_threshold(model.model, torch.tensor([prompt]), mask_id=tok.mask_id,
                                     gen_length=cfg.gen_length, block_length=cfg.gen_length,
-                                    threshold=threshold)  # (1, P + G)
+                                    threshold=threshold, stop_ids=tok.stop_ids,
+                                    ordered_end=cfg.ordered_end)  # (1, P + G)
         out.append(ended_reply(x[0, len(prompt):], tok))
         forwards.append(nfe)
     return out, float(np.mean(forwards))

@@ -9,6 +9,9 @@
 - `generate_dream`: Dream's whole-canvas schedule (timesteps 1 -> eps) with its unmasking orders.
 - `generate_few_step`: the whole reply canvas as one block in a few steps.
 
+`ordered_end` (our addition, off in the references): a stop-token proposal commits only at a
+row's first masked position (`defer_ends`), so the reply's end is decided after its text.
+
 The model call is `logits, _ = model(x)` with `x` (B, L); a model with shifted logits (Dream)
 already returns them aligned with the positions they predict. Every function checks
 `should_stop()` before each forward pass, so a barge-in ends it within one step; positions not
@@ -120,6 +123,23 @@ def commit_top(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor) -> Tensor:
     return torch.where(select, x0, x)
 
 
+def defer_ends(x: Tensor, x0: Tensor, conf: Tensor, *, mask_id: int,
+               stop_ids: Sequence[int]) -> Tensor:
+    """Ordered ending: a stop-token proposal (end of turn, EOS) anywhere but a row's first masked
+    position gets confidence -1: after every other proposal, before positions that cannot commit.
+
+    A masked-diffusion model trained with EOS padding is most sure of the canvas's tail being
+    padding; committed first, each EOS makes the one before it likelier and the reply is cut to
+    a few words whatever the context. x, x0, conf (B, L) as from `propose`.
+    """
+    if not stop_ids:
+        return conf
+    masked = x == mask_id
+    first = masked & (masked.int().cumsum(dim=1) == 1)
+    late = masked & ~first & torch.isin(x0, torch.tensor(list(stop_ids), device=x0.device))
+    return conf.masked_fill(late, -1.0)
+
+
 def spread_over_steps(n_masked: Tensor, steps: int) -> Tensor:
     """(B,) masks of a block -> (B, steps) tokens to commit per step, remainder to early steps."""
     base = n_masked // steps
@@ -168,12 +188,14 @@ def generate_llada(
     model: nn.Module, prompt: Tensor, *, mask_id: int, gen_length: int, block_length: int,
     steps: int, temperature: float = 0.0, remasking: str = "low_confidence",
     cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None, should_stop: StopFn | None = None,
+    ordered_end: bool = False, generator: torch.Generator | None = None,
+    should_stop: StopFn | None = None,
 ) -> Tensor:
     """LLaDA's reference sampler. prompt (B, P) -> (B, P + gen_length).
 
     `steps` are split evenly over the blocks. With `stop_ids`, decoding ends after the block in
-    which every row has produced one (later blocks stay masked; `trim_reply` cuts there).
+    which every row has produced one (later blocks stay masked; `trim_reply` cuts there), and
+    `ordered_end` defers their proposals (`defer_ends`).
     """
     n_blocks = _check_blocks(gen_length, block_length)
     if steps % n_blocks:
@@ -190,6 +212,8 @@ def generate_llada(
             logits = model_logits(model, x, prompt_len=P, mask_id=mask_id, cfg_scale=cfg_scale)
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking=remasking, generator=generator)
+            if ordered_end:
+                conf = defer_ends(x, x0, conf, mask_id=mask_id, stop_ids=stop_ids)
             x = commit_top(x, x0, outside_block(conf, start, end), schedule[:, s])
         if all_rows_stopped(x, P, end, stop_ids):
             break
@@ -200,8 +224,8 @@ def generate_llada(
 def generate_threshold(
     model: nn.Module, prompt: Tensor, *, mask_id: int, gen_length: int, block_length: int,
     threshold: float, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-    stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
-    should_stop: StopFn | None = None,
+    stop_ids: Sequence[int] = (), ordered_end: bool = False,
+    generator: torch.Generator | None = None, should_stop: StopFn | None = None,
 ) -> tuple[Tensor, int]:
     """Confidence-threshold parallel decoding (Fast-dLLM). Returns (tokens, forward passes).
 
@@ -221,6 +245,8 @@ def generate_threshold(
             nfe += 1
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking="low_confidence", generator=generator)
+            if ordered_end:
+                conf = defer_ends(x, x0, conf, mask_id=mask_id, stop_ids=stop_ids)
             x = commit_threshold(x, x0, outside_block(conf, start, end), threshold)
         if all_rows_stopped(x, P, end, stop_ids):
             break
@@ -239,7 +265,8 @@ def commit_threshold(x: Tensor, x0: Tensor, conf: Tensor, threshold: float) -> T
 def generate_few_step(
     model: nn.Module, prompt: Tensor, *, mask_id: int, gen_length: int, steps: int,
     temperature: float = 0.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
-    top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+    ordered_end: bool = False, generator: torch.Generator | None = None,
     should_stop: StopFn | None = None,
 ) -> Tensor:
     """The whole reply canvas as one block in `steps` (e.g. 4-8) steps: gen_length/steps
@@ -247,7 +274,8 @@ def generate_few_step(
     return generate_llada(
         model, prompt, mask_id=mask_id, gen_length=gen_length, block_length=gen_length,
         steps=steps, temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
-        top_k=top_k, top_p=top_p, generator=generator, should_stop=should_stop,
+        top_k=top_k, top_p=top_p, stop_ids=stop_ids, ordered_end=ordered_end,
+        generator=generator, should_stop=should_stop,
     )
 
 

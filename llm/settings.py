@@ -23,6 +23,10 @@ class DecodeSettings(BaseModel):
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # an end-of-turn/EOS proposal commits only at the reply's first masked position: the end is
+    # decided after the text (otherwise trailing EOS, the most confident guess, are committed
+    # first and cascade back over the reply; `llm.sampler.defer_ends`)
+    ordered_end: bool = True
     # adaptive canvas: mask blocks kept after the active one. The reply canvas grows block by
     # block until the model ends its turn (or max_new_tokens), instead of a long canvas that an
     # EOS-padded instruct model floods with EOS; >= max_new_tokens/block_length = fixed canvas

@@ -54,24 +54,27 @@ def test_cache_with_refresh_every_step_equals_llada_reference(tok, cache, shift)
             ids, _, stream = run(eng, text)
             prompt = torch.tensor([tok.encode_chat(msgs(text))])
             ref = generate_llada(model, prompt, mask_id=tok.mask_id, gen_length=24,
-                                 block_length=8, steps=12, stop_ids=tok.stop_ids)
+                                 block_length=8, steps=12, stop_ids=tok.stop_ids,
+                                 ordered_end=True)  # the engine's default
             assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
             assert stream.stats.nfe <= 12
     finally:
         eng.close()
 
 
+@pytest.mark.parametrize("ordered_end", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_threshold_decoding_equals_reference(tok, cache):
+def test_threshold_decoding_equals_reference(tok, cache, ordered_end):
     model = tiny_model(tok.vocab_size, seed=3)
     decode = dict(strategy="threshold", threshold=0.5, max_new_tokens=16, block_length=8,
-                  lookahead_blocks=4)
+                  lookahead_blocks=4, ordered_end=ordered_end)
     eng = make_engine(tok, model, decode=decode, cache=cache, **EXACT)
     try:
         ids, _, stream = run(eng, PROMPTS[1])
         prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))])
         ref, nfe = generate_threshold(model, prompt, mask_id=tok.mask_id, gen_length=16,
-                                      block_length=8, threshold=0.5, stop_ids=tok.stop_ids)
+                                      block_length=8, threshold=0.5, stop_ids=tok.stop_ids,
+                                      ordered_end=ordered_end)
         assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
         assert stream.stats.nfe <= nfe
     finally:
@@ -241,7 +244,7 @@ def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
         ids, _, _ = run(eng, PROMPTS[1])
         prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))], device="cuda")
         ref = generate_llada(model, prompt, mask_id=tok.mask_id, gen_length=24, block_length=8,
-                             steps=12, stop_ids=tok.stop_ids)
+                             steps=12, stop_ids=tok.stop_ids, ordered_end=True)
         assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
     finally:
         eng.close()

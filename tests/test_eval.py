@@ -110,7 +110,8 @@ def test_left_padded_batch_gives_each_prompt_its_solo_reply(setup):
     batched = E.diffusion_replies(loaded, prompts, 4, cfg)
     for prompt, reply in zip(prompts, batched, strict=True):
         x = generate_few_step(loaded.model, torch.tensor([prompt]), mask_id=tok.mask_id,
-                              gen_length=8, steps=4)
+                              gen_length=8, steps=4, stop_ids=tok.stop_ids,
+                              ordered_end=cfg.ordered_end)
         assert reply == E.ended_reply(x[0, len(prompt):], tok)
 
 

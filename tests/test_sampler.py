@@ -182,6 +182,43 @@ def test_llada_spreads_masks_with_the_remainder_first():
     assert committed == [0, 2, 4]  # 5 masks over 3 steps: 2, 2, 1
 
 
+class EndsFirst(nn.Module):
+    """Positions 3 and later propose the stop token 2 with logit 6 (probability 0.93); positions
+    1 and 2 propose 10 + (committed tokens in the row) with logits 1 and 2 (0.09, 0.20)."""
+
+    def __init__(self, vocab: int = 30):
+        super().__init__()
+        self.vocab, self.mask_id = vocab, vocab - 1
+
+    def forward(self, x):
+        B, L = x.shape
+        logits = torch.zeros(B, L, self.vocab)
+        token = 10 + (x != self.mask_id).sum(1)  # (B,)
+        logits[:, 1, token], logits[:, 2, token], logits[:, 3:, 2] = 1.0, 2.0, 6.0
+        return logits, None
+
+
+def test_ordered_end_commits_the_stop_token_after_the_text_before_it():
+    model = EndsFirst()
+    M = model.mask_id
+    runs = {}
+    for ordered in (False, True):
+        rec = Recorder(model)
+        out, _ = generate_threshold(rec, torch.tensor([[7]]), mask_id=M, gen_length=4,
+                                    block_length=4, threshold=0.9, stop_ids=[2],
+                                    ordered_end=ordered)
+        runs[ordered] = [x[0].tolist() for x in rec.seen] + [out[0].tolist()]
+    # LLaDA's order: the confident tail is committed first and the text is squeezed before it
+    assert runs[False][1] == [7, M, M, 2, 2]
+    assert runs[True] == [
+        [7, M, M, M, M],
+        [7, M, 11, M, M],  # the tail's stop proposals wait; the best text proposal commits
+        [7, 12, 11, M, M],
+        [7, 12, 11, 2, M],  # now the first mask: its stop token (0.93) commits, the next waits
+        [7, 12, 11, 2, 2],
+    ]
+
+
 def test_threshold_commits_everything_above_it_and_at_least_one():
     # probability of the proposal = e^s / (e^s + 29): s=6 -> 0.93, s=5 -> 0.84, s=1 -> 0.09
     model = Scripted([0.0, 6.0, 1.0, 6.5, 5.0])
