@@ -14,7 +14,6 @@ only the `DiffusionLLM` wrapper (which carries the conversation's K/V-cache id) 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from livekit.agents.voice.turn import TurnHandlingOptions
 
 from agent.llm_plugin import DiffusionLLM, EngineLike
 from agent.settings import SessionSettings, Settings
+from llm import sentences
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,10 @@ class Models:
     model_name: str = "diffvoice"
 
 
-# a committed span that ends like this closes a sentence (the engine cuts spans there)
-_ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]]*\s*$")
-
-
 def ends_sentence(chunk: Any) -> bool:
-    """Whether an LLM chunk's text ends a sentence."""
+    """Whether an LLM chunk's text ends a sentence (where the engine cuts its spans)."""
     text = chunk if isinstance(chunk, str) else getattr(chunk.delta, "content", None)
-    return bool(text) and _ENDS_SENTENCE.search(text) is not None
+    return bool(text) and sentences.ends_sentence(text)
 
 
 class VoiceAgent(Agent):

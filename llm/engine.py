@@ -27,7 +27,6 @@ import functools
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ from llm.kvcache import (
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
 from llm.sampler import defer_ends, propose
+from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 
@@ -159,9 +159,6 @@ class EngineStream:
             pass
 
 
-_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?=\s)")
-
-
 class _SpanWriter:
     """Final reply tokens -> text spans; only text whose decode is stable is released."""
 
@@ -179,7 +176,7 @@ class _SpanWriter:
             return "", ()
         new = text[len(self.sent):]
         if not (block_done or finished):
-            ends = [m.end() for m in _SENTENCE_END.finditer(new)]
+            ends = sentence_cuts(new)
             if not ends:
                 return "", ()
             new = new[: ends[-1]]

@@ -18,6 +18,7 @@ from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
 from agent.session import Models, build_session, ends_sentence, turn_handling
 from agent.settings import Settings, load_settings
+from llm.sentences import sentence_cuts
 
 # fixtures with the real models, shared by the modules that need them
 real_settings = real_parts.real_settings
@@ -104,6 +105,14 @@ def test_only_text_that_closes_a_sentence_is_flushed():
     assert ends_sentence("It is sunny. ") and ends_sentence('He said "no."')
     assert ends_sentence("Really?!") and not ends_sentence("It is")
     assert not ends_sentence("") and not ends_sentence("3.5 degrees")
+
+
+def test_every_span_the_engine_cuts_at_a_sentence_end_is_flushed():
+    text = 'It is 3.5 degrees. He said "no." (Really!) Fine?! Well… ok and then'
+    cuts = sentence_cuts(text)
+    assert len(cuts) == 5
+    assert all(ends_sentence(text[a:b]) for a, b in zip([0, *cuts], cuts, strict=False))
+    assert not ends_sentence(text[cuts[-1]:])
 
 
 @pytest.mark.slow
