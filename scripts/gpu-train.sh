@@ -8,15 +8,18 @@
 #    (equal compute: scratch steps = AR steps + adaptation steps);
 # 3. the better diffusion model (held-out ELBO perplexity) and the AR baseline (its best
 #    held-out checkpoint) are packed into $OUT as ship.tgz.part-* (15 MB pieces).
+# PLAN=continue instead spends the whole window on the shipped dv-small (`train-dv-small-adapt2`,
+# the adapted model, which won the comparison) and packs it as ship/dv-small.
 # Usage: scripts/gpu-train.sh [WINDOW_SECONDS]
-#   env: OUT (default runs/gpu-out), DEVICE (cuda), PROBE_STEPS (60), EXTRA (more --opt flags)
+#   env: OUT (default runs/gpu-out), DEVICE (cuda), PROBE_STEPS (60), EXTRA (more --opt flags),
+#        PLAN (compare | continue)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu-out}; DEVICE=${DEVICE:-cuda}; PROBE_STEPS=${PROBE_STEPS:-60}
-EXTRA=${EXTRA:-}
+EXTRA=${EXTRA:-}; PLAN=${PLAN:-compare}
 WINDOW=${1:-270}
-mkdir -p "$OUT" runs/ship
+rm -rf runs/ship runs/ship.tgz && mkdir -p "$OUT" runs/ship
 SEQ_LOG=$OUT/train-seq.log
 # the run's best held-out checkpoint, or its final one when no evaluation beat it
 PICK='
@@ -42,6 +45,23 @@ rate = sum(r["tokens_per_s"] for r in tail) / len(tail)
 print(rate / (s["tokens_this_session"] / s["steps_done"]))
 PY
 )
+pack() { tar czf runs/ship.tgz -C runs ship && split -b 15M runs/ship.tgz "$OUT/ship.tgz.part-"
+  ls -la "$OUT"; }
+if [ "$PLAN" = continue ]; then
+  # one process alone on the GPU; the probe ran the AR recipe (the same shapes and batch size)
+  STEPS=$(python3 -c "print(max(100, int($STEPS_PER_S * 0.9 * $WINDOW) // 50 * 50))")
+  echo "probe ${STEPS_PER_S} steps/s -> continue dv-small ${STEPS} steps" | tee -a "$SEQ_LOG"
+  rm -rf runs/dv-small-adapt2
+  train --recipe train-dv-small-adapt2 --opt max_steps=$STEPS \
+    --max-minutes "$(python3 -c "print(($WINDOW + 30) / 60)")" > "$OUT/train-continue.log" 2>&1
+  python3 -c "$PICK
+import shutil
+shutil.copytree(pick('runs/dv-small-adapt2'), 'runs/ship/dv-small')
+shutil.copy('runs/dv-small-adapt2/log.jsonl', 'runs/ship/dv-small-adapt2.log.jsonl')
+print(open('runs/dv-small-adapt2/summary.json').read())" | tee "$OUT/summary.txt"
+  pack
+  exit 0
+fi
 # two processes share the GPU: assume each gets ~55% of the probe's rate
 STEPS=$(python3 -c "print(max(200, int($STEPS_PER_S * 0.55 * $WINDOW) // 100 * 100))")
 HALF=$((STEPS / 2))
@@ -72,6 +92,4 @@ shutil.copytree(pick("runs/dv-small-ar"), "runs/ship/dv-small-ar")
 print(json.dumps({"runs": runs, "winner": winner}, indent=1))
 PY
 )" | tee "$OUT/summary.txt"
-tar czf runs/ship.tgz -C runs ship
-split -b 15M runs/ship.tgz "$OUT/ship.tgz.part-"
-ls -la "$OUT"
+pack
