@@ -73,7 +73,10 @@ def load_turn_detector(session: SessionSettings) -> Any | None:
         return None
     from livekit.agents import inference
 
-    return inference.TurnDetector(version=session.turn_detector)
+    threshold = session.turn_end_threshold
+    return inference.TurnDetector(
+        version=session.turn_detector,
+        unlikely_threshold=NOT_GIVEN if threshold is None else threshold)
 
 
 def load_models(settings: Settings) -> Models:

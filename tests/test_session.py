@@ -16,7 +16,13 @@ from voice_harness import Caller
 
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
-from agent.session import Models, build_session, ends_sentence, turn_handling
+from agent.session import (
+    Models,
+    build_session,
+    ends_sentence,
+    load_turn_detector,
+    turn_handling,
+)
 from agent.settings import Settings, load_settings
 from llm.sentences import sentence_cuts
 
@@ -49,6 +55,14 @@ def test_turn_handling_from_settings():
     assert th["interruption"]["min_duration"] == 0.4
     assert th["interruption"]["resume_false_interruption"] is True
     assert th["preemptive_generation"]["enabled"] is True
+
+
+async def test_turn_end_threshold_reaches_the_detector():
+    default = load_turn_detector(_settings(turn_detector="v1-mini").session)
+    lower = load_turn_detector(_settings(turn_detector="v1-mini", turn_end_threshold=0.2).session)
+    assert await lower.unlikely_threshold(None) == 0.2
+    assert 0.2 < await default.unlikely_threshold(None) < 1.0  # the model's value for English
+    assert load_turn_detector(_settings(turn_detector="vad").session) is None
 
 
 async def test_text_mode_history_carries_across_turns():
