@@ -10,7 +10,8 @@
 - `generate_few_step`: the whole reply canvas as one block in a few steps.
 
 `ordered_end` (our addition, off in the references): a stop-token proposal commits only at a
-row's first masked position (`defer_ends`), so the reply's end is decided after its text.
+row's first masked position (`defer_ends`), so the reply's end is decided after its text, and
+a row whose reply has ended spends no more forwards (`fill_after_end`), as in the engine.
 
 The model call is `logits, _ = model(x)` with `x` (B, L); a model with shifted logits (Dream)
 already returns them aligned with the positions they predict. Every function checks
@@ -140,6 +141,19 @@ def defer_ends(x: Tensor, x0: Tensor, conf: Tensor, *, mask_id: int,
     return conf.masked_fill(late, -1.0)
 
 
+def fill_after_end(x: Tensor, start: int, *, mask_id: int, stop_ids: Sequence[int]) -> Tensor:
+    """Rows whose reply (x[:, start:]) has a stop token before its first mask are finished: their
+    remaining masks become a stop token (`trim_reply` cuts there anyway), so no forward is spent
+    deciding padding. Used with `ordered_end`, under which such a stop token is final text."""
+    reply = x[:, start:]
+    masked = reply == mask_id
+    stops = torch.isin(reply, torch.tensor(list(stop_ids), device=x.device))
+    ended = (stops & (masked.int().cumsum(dim=1) == 0)).any(dim=1)  # (B,)
+    out = x.clone()
+    out[:, start:] = torch.where(ended[:, None] & masked, stop_ids[0], reply)
+    return out
+
+
 def spread_over_steps(n_masked: Tensor, steps: int) -> Tensor:
     """(B,) masks of a block -> (B, steps) tokens to commit per step, remainder to early steps."""
     base = n_masked // steps
@@ -215,6 +229,10 @@ def generate_llada(
             if ordered_end:
                 conf = defer_ends(x, x0, conf, mask_id=mask_id, stop_ids=stop_ids)
             x = commit_top(x, x0, outside_block(conf, start, end), schedule[:, s])
+            if ordered_end and stop_ids:
+                x = fill_after_end(x, P, mask_id=mask_id, stop_ids=stop_ids)
+                if not (x[:, start:end] == mask_id).any():
+                    break
         if all_rows_stopped(x, P, end, stop_ids):
             break
     return x
@@ -248,6 +266,8 @@ def generate_threshold(
             if ordered_end:
                 conf = defer_ends(x, x0, conf, mask_id=mask_id, stop_ids=stop_ids)
             x = commit_threshold(x, x0, outside_block(conf, start, end), threshold)
+            if ordered_end and stop_ids:
+                x = fill_after_end(x, P, mask_id=mask_id, stop_ids=stop_ids)
         if all_rows_stopped(x, P, end, stop_ids):
             break
     return x, nfe

@@ -10,6 +10,7 @@ from helpers.tiny_ckpt import tiny_model
 from torch import nn
 
 from llm.sampler import (
+    fill_after_end,
     filter_logits,
     generate_dream,
     generate_few_step,
@@ -201,12 +202,12 @@ class EndsFirst(nn.Module):
 def test_ordered_end_commits_the_stop_token_after_the_text_before_it():
     model = EndsFirst()
     M = model.mask_id
-    runs = {}
+    runs, nfes = {}, {}
     for ordered in (False, True):
         rec = Recorder(model)
-        out, _ = generate_threshold(rec, torch.tensor([[7]]), mask_id=M, gen_length=4,
-                                    block_length=4, threshold=0.9, stop_ids=[2],
-                                    ordered_end=ordered)
+        out, nfes[ordered] = generate_threshold(rec, torch.tensor([[7]]), mask_id=M,
+                                                gen_length=4, block_length=4, threshold=0.9,
+                                                stop_ids=[2], ordered_end=ordered)
         runs[ordered] = [x[0].tolist() for x in rec.seen] + [out[0].tolist()]
     # LLaDA's order: the confident tail is committed first and the text is squeezed before it
     assert runs[False][1] == [7, M, M, 2, 2]
@@ -214,9 +215,18 @@ def test_ordered_end_commits_the_stop_token_after_the_text_before_it():
         [7, M, M, M, M],
         [7, M, 11, M, M],  # the tail's stop proposals wait; the best text proposal commits
         [7, 12, 11, M, M],
-        [7, 12, 11, 2, M],  # now the first mask: its stop token (0.93) commits, the next waits
+        # now the first mask: its stop token (0.93) commits; the reply has ended, so the mask
+        # after it is filled without another forward
         [7, 12, 11, 2, 2],
     ]
+    assert nfes[True] == 3
+
+
+def test_fill_after_end_finishes_only_rows_whose_reply_has_ended():
+    M = 9
+    x = torch.tensor([[1, 4, 2, M, M], [1, M, 2, M, 5], [1, 4, 5, M, M]])
+    out = fill_after_end(x, 1, mask_id=M, stop_ids=[2, 3])
+    assert out.tolist() == [[1, 4, 2, 2, 2], [1, M, 2, M, 5], [1, 4, 5, M, M]]
 
 
 def test_threshold_commits_everything_above_it_and_at_least_one():
