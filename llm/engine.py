@@ -482,6 +482,7 @@ class DiffusionEngine:
         # causal models and shifted-logit models read position i's prediction at i-1
         self.pred_offset = int(model.cfg.causal or model.cfg.shift_logits)
         self.stop_ids = frozenset(tokenizer.stop_ids)
+        self._stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.device)
         es = self.settings.engine
         self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
@@ -747,11 +748,12 @@ class DiffusionEngine:
             for b, (o, n) in enumerate(zip(offsets, lens, strict=False)):
                 lg[b, :n] = logits[o:o + n]
         x0, conf = self._propose(lg, blocks.cur, rows)
-        if any(r.decode.ordered_end for r in rows):
-            ordered = torch.tensor([r.decode.ordered_end for r in rows], device=self.device)
+        ordered = [r.decode.ordered_end for r in rows]
+        if any(ordered):
             late = defer_ends(blocks.cur, x0, conf, mask_id=self.tokenizer.mask_id,
-                              stop_ids=self.tokenizer.stop_ids)
-            conf = torch.where(ordered[:, None], late, conf)
+                              stop_ids=self._stop_tensor)
+            conf = late if all(ordered) else torch.where(
+                torch.tensor(ordered, device=self.device)[:, None], late, conf)
         conf = torch.where(blocks.masked, conf, -torch.inf)  # padding is not a mask to fill
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(

@@ -125,19 +125,20 @@ def commit_top(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor) -> Tensor:
 
 
 def defer_ends(x: Tensor, x0: Tensor, conf: Tensor, *, mask_id: int,
-               stop_ids: Sequence[int]) -> Tensor:
+               stop_ids: Sequence[int] | Tensor) -> Tensor:
     """Ordered ending: a stop-token proposal (end of turn, EOS) anywhere but a row's first masked
     position gets confidence -1: after every other proposal, before positions that cannot commit.
 
     A masked-diffusion model trained with EOS padding is most sure of the canvas's tail being
     padding; committed first, each EOS makes the one before it likelier and the reply is cut to
-    a few words whatever the context. x, x0, conf (B, L) as from `propose`.
+    a few words whatever the context. x, x0, conf (B, L) as from `propose`; `stop_ids` may be a
+    tensor already on x's device (the engine's, made once).
     """
-    if not stop_ids:
+    if len(stop_ids) == 0:
         return conf
     masked = x == mask_id
     first = masked & (masked.int().cumsum(dim=1) == 1)
-    late = masked & ~first & torch.isin(x0, torch.tensor(list(stop_ids), device=x0.device))
+    late = masked & ~first & torch.isin(x0, torch.as_tensor(stop_ids, device=x0.device))
     return conf.masked_fill(late, -1.0)
 
 

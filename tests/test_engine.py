@@ -66,12 +66,14 @@ def test_cache_with_refresh_every_step_equals_llada_reference(tok, cache, shift)
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_threshold_decoding_equals_reference(tok, cache, ordered_end):
     model = tiny_model(tok.vocab_size, seed=3)
+    with torch.no_grad():  # EOS likeliest at some positions, so ordered ending changes replies
+        model.lm_head.weight[tok.eos_id] *= 10
     decode = dict(strategy="threshold", threshold=0.5, max_new_tokens=16, block_length=8,
                   lookahead_blocks=4, ordered_end=ordered_end)
     eng = make_engine(tok, model, decode=decode, cache=cache, **EXACT)
     try:
-        ids, _, stream = run(eng, PROMPTS[1])
-        prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))])
+        ids, _, stream = run(eng, PROMPTS[0])
+        prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[0]))])
         ref, nfe = generate_threshold(model, prompt, mask_id=tok.mask_id, gen_length=16,
                                       block_length=8, threshold=0.5, stop_ids=tok.stop_ids,
                                       ordered_end=ordered_end)
@@ -122,6 +124,23 @@ def test_batched_equals_solo_with_rows_joining_midway(tok, cache, shift):
         got[0] = list(head.token_ids) + got[0]
         assert got == solo
         assert max(batch_sizes) >= 3
+    finally:
+        eng.close()
+
+
+def test_rows_with_and_without_ordered_end_batch_like_solo(tok):
+    model = tiny_model(tok.vocab_size, seed=3)
+    with torch.no_grad():  # make EOS the likeliest token at some positions: the order matters
+        model.lm_head.weight[tok.eos_id] *= 10
+    eng = make_engine(tok, model, cache="dual")
+    texts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[2]]
+    decodes = [DecodeSettings(strategy="threshold", threshold=0.5, max_new_tokens=16,
+                              block_length=8, ordered_end=o) for o in (True, False)] * 2
+    try:
+        solo = [run(eng, t, decode=d)[0] for t, d in zip(texts, decodes, strict=True)]
+        assert solo[0] != solo[1]
+        streams = [eng.stream(msgs(t), decode=d) for t, d in zip(texts, decodes, strict=True)]
+        assert [[t for s in st for t in s.token_ids] for st in streams] == solo
     finally:
         eng.close()
 
