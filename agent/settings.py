@@ -191,13 +191,39 @@ def _check_env() -> None:
                 raise ValueError(f"unknown setting in environment variable {name}")
 
 
+def read_config(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config's TOML as a dict, laid over the config its `base` key names, if any: a variant
+    states only what it changes (`base = "default"`)."""
+    path = resolve_config_path(name_or_path).resolve()
+    if path in _seen:
+        raise ValueError(f"config {name_or_path!r} is its own base ({path})")
+    data = tomllib.loads(path.read_text())
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ValueError(f"{path}: base must be a config name or path, not {parent!r}")
+    return _laid_over(read_config(parent, (*_seen, path)), data)
+
+
+def _laid_over(below: dict, above: dict) -> dict:
+    """Tables merge key by key; any other value in `above` replaces the one below."""
+    out = dict(below)
+    for key, value in above.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _laid_over(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_settings(config: str | None = None, overrides: list[str] | None = None) -> Settings:
     """Settings from a named config or TOML path, the environment and `key=value` overrides.
 
     Environment variables override the TOML file; CLI overrides win over both.
     """
     _check_env()
-    data = tomllib.loads(resolve_config_path(config or DEFAULT_CONFIG).read_text())
+    data = read_config(config or DEFAULT_CONFIG)
     base = Settings(**data)  # file + environment
     merged = base.model_dump()
     for item in overrides or []:

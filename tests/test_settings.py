@@ -97,6 +97,42 @@ def test_named_config_resolution(toml):
         resolve_config_path(str(toml.parent / "absent.toml"))
 
 
+def test_a_config_states_only_what_it_changes_over_its_base(tmp_path, toml):
+    variant = tmp_path / "variant.toml"
+    variant.write_text(f'base = "{toml}"\n[llm.decode]\nblock_length = 32\n'
+                       '[session]\nturn_detector = "vad"\n')
+    s, below = load_settings(str(variant)), load_settings(str(toml))
+    assert s.llm.decode.block_length == 32 and s.session.turn_detector == "vad"
+    # the rest of each table comes from the base, and a base of a base is followed
+    assert s.llm.model == "from-file" and s.llm.decode.threshold == below.llm.decode.threshold
+    deeper = tmp_path / "deeper.toml"
+    deeper.write_text(f'base = "{variant}"\n[llm]\nmodel = "other"\n')
+    d = load_settings(str(deeper))
+    assert d.llm.model == "other" and d.llm.decode.block_length == 32 and d.llm.device == "cuda"
+
+
+def test_bench_variants_are_the_default_plus_their_change():
+    default = load_settings("default")
+    assert load_settings("bench-diffusion") == default
+    low = load_settings("bench-endpoint-low")
+    assert low.session.turn_end_threshold == 0.2
+    assert low.llm == default.llm and low.asr == default.asr and low.tts == default.tts
+
+
+def test_a_base_loop_or_a_bad_base_is_a_clear_error(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(f'base = "{b}"\n')
+    b.write_text(f'base = "{a}"\n')
+    with pytest.raises(ValueError, match="its own base"):
+        load_settings(str(a))
+    a.write_text("base = 3\n")
+    with pytest.raises(ValueError, match="base must be"):
+        load_settings(str(a))
+    a.write_text('base = "no-such-config"\n')
+    with pytest.raises(FileNotFoundError, match="no-such-config"):
+        load_settings(str(a))
+
+
 def test_cli_reports_bad_settings(capsys):
     assert cli.main(["chat", "--set", "llm.nope=1"]) == 2
     assert "bad settings" in capsys.readouterr().err
