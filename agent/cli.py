@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "bench-llm": "llm.bench",
     "train": "llm.train",
     "eval-model": "llm.eval",
+    "distill": "llm.distill",
     "bench-audio": "audio.bench",
 }
 

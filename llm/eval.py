@@ -297,9 +297,10 @@ def ar_replies(ar: LoadedModel, prompts: list[list[int]], cfg: EvalConfig) -> li
 
 
 def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
-           stop_ids: Sequence[int]) -> Tensor:
+           stop_ids: Sequence[int], no_repeat_ngram: int = 0) -> Tensor:
     """Greedy decoding of a causal model on left-padded prompts: (B, P) -> (B, gen_length);
-    stops early once every row has a stop token."""
+    stops early once every row has a stop token. `no_repeat_ngram` n > 0: a token that would
+    repeat an n-gram already in the row's reply is never chosen."""
     B, P = ids.shape
     keys = torch.arange(P)[None] >= n_pad[:, None]  # (B, P)
     pos = (torch.arange(P)[None] - n_pad[:, None]).clamp(min=0)  # (B, P)
@@ -307,7 +308,11 @@ def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
     out = torch.full((B, gen_length), stop_ids[0], dtype=torch.long)
     stops = torch.tensor(list(stop_ids))
     for i in range(gen_length):
-        out[:, i] = logits[:, -1].argmax(-1)
+        last = logits[:, -1]  # (B, V)
+        if no_repeat_ngram > 0:
+            last = last.masked_fill(ngram_bans(out[:, :i], no_repeat_ngram, last.shape[-1]),
+                                    float("-inf"))
+        out[:, i] = last.argmax(-1)
         if bool(torch.isin(out[:, : i + 1], stops).any(1).all()) or i == gen_length - 1:
             break
         pos = pos[:, -1:] + 1  # (B, 1)
@@ -317,6 +322,21 @@ def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
         kv = [(torch.cat([k, nk], 2), torch.cat([v, nv], 2))  # (B, nkv, S+1, hd)
               for (k, v), (nk, nv) in zip(kv, new, strict=True)]
     return out
+
+
+def ngram_bans(done: Tensor, n: int, vocab_size: int) -> Tensor:
+    """(B, i) tokens so far -> (B, V) bool: the tokens that would complete an n-gram the row
+    already contains (its last n-1 tokens seen before, followed by that token)."""
+    B, i = done.shape
+    bans = torch.zeros(B, vocab_size, dtype=torch.bool)
+    if i < n - 1 or n < 1:
+        return bans
+    for b, row in enumerate(done.tolist()):
+        prefix = row[i - n + 1:] if n > 1 else []
+        for j in range(i - n + 1):
+            if row[j:j + n - 1] == prefix:
+                bans[b, row[j + n - 1]] = True
+    return bans
 
 
 def judge(ar: LoadedModel, prompts: list[list[int]], replies: list[list[int]],

@@ -1,0 +1,104 @@
+"""`diffvoice distill`: teacher replies written in the prepared-data format, n-gram blocking."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agent import cli
+from llm import distill as D
+from llm.checkpoints import load_checkpoint, save_checkpoint
+from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
+from llm.eval import greedy, left_pad, ngram_bans
+from llm.model import ModelConfig, Transformer
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64, max_seq_len=256,
+            tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    data = root / "data"
+    convs = {c: [f"Turn {i} of talk {c}. Do you like {c} apples?" for i in range(5)]
+             for c in map(str, range(12))}
+    prepare(data, PrepareConfig(vocab_size=300, max_tokens=64, test_fraction=0.2,
+                                context_turns=2), convs=convs)
+    tok = load_tokenizer(data)
+    paths = {}
+    for name, causal in (("ar", True), ("diff", False)):
+        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, causal=causal, **TINY))
+        model.init_weights(seed=3)
+        objective = "autoregressive" if causal else "diffusion"
+        paths[name] = save_checkpoint(model, tok, root / name, objective=objective)
+    return data, paths
+
+
+def _repeats(row: list[int], n: int) -> bool:
+    grams = [tuple(row[j:j + n]) for j in range(len(row) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
+    done = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 5]])
+    bans = ngram_bans(done, 3, 10)
+    assert bans[0].nonzero().flatten().tolist() == [7]  # "5 6" was followed by 7
+    assert not bans[1].any()
+    assert ngram_bans(done, 2, 10)[0].nonzero().flatten().tolist() == [7]  # "6" -> 7
+    assert ngram_bans(done[:, :1], 3, 10).sum() == 0  # too short for a 3-gram
+
+
+def test_greedy_with_blocking_never_repeats_an_ngram(setup):
+    data, paths = setup
+    ar = load_checkpoint(paths["ar"])
+    train = load_split(data, "train")
+    prompts = [train.example(i)[0][:train.prompt_len[i]].tolist() for i in range(4)]
+    ids, n_pad = left_pad(prompts, ar.tokenizer.pad_id)
+    no_stop = [ar.tokenizer.vocab_size + 1]  # never produced: the whole canvas is reply
+    with torch.inference_mode():
+        plain = greedy(ar.model, ids, n_pad, 40, no_stop)
+        blocked = greedy(ar.model, ids, n_pad, 40, no_stop, no_repeat_ngram=3)
+    assert any(_repeats(r, 3) for r in plain.tolist())  # a random tiny model loops
+    assert not any(_repeats(r, 3) for r in blocked.tolist())
+    # blocking changes nothing before the first token it bans
+    for p, b in zip(plain.tolist(), blocked.tolist(), strict=True):
+        first = next((i for i in range(len(p)) if p[i] != b[i]), None)
+        assert (not _repeats(p, 3)) if first is None else _repeats(p[:first + 1], 3)
+
+
+def test_distill_writes_teacher_replies_to_the_chosen_training_prompts(setup, tmp_path, capsys):
+    data, paths = setup
+    out = tmp_path / "kd"
+    rc = cli.main(["distill", "--teacher", str(paths["ar"]), "--data-dir", str(data),
+                   "--out", str(out), "--examples", "7", "--gen-length", "6",
+                   "--batch-size", "3"])
+    assert rc == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["distill"]["examples"] == 7 and meta["distill"]["no_repeat_ngram"] == 3
+    assert (out / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    for name in ("tokens", "offsets", "prompt_len"):  # people's held-out replies stay
+        assert np.array_equal(np.load(out / f"test_{name}.npy"), np.load(data / f"test_{name}.npy"))
+    src, kd, tok = load_split(data, "train"), load_split(out, "train"), load_tokenizer(out)
+    assert len(kd) == meta["train"]["examples"] == 7
+    chosen = D.choose(len(src), 7, seed=0)
+    for j, i in enumerate(chosen):
+        ids, p = kd.example(j)
+        assert p == src.prompt_len[i]
+        assert ids[:p].tolist() == src.example(int(i))[0][:p].tolist()
+        reply = ids[p:].tolist()
+        assert 1 <= len(reply) <= 7 and reply[-1] == tok.eot_id
+        assert tok.eot_id not in reply[:-1]
+
+
+def test_distill_refuses_a_diffusion_teacher_and_overwriting_its_source(setup, tmp_path):
+    data, paths = setup
+    cfg = D.DistillConfig(teacher=str(paths["diff"]), data_dir=str(data), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="autoregressive"):
+        D.distill(cfg)
+    with pytest.raises(ValueError, match="must differ"):
+        D.distill(cfg.model_copy(update={"teacher": str(paths["ar"]), "out": str(data)}))
+    with pytest.raises(FileNotFoundError, match="--prepare"):
+        D.distill(cfg.model_copy(update={"data_dir": str(tmp_path / "none")}))
