@@ -53,6 +53,7 @@ class DistillConfig(BaseModel):
     gen_length: int = Field(63, ge=1)  # reply tokens before <|eot|>: the data's reply cap
     no_repeat_ngram: int = Field(3, ge=0)  # 0: plain greedy
     batch_size: int = Field(64, ge=1)
+    device: str = "cpu"  # the teacher runs in fp32 on this device ("cuda" on a GPU machine)
     seed: int = 0
 
 
@@ -64,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-length", type=int, help="most reply tokens before <|eot|>")
     parser.add_argument("--no-repeat-ngram", type=int, help="block repeated n-grams (0: off)")
     parser.add_argument("--batch-size", type=int, help="prompts per batch")
+    parser.add_argument("--device", help="where the teacher runs, e.g. cuda")
     parser.add_argument("--seed", type=int)
 
 
@@ -96,9 +98,9 @@ def teacher_split(cfg: DistillConfig, teacher, train: Split, indices: np.ndarray
     for start in range(0, len(order), cfg.batch_size):
         rows = order[start:start + cfg.batch_size]
         ids, n_pad = left_pad([prompts[j] for j in rows], tok.pad_id)  # (B, P)
-        canvas = greedy(teacher.model, ids, n_pad, cfg.gen_length, tok.stop_ids,
+        canvas = greedy(teacher.model, ids.to(cfg.device), n_pad, cfg.gen_length, tok.stop_ids,
                         no_repeat_ngram=cfg.no_repeat_ngram)  # (B, G)
-        for j, row in zip(rows, canvas, strict=True):
+        for j, row in zip(rows, canvas.cpu(), strict=True):
             ended = torch.isin(row, stops).nonzero()
             n = int(ended[0, 0]) if len(ended) else len(row)
             replies[j] = [*row[:n].tolist(), tok.eot_id]  # an unended reply is cut at the cap
@@ -117,7 +119,8 @@ def distill(cfg: DistillConfig) -> dict:
         raise FileNotFoundError(f"no prepared data in {src}: run `diffvoice train --prepare {src}`")
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --data-dir: the source split is kept")
-    teacher = load_checkpoint(resolve_model_path(cfg.teacher), dtype=torch.float32)
+    teacher = load_checkpoint(resolve_model_path(cfg.teacher), device=cfg.device,
+                              dtype=torch.float32)
     if teacher.objective != "autoregressive":
         raise ValueError(f"the teacher must be an autoregressive model, not {teacher.objective}")
     check_tokenizer(teacher, load_tokenizer(src), str(src))

@@ -301,12 +301,13 @@ def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
     """Greedy decoding of a causal model on left-padded prompts: (B, P) -> (B, gen_length);
     stops early once every row has a stop token. `no_repeat_ngram` n > 0: a token that would
     repeat an n-gram already in the row's reply is never chosen."""
-    B, P = ids.shape
-    keys = torch.arange(P)[None] >= n_pad[:, None]  # (B, P)
-    pos = (torch.arange(P)[None] - n_pad[:, None]).clamp(min=0)  # (B, P)
+    (B, P), dev = ids.shape, ids.device
+    n_pad = n_pad.to(dev)
+    keys = torch.arange(P, device=dev)[None] >= n_pad[:, None]  # (B, P)
+    pos = (torch.arange(P, device=dev)[None] - n_pad[:, None]).clamp(min=0)  # (B, P)
     logits, kv = model(ids, pos=pos, key_mask=keys, return_kv=True)
-    out = torch.full((B, gen_length), stop_ids[0], dtype=torch.long)
-    stops = torch.tensor(list(stop_ids))
+    out = torch.full((B, gen_length), stop_ids[0], dtype=torch.long, device=dev)
+    stops = torch.tensor(list(stop_ids), device=dev)
     for i in range(gen_length):
         last = logits[:, -1]  # (B, V)
         if no_repeat_ngram > 0:
@@ -316,7 +317,7 @@ def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
         if bool(torch.isin(out[:, : i + 1], stops).any(1).all()) or i == gen_length - 1:
             break
         pos = pos[:, -1:] + 1  # (B, 1)
-        keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        keys = torch.cat([keys, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
         logits, new = model(out[:, i : i + 1], pos=pos, key_mask=keys, context=kv,
                             return_kv=True)
         kv = [(torch.cat([k, nk], 2), torch.cat([v, nv], 2))  # (B, nkv, S+1, hd)
@@ -329,14 +330,13 @@ def ngram_bans(done: Tensor, n: int, vocab_size: int) -> Tensor:
     already contains (its last n-1 tokens seen before, followed by that token)."""
     B, i = done.shape
     bans = torch.zeros(B, vocab_size, dtype=torch.bool)
-    if i < n - 1 or n < 1:
-        return bans
-    for b, row in enumerate(done.tolist()):
-        prefix = row[i - n + 1:] if n > 1 else []
-        for j in range(i - n + 1):
-            if row[j:j + n - 1] == prefix:
-                bans[b, row[j + n - 1]] = True
-    return bans
+    if i >= n - 1 and n >= 1:
+        for b, row in enumerate(done.tolist()):
+            prefix = row[i - n + 1:] if n > 1 else []
+            for j in range(i - n + 1):
+                if row[j:j + n - 1] == prefix:
+                    bans[b, row[j + n - 1]] = True
+    return bans.to(done.device)
 
 
 def judge(ar: LoadedModel, prompts: list[list[int]], replies: list[list[int]],
