@@ -10,6 +10,7 @@ import torch
 
 from agent import cli
 from llm import distill as D
+from llm import train as T
 from llm.checkpoints import load_checkpoint, save_checkpoint
 from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
 from llm.eval import greedy, left_pad, ngram_bans
@@ -17,6 +18,12 @@ from llm.model import ModelConfig, Transformer
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64, max_seq_len=256,
             tie_embeddings=True)
+
+
+TRAIN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
+         "model.mlp_hidden=128", "batch_size=16", "seq_len=64", "eval_examples=8",
+         "eval_every=1000", "ckpt_every=1000", "log_every=50", "optim.warmup_steps=5",
+         "optim.lr=1e-2", "max_steps=150"]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +35,16 @@ def setup(tmp_path_factory):
     prepare(data, PrepareConfig(vocab_size=300, max_tokens=64, test_fraction=0.2,
                                 context_turns=2), convs=convs)
     tok = load_tokenizer(data)
-    paths = {}
-    for name, causal in (("ar", True), ("diff", False)):
-        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, causal=causal, **TINY))
-        model.init_weights(seed=3)
-        objective = "autoregressive" if causal else "diffusion"
-        paths[name] = save_checkpoint(model, tok, root / name, objective=objective)
+    # a teacher that has learned the replies (it ends them) and a random diffusion model
+    T.train(T.load_recipe("train-dv-small-ar", [*TRAIN, f"data_dir='{data}'",
+                                                f"run_dir='{root / 'ar-run'}'"]))
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, causal=False, **TINY))
+    model.init_weights(seed=3)
+    paths = {"ar": root / "ar-run" / "model",
+             "diff": save_checkpoint(model, tok, root / "diff", objective="diffusion"),
+             "random-ar": save_checkpoint(Transformer(ModelConfig(
+                 vocab_size=tok.vocab_size, causal=True, **TINY)), tok, root / "random-ar",
+                 objective="autoregressive")}
     return data, paths
 
 
@@ -53,7 +64,7 @@ def test_ngram_bans_name_the_tokens_that_would_repeat_an_ngram():
 
 def test_greedy_with_blocking_never_repeats_an_ngram(setup):
     data, paths = setup
-    ar = load_checkpoint(paths["ar"])
+    ar = load_checkpoint(paths["random-ar"])
     train = load_split(data, "train")
     prompts = [train.example(i)[0][:train.prompt_len[i]].tolist() for i in range(4)]
     ids, n_pad = left_pad(prompts, ar.tokenizer.pad_id)
@@ -73,24 +84,36 @@ def test_distill_writes_teacher_replies_to_the_chosen_training_prompts(setup, tm
     data, paths = setup
     out = tmp_path / "kd"
     rc = cli.main(["distill", "--teacher", str(paths["ar"]), "--data-dir", str(data),
-                   "--out", str(out), "--examples", "7", "--gen-length", "6",
-                   "--batch-size", "3"])
+                   "--out", str(out), "--examples", "9", "--gen-length", "24",
+                   "--batch-size", "4"])
     assert rc == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["distill"]["examples"] == 7 and meta["distill"]["no_repeat_ngram"] == 3
+    assert meta["distill"]["examples"] == 9 and meta["distill"]["no_repeat_ngram"] == 3
     assert (out / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
     for name in ("tokens", "offsets", "prompt_len"):  # people's held-out replies stay
         assert np.array_equal(np.load(out / f"test_{name}.npy"), np.load(data / f"test_{name}.npy"))
     src, kd, tok = load_split(data, "train"), load_split(out, "train"), load_tokenizer(out)
-    assert len(kd) == meta["train"]["examples"] == 7
-    chosen = D.choose(len(src), 7, seed=0)
-    for j, i in enumerate(chosen):
+    assert len(kd) == meta["train"]["examples"] == 9 - meta["train"]["dropped"] > 0
+    prompts = {tuple(src.example(int(i))[0][:src.prompt_len[i]].tolist())
+               for i in D.choose(len(src), 9, seed=0)}
+    for j in range(len(kd)):
         ids, p = kd.example(j)
-        assert p == src.prompt_len[i]
-        assert ids[:p].tolist() == src.example(int(i))[0][:p].tolist()
+        assert tuple(ids[:p].tolist()) in prompts  # a chosen prompt, whole
         reply = ids[p:].tolist()
-        assert 1 <= len(reply) <= 7 and reply[-1] == tok.eot_id
+        assert 1 <= len(reply) <= 25 and reply[-1] == tok.eot_id
         assert tok.eot_id not in reply[:-1]
+        assert not D.repeats_words(tok.decode(reply[:-1]), 3)
+
+
+def test_looping_or_unended_teacher_replies_are_dropped(setup):
+    tok = load_tokenizer(setup[0])
+    cfg = D.DistillConfig()
+    ids = tok.encode
+    assert D.keep([*ids("I like it. Do you?"), tok.eot_id], tok, cfg)
+    assert not D.keep([*ids("I like it. I like it a lot."), tok.eot_id], tok, cfg)
+    assert D.keep([*ids("I like it. I like it a lot."), tok.eot_id], tok,
+                  cfg.model_copy(update={"drop_repeated_words": 0}))
+    assert not D.keep(ids("I like it. Do you"), tok, cfg)  # cut at the cap: no <|eot|>
 
 
 def test_distill_refuses_a_diffusion_teacher_and_overwriting_its_source(setup, tmp_path):
