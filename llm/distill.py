@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, help="training prompts to give teacher replies")
     parser.add_argument("--gen-length", type=int, help="most reply tokens before <|eot|>")
     parser.add_argument("--no-repeat-ngram", type=int, help="block repeated n-grams (0: off)")
+    parser.add_argument("--drop-repeated-words", type=int,
+                        help="drop replies that repeat a word n-gram (0: keep them)")
     parser.add_argument("--batch-size", type=int, help="prompts per batch")
     parser.add_argument("--device", help="where the teacher runs, e.g. cuda")
     parser.add_argument("--seed", type=int)
