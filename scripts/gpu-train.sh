@@ -10,14 +10,18 @@
 #    held-out checkpoint) are packed into $OUT as ship.tgz.part-* (15 MB pieces).
 # PLAN=continue instead spends the whole window on the shipped dv-small (`train-dv-small-adapt2`,
 # the adapted model, which won the comparison) and packs it as ship/dv-small.
+# PLAN=distill first has the AR baseline write replies to every training prompt on the GPU
+# (`diffvoice distill`), then trains the shipped dv-small on them (`train-dv-small-distill`)
+# for the rest of the window and packs its last checkpoint (its held-out ELBO on people's replies
+# is not what this stage improves) as ship/dv-small.
 # Usage: scripts/gpu-train.sh [WINDOW_SECONDS]
 #   env: OUT (default runs/gpu-out), DEVICE (cuda), PROBE_STEPS (60), EXTRA (more --opt flags),
-#        PLAN (compare | continue)
+#        PLAN (compare | continue | distill), DISTILL_EXAMPLES (all training prompts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu-out}; DEVICE=${DEVICE:-cuda}; PROBE_STEPS=${PROBE_STEPS:-60}
-EXTRA=${EXTRA:-}; PLAN=${PLAN:-compare}
+EXTRA=${EXTRA:-}; PLAN=${PLAN:-compare}; DISTILL_EXAMPLES=${DISTILL_EXAMPLES:-1000000}
 WINDOW=${1:-270}
 rm -rf runs/ship runs/ship.tgz && mkdir -p "$OUT" runs/ship
 SEQ_LOG=$OUT/train-seq.log
@@ -47,6 +51,23 @@ PY
 )
 pack() { tar czf runs/ship.tgz -C runs ship && split -b 15M runs/ship.tgz "$OUT/ship.tgz.part-"
   ls -la "$OUT"; }
+if [ "$PLAN" = distill ]; then
+  T0=$(date +%s)
+  python3 -m agent.cli distill --device "$DEVICE" --examples "$DISTILL_EXAMPLES" --batch-size 512 \
+    --out runs/data-distill > "$OUT/distill.log" 2>&1
+  LEFT=$((WINDOW - $(date +%s) + T0))
+  STEPS=$(python3 -c "print(max(100, int($STEPS_PER_S * 0.9 * $LEFT) // 50 * 50))")
+  echo "probe ${STEPS_PER_S} steps/s, ${LEFT} s left -> distill ${STEPS} steps" | tee -a "$SEQ_LOG"
+  rm -rf runs/dv-small-distill
+  train --recipe train-dv-small-distill --opt max_steps=$STEPS \
+    --max-minutes "$(python3 -c "print(($LEFT + 30) / 60)")" > "$OUT/train-distill.log" 2>&1
+  cp -r runs/dv-small-distill/model runs/ship/dv-small
+  cp runs/dv-small-distill/log.jsonl runs/ship/dv-small-distill.log.jsonl
+  cp runs/data-distill/meta.json runs/ship/data-distill-meta.json
+  cat runs/dv-small-distill/summary.json | tee "$OUT/summary.txt"
+  pack
+  exit 0
+fi
 if [ "$PLAN" = continue ]; then
   # one process alone on the GPU; the probe ran the AR recipe (the same shapes and batch size)
   STEPS=$(python3 -c "print(max(100, int($STEPS_PER_S * 0.9 * $WINDOW) // 50 * 50))")
