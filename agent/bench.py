@@ -40,6 +40,7 @@ import numpy as np
 from agent import bench_report as report
 from agent.clients import MIC_RATE, InProcessCaller, TwilioBenchCaller, WebRTCCaller
 from agent.settings import BenchSettings, Settings, load_settings
+from audio.speech_eval import MicNoise
 
 HELP = "measure end-to-end turn latency at the client (WebRTC, Twilio, in-process), with breakdown"
 
@@ -293,14 +294,15 @@ def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception
 
 def caller_factory(settings: Settings, models: Any, server: Any, url: str | None,
                    session: int) -> Any:
-    level = settings.bench.audible_level
+    level, dbfs = settings.bench.audible_level, settings.bench.noise_floor_dbfs
     if settings.bench.transport == "inprocess":
         return lambda ci: InProcessCaller(settings, models, session_id=f"bench-{session}-{ci}",
-                                          level=level)
+                                          level=level, noise=MicNoise(dbfs, seed=ci))
     assert url is not None
     if settings.bench.transport == "twilio":
-        return lambda ci: TwilioBenchCaller(url, server, level=level)
-    return lambda ci: WebRTCCaller(url, level=level)
+        return lambda ci: TwilioBenchCaller(url, server, level=level,
+                                            noise=MicNoise(dbfs, seed=ci))
+    return lambda ci: WebRTCCaller(url, level=level, noise=MicNoise(dbfs, seed=ci))
 
 
 async def start_server(settings: Settings, models: Any) -> tuple[Any, str | None]:

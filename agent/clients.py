@@ -30,6 +30,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 from audio.codecs import resample
+from audio.speech_eval import MicNoise
 
 RATE = 48000  # WebRTC Opus
 FRAME = RATE // 50  # 20 ms
@@ -89,8 +90,9 @@ class SpeechTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, noise: MicNoise | None = None) -> None:
         super().__init__()
+        self.noise = noise or MicNoise(None)
         self.queue: list[np.ndarray] = []
         self.last_speech_end: float | None = None
         # (frames left until the utterance's last loud one, its offset in that frame, done)
@@ -122,6 +124,7 @@ class SpeechTrack(MediaStreamTrack):
         if not self.queue and np.any(chunk):
             self.last_speech_end = now
         self._ends = advance_ends(self._ends, now)
+        chunk = self.noise.add(chunk)
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, self._pts, Fraction(1, RATE)
         self._pts += FRAME
@@ -131,10 +134,11 @@ class SpeechTrack(MediaStreamTrack):
 class WebRTCCaller:
     """Signalling + peer + data channel events + received agent audio."""
 
-    def __init__(self, url: str, *, level: int = AUDIBLE_LEVEL) -> None:
+    def __init__(self, url: str, *, level: int = AUDIBLE_LEVEL,
+                 noise: MicNoise | None = None) -> None:
         self.url = url
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = SpeechTrack()
+        self.mic = SpeechTrack(noise)
         self.events: list[dict] = []
         self.signals: list[dict] = []
         self.heard = HeardAudio(level)
@@ -204,10 +208,11 @@ class InProcessCaller:
     """
 
     def __init__(self, settings: Any, models: Any, *, session_id: str = "bench",
-                 level: int = AUDIBLE_LEVEL) -> None:
+                 level: int = AUDIBLE_LEVEL, noise: MicNoise | None = None) -> None:
         from agent.audio_io import PacedAudioOutput, QueueAudioInput
 
         self.settings = settings
+        self.noise = noise or MicNoise(None)
         self.models = models
         self.session_id = session_id
         self.audio_in = QueueAudioInput(label=f"bench-in-{session_id}")
@@ -253,7 +258,7 @@ class InProcessCaller:
         silence = np.zeros(step, dtype=np.int16)
         t_next = time.monotonic()
         while True:
-            chunk = self._speech.pop(0) if self._speech else silence
+            chunk = self.noise.add(self._speech.pop(0) if self._speech else silence)
             self.audio_in.push(rtc.AudioFrame(chunk.tobytes(), MIC_RATE, 1, step))
             self._ends = advance_ends(self._ends, time.monotonic())
             t_next += 0.02
@@ -303,10 +308,11 @@ class TwilioBenchCaller:
     `TurnReporter` on a server running in this process (`server`, an `agent.phone.PhoneServer`).
     """
 
-    def __init__(self, url: str, server: Any, *, level: int = AUDIBLE_LEVEL) -> None:
+    def __init__(self, url: str, server: Any, *, level: int = AUDIBLE_LEVEL,
+                 noise: MicNoise | None = None) -> None:
         from agent.twilio_caller import TwilioCaller
 
-        self.caller = TwilioCaller(url)
+        self.caller = TwilioCaller(url, noise=noise)
         self.server = server
         self.heard = _LineHeard(self.caller, level)
 

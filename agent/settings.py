@@ -137,6 +137,10 @@ class BenchSettings(Section):
     metrics_timeout_s: float = Field(60.0, gt=0.0)
     # quiet (no agent audio, agent listening) before the next turn is spoken
     settle_s: float = Field(0.6, ge=0.0)
+    # the simulated caller's microphone noise floor (dBFS RMS, white, under speech and pauses);
+    # None: digital silence between words, which no real microphone sends. The end-of-turn
+    # model hears the difference (docs/benchmarks.md, "End-of-turn threshold")
+    noise_floor_dbfs: float | None = Field(None, le=-20.0)
     cache_dir: str = ".cache/bench-speech"  # synthesised built-in turns, one WAV each
     out_dir: str = "runs/bench"  # bench.json, bench.png, bench.html
 

@@ -35,6 +35,8 @@ import numpy as np
 import soxr
 import websockets
 
+from audio.speech_eval import MicNoise
+
 SAMPLE_RATE = 8000
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz: the frame size Twilio streams
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
@@ -91,9 +93,10 @@ class CallerLog:
 class TwilioCaller:
     """The provider's end of one call. Not thread-safe; use from one event loop."""
 
-    def __init__(self, url: str, *, echo_marks: bool = True) -> None:
+    def __init__(self, url: str, *, echo_marks: bool = True, noise: MicNoise | None = None) -> None:
         self.url = url
         self.echo_marks = echo_marks
+        self.noise = noise or MicNoise(None)  # the line's noise floor, speech and silence
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.call_sid = "CA" + uuid.uuid4().hex
         self.log = CallerLog()
@@ -170,7 +173,7 @@ class TwilioCaller:
         t_next = time.monotonic()
         while True:
             frame, self._speech = self._speech[:FRAME_SAMPLES], self._speech[FRAME_SAMPLES:]
-            await self.send_media(ulaw_encode(frame if len(frame) else silence))
+            await self.send_media(ulaw_encode(self.noise.add(frame if len(frame) else silence)))
             if len(frame) and not len(self._speech):
                 self._speech_done.set()
             t_next += FRAME_S

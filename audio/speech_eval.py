@@ -113,3 +113,20 @@ def add_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
     noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)),
                                                len(audio))
     return np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
+
+
+class MicNoise:
+    """A microphone's noise floor for simulated callers: white Gaussian noise at `dbfs` (RMS,
+    relative to int16 full scale) added to every int16 frame sent, speech and pauses alike.
+    `dbfs` None sends frames unchanged (digital silence between words)."""
+
+    def __init__(self, dbfs: float | None, seed: int = 0) -> None:
+        self.rms = None if dbfs is None else 32767.0 * 10 ** (dbfs / 20)
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, chunk: np.ndarray) -> np.ndarray:
+        if self.rms is None:
+            return chunk
+        noisy = chunk.astype(np.float32) + self._rng.normal(0.0, self.rms, len(chunk))
+        return np.clip(np.round(noisy), -32768, 32767).astype(np.int16)
+

@@ -10,8 +10,9 @@ import pytest
 
 from agent import bench, bench_report
 from agent.cli import main
-from agent.clients import HeardAudio, last_sound_index
+from agent.clients import HeardAudio, SpeechTrack, last_sound_index
 from audio.codecs import write_wav
+from audio.speech_eval import MicNoise
 
 SERVER = {"end_of_utterance_delay_s": 0.5, "transcription_delay_s": 0.3, "llm_ttft_s": 0.2,
           "tts_ttfb_s": 0.1, "e2e_latency_s": 0.9}
@@ -42,6 +43,24 @@ def test_heard_audio_times_the_first_loud_sample():
     assert heard.first_audible_s(after_s=0.5) == pytest.approx(2.005)
     assert heard.first_audible_s(after_s=2.5) is None
     assert last_sound_index(loud) == 479 and last_sound_index(quiet) == -1
+
+
+def test_mic_noise_floor_is_at_its_level_and_off_by_default():
+    silence = np.zeros(48000, np.int16)
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    assert rms(MicNoise(-40).add(silence)) == pytest.approx(327.7, rel=0.05)
+    assert MicNoise(None).add(silence) is silence
+    loud = np.full(480, 32767, np.int16)
+    assert MicNoise(-30).add(loud).max() == 32767  # saturates, never wraps
+    assert not np.array_equal(MicNoise(-40, seed=1).add(silence), MicNoise(-40).add(silence))
+
+
+async def test_webrtc_microphone_sends_its_noise_floor_between_words():
+    track = SpeechTrack(MicNoise(-50))
+    frame = (await track.recv()).to_ndarray()
+    assert 80 < np.sqrt(np.mean(frame.astype(np.float64) ** 2)) < 130  # -50 dBFS: ~104
+    assert track.last_speech_end is None  # the noise floor is not speech
+    track.stop()
 
 
 def test_stats_and_limits():
@@ -95,7 +114,10 @@ _QUICK = ["--set", "llm.decode.max_new_tokens=24", "--set", "bench.settle_s=0.3"
 @pytest.mark.parametrize("transport", ["inprocess", "webrtc"])
 def test_bench_command_end_to_end(transport, tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["bench", "--transport", transport, "--turns", "3", "--out", str(out), *_QUICK])
+    # the WebRTC caller's microphone has a noise floor, as a real one does
+    noise = ["--set", "bench.noise_floor_dbfs=-60"] if transport == "webrtc" else []
+    rc = main(["bench", "--transport", transport, "--turns", "3", "--out", str(out), *_QUICK,
+               *noise])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "p50=" in printed and "transport/playout" in printed
