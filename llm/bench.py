@@ -257,10 +257,13 @@ def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
 
 def agreement(bm: BenchModel, engine: DiffusionEngine, opts: dict,
               decode: DecodeSettings) -> dict[str, Any]:
-    """Share of reply positions where the engine's tokens equal the uncached reference's."""
+    """Share of reply positions where the engine's tokens equal the uncached reference's. The
+    engine's canvas is set to the reference's fixed one (lookahead over the whole reply), so
+    the number measures the caches, not the adaptive canvas, which changes what the model sees."""
     tok, scores = bm.tokenizer, []
     block = decode.block_length
     gen_length = -(-decode.max_new_tokens // block) * block
+    decode = decode.model_copy(update={"lookahead_blocks": gen_length // block - 1})
     for i in range(AGREEMENT_PROMPTS):
         ids = prompt_ids(tok, opts["prompt_tokens"], salt=100 + i)
         stream = engine.stream_ids(ids, decode=decode)
