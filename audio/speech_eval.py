@@ -129,4 +129,3 @@ class MicNoise:
             return chunk
         noisy = chunk.astype(np.float32) + self._rng.normal(0.0, self.rms, len(chunk))
         return np.clip(np.round(noisy), -32768, 32767).astype(np.int16)
-

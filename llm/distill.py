@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm.checkpoints import load_checkpoint, resolve_model_path
 from llm.data import SPLITS, Split, load_split, load_tokenizer
-from llm.eval import check_tokenizer, greedy, left_pad, pack
+from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,14 @@ def teacher_split(cfg: DistillConfig, teacher, train: Split,
     prompts = [train.example(int(i))[0][:train.prompt_len[i]].tolist() for i in indices]
     order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # little padding
     replies: list[list[int] | None] = [None] * len(prompts)
-    t0, stops = time.perf_counter(), torch.tensor(tok.stop_ids)
+    t0 = time.perf_counter()
     for start in range(0, len(order), cfg.batch_size):
         rows = order[start:start + cfg.batch_size]
         ids, n_pad = left_pad([prompts[j] for j in rows], tok.pad_id)  # (B, P)
         canvas = greedy(teacher.model, ids.to(cfg.device), n_pad, cfg.gen_length, tok.stop_ids,
                         no_repeat_ngram=cfg.no_repeat_ngram)  # (B, G)
         for j, row in zip(rows, canvas.cpu(), strict=True):
-            ended = torch.isin(row, stops).nonzero()
-            n = int(ended[0, 0]) if len(ended) else len(row)
-            replies[j] = [*row[:n].tolist(), tok.eot_id] if n < len(row) else row.tolist()
+            replies[j] = ended_reply(row, tok)  # `<|eot|>` last only if it ended
         done = start + len(rows)
         if done % (cfg.batch_size * 20) < cfg.batch_size or done == len(order):
             log.info("distill: %d/%d replies, %.0f s", done, len(order),
