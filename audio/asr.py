@@ -288,7 +288,7 @@ class StreamingRecognizer:
         if self._utt is None:
             self._trim(self._now - int(IDLE_KEEP_S * SAMPLE_RATE))
         elif self._vad.speaking:
-            await self._maybe_chunk()
+            await self._maybe_chunk(self._now)
             self._maybe_interim()
 
     def _trim(self, keep_from: int) -> None:
@@ -338,6 +338,7 @@ class StreamingRecognizer:
 
     async def _close_utterance(self, at: int) -> None:
         """Deliver the final (the speculative one if it covers exactly this speech) and end."""
+        await self._maybe_chunk(at)  # the VAD can end a long utterance within one pushed buffer
         utt = self._utt
         if utt is None:
             return
@@ -356,21 +357,20 @@ class StreamingRecognizer:
         self._utt = None
         self._trim(at)
 
-    async def _maybe_chunk(self) -> None:
-        """Past `max_chunk_s` of speech, finalise up to the quietest recent moment."""
-        utt = self._utt
-        assert utt is not None
+    async def _maybe_chunk(self, upto: int) -> None:
+        """While the speech before `upto` is longer than `max_chunk_s`, finalise it up to the
+        quietest moment of the chunk's last seconds."""
         limit = int(self.settings.max_chunk_s * SAMPLE_RATE)
-        if self._now - utt.start < limit:
-            return
-        cut = quietest_cut(self._buf, utt.start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE)
-                           - self._buf_start, utt.start + limit - self._buf_start) + self._buf_start
-        text = await self._decode(utt.start, cut)
-        self.stats.chunks += 1
-        if text:
-            self._emit("final", text, cut)
-        self._utt = _Utterance(start=cut, last_interim=cut)
-        self._trim(cut)
+        while (utt := self._utt) is not None and upto - utt.start >= limit:
+            lo, hi = utt.start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE), utt.start + limit
+            cut = quietest_cut(self._buf, lo - self._buf_start, hi - self._buf_start)
+            cut += self._buf_start
+            text = await self._decode(utt.start, cut)
+            self.stats.chunks += 1
+            if text:
+                self._emit("final", text, cut)
+            self._utt = _Utterance(start=cut, last_interim=cut)
+            self._trim(cut)
 
     def _maybe_interim(self) -> None:
         utt = self._utt

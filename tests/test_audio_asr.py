@@ -206,6 +206,21 @@ async def test_five_minute_monologue_is_finalised_in_chunks(whisper):
     assert words >= 0.8 * reference
 
 
+async def test_long_speech_pushed_in_one_buffer_is_still_finalised_in_chunks(whisper):
+    # the VAD sees the utterance end before any chunk was cut: the end must cut it first
+    texts = [SENTENCES[k % len(SENTENCES)] for k in range(12)]
+    gap = np.zeros(int(0.15 * SAMPLE_RATE), np.float32)
+    speech = np.concatenate([p for t in texts for p in (trimmed(t), gap)])
+    assert len(speech) > ASR.max_chunk_s * SAMPLE_RATE
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    rec.push(pad(speech, 0.3, 1.0))
+    rec.end_input()
+    finals = [e async for e in rec if e.kind == "final"]
+    assert len(finals) >= 2 and rec.stats.chunks >= 1
+    assert all(e.end_s - e.start_s <= ASR.max_chunk_s + 0.01 for e in finals)
+    assert word_error_rate([" ".join(texts)], [" ".join(e.text for e in finals)]) <= 0.2
+
+
 async def test_flush_finalises_the_utterance_in_progress(whisper):
     rec = StreamingRecognizer(whisper, ASR, VAD)
     rec.push(pad(trimmed(SENTENCES[4]), 0.3, 0.2))  # too little silence for the VAD to end it
