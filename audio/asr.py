@@ -47,6 +47,14 @@ MIN_INTERIM_AUDIO_S = 0.4  # shorter audio gives Whisper too little to say anyth
 END_PAD_S = 0.15
 CHUNK_SEARCH_S = 3.0  # a long utterance is cut at the quietest window in its last 3 s
 INTERIM_DUTY = 1.5  # interim spacing >= this x the last decode time
+# a fitted encoder window (`asr.min_window_s`): silence after the audio, mel frames per second,
+# the most text tokens a second of speech yields, and faster-whisper's quality thresholds
+FIT_MARGIN_S = 1.0
+FRAMES_PER_S = 100
+MAX_TOKENS_PER_S = 8
+NO_SPEECH_PROB = 0.6
+MIN_AVG_LOGPROB = -1.0
+_WORD_KEY = re.compile(r"[^\w']+")
 
 AsrKind = Literal["start", "interim", "final", "end"]
 
@@ -93,11 +101,66 @@ def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
 
 def _decode_window(model, audio: np.ndarray, settings: AsrSettings) -> str:
     """One <= 30 s window -> text; blocking (segments decode lazily while iterated)."""
+    if settings.min_window_s is not None:
+        text = _decode_fitted(model, audio, settings)
+        if text is not None:
+            return text
     segments, _ = model.transcribe(
         audio, language=settings.language, beam_size=settings.beam_size, vad_filter=False,
         without_timestamps=True, condition_on_previous_text=False,
     )
     return " ".join(s.text.strip() for s in segments).strip()
+
+
+@functools.lru_cache(maxsize=4)
+def _whisper_tokenizer(model, language: str):  # -> faster_whisper.tokenizer.Tokenizer
+    from faster_whisper.tokenizer import Tokenizer
+
+    multilingual = model.model.is_multilingual
+    return Tokenizer(model.hf_tokenizer, multilingual, task="transcribe",
+                     language=language if multilingual else None)
+
+
+def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings) -> str | None:
+    """Whisper's encoder over a window fitted to the audio (at least `min_window_s`, the audio
+    plus FIT_MARGIN_S of silence, whole seconds) instead of its fixed 30 s, where most of the
+    CPU time of a short utterance goes. None when the result fails faster-whisper's own quality
+    checks or repeats itself (a window too short makes Whisper loop): decode the full window."""
+    import ctranslate2
+
+    samples = int(max(settings.min_window_s, len(audio) / SAMPLE_RATE + FIT_MARGIN_S))
+    if samples >= 30:
+        return None
+    padded = np.zeros(samples * SAMPLE_RATE, np.float32)
+    padded[: len(audio)] = audio
+    features = model.feature_extractor(padded)[None, :, : samples * FRAMES_PER_S]
+    tokenizer = _whisper_tokenizer(model, settings.language)
+    prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+    limit = len(prompt) + int(MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE) + 8
+    encoded = model.model.encode(ctranslate2.StorageView.from_array(
+        np.ascontiguousarray(features)), to_cpu=False)
+    result = model.model.generate(
+        encoded, [prompt], beam_size=settings.beam_size, max_length=limit,
+        return_scores=True, return_no_speech_prob=True,
+    )[0]
+    ids = result.sequences_ids[0]
+    if result.no_speech_prob > NO_SPEECH_PROB and result.scores[0] < MIN_AVG_LOGPROB:
+        return ""  # faster-whisper's silence rule
+    text = tokenizer.decode([t for t in ids if t < tokenizer.eot]).strip()
+    if len(prompt) + len(ids) >= limit or result.scores[0] < MIN_AVG_LOGPROB:
+        return None
+    if repeats_itself(text):
+        return None
+    return text
+
+
+def repeats_itself(text: str, n: int = 3) -> bool:
+    """A word n-gram said twice, or one word three times in a row: how a looping Whisper
+    decode reads (and rarely what a person says in one short turn)."""
+    words = _WORD_KEY.sub(" ", text.lower()).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    triple = any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
+    return len(grams) != len(set(grams)) or triple or (len(words) == 2 and words[0] == words[1])
 
 
 def quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
@@ -119,8 +182,6 @@ def transcribe(model, audio: np.ndarray, settings: AsrSettings) -> str:
     texts.append(_decode_window(model, audio[start:], settings))
     return " ".join(t for t in texts if t)
 
-
-_WORD_KEY = re.compile(r"[^\w']+")
 
 
 class LocalAgreement:

@@ -8,7 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from audio.asr import AsrEvent, LocalAgreement, StreamingRecognizer, load_whisper, transcribe
+from audio.asr import (
+    AsrEvent,
+    LocalAgreement,
+    StreamingRecognizer,
+    load_whisper,
+    repeats_itself,
+    transcribe,
+)
 from audio.codecs import frames, resample
 from audio.settings import AsrSettings, VadSettings
 from audio.speech_eval import (
@@ -83,6 +90,37 @@ def test_round_trip_wer_clean_and_noisy(whisper):
     assert word_error_rate([reference], [transcribe(whisper, audio, ASR)]) <= 0.10
     noisy = add_noise(audio, 20.0, seed=0)
     assert word_error_rate([reference], [transcribe(whisper, noisy, ASR)]) <= 0.10
+
+
+def test_fitted_encoder_window_transcribes_like_the_full_one(whisper):
+    # short turns one by one, as the agent decodes them: a window fitted to each (default) and
+    # Whisper's fixed 30 s window must agree on what was said
+    texts = SENTENCES[::3]
+    audios = [pad(spoken_16k(t), 0.1, 0.2) for t in texts]
+    full = AsrSettings(min_window_s=None)
+    fitted = [transcribe(whisper, a, ASR) for a in audios]
+    assert ASR.min_window_s is not None
+    assert word_error_rate(texts, fitted) <= 0.05
+    assert word_error_rate([transcribe(whisper, a, full) for a in audios], fitted) <= 0.05
+    assert transcribe(whisper, np.zeros(SAMPLE_RATE, np.float32), ASR) == ""
+
+
+def test_a_fitted_window_that_loops_falls_back_to_the_full_one(whisper):
+    # a 2 s window makes Whisper repeat short turns ("Okay. Okay. Okay."): such a decode is
+    # redone on 30 s, so the text is still right
+    tight = AsrSettings(min_window_s=2.0)
+    for text in ["Okay.", "Do you have any hobbies?", "How do I make a cup of tea?"]:
+        heard = transcribe(whisper, pad(spoken_16k(text), 0.1, 0.2), tight)
+        assert word_error_rate([text], [heard]) <= 0.2 and not repeats_itself(heard)
+
+
+def test_repeats_itself():
+    assert repeats_itself("How do I make a cup of tea? How do I make")
+    assert repeats_itself("No... No... No...") and repeats_itself("Okay. Okay.")
+    assert not repeats_itself("I think I will go to the park, and you?")
+    # also what a person may say: such a turn only costs a second decode on 30 s
+    assert repeats_itself("No, no.")
+    assert not repeats_itself("")
 
 
 # -- VAD -------------------------------------------------------------------------------------
@@ -212,7 +250,8 @@ async def test_long_speech_pushed_in_one_buffer_is_still_finalised_in_chunks(whi
     gap = np.zeros(int(0.15 * SAMPLE_RATE), np.float32)
     speech = np.concatenate([p for t in texts for p in (trimmed(t), gap)])
     assert len(speech) > ASR.max_chunk_s * SAMPLE_RATE
-    rec = StreamingRecognizer(whisper, ASR, VAD)
+    # a silence this long cannot end the utterance in a gap between sentences
+    rec = StreamingRecognizer(whisper, ASR, VAD.model_copy(update={"min_silence_ms": 800}))
     rec.push(pad(speech, 0.3, 1.0))
     rec.end_input()
     finals = [e async for e in rec if e.kind == "final"]
