@@ -110,7 +110,10 @@ def turn_handling(session: SessionSettings, turn_detector: Any | None) -> TurnHa
             "resume_false_interruption": session.resume_false_interruption,
             "false_interruption_timeout": session.false_interruption_timeout_s,
         },
-        preemptive_generation={"enabled": session.preemptive_generation},
+        preemptive_generation={
+            "enabled": session.preemptive_generation,
+            "preemptive_tts": session.preemptive_tts,
+        },
     )
 
 

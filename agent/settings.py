@@ -52,8 +52,11 @@ class SessionSettings(Section):
     resume_false_interruption: bool = True
     # an interruption followed by this much silence without words is false: resume speaking
     false_interruption_timeout_s: float = Field(2.0, gt=0.0)
-    # start the LLM on the interim transcript before the turn is confirmed
+    # start the reply on the preflight/final transcript before the turn is confirmed
     preemptive_generation: bool = True
+    # synthesise the preemptive reply's speech too (LiveKit's default: the LLM only), so its
+    # first audio is ready when the turn is confirmed
+    preemptive_tts: bool = True
     # reuse a preemptive draft when the confirmed request has the same context
     reuse_drafts: bool = True
     # spoken when a visitor connects; empty = wait for the user

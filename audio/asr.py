@@ -9,6 +9,9 @@ Whisper is not a streaming model, so the stream is built from whole-utterance de
 - speculative final: when the VAD sees the first `speculation_silence_ms` of silence the final
   decode starts at once; if the silence lasts until the VAD ends the utterance the result is
   delivered immediately, if speech resumes it is discarded and decoded again later;
+- preflight: the speculative final's text is also sent the moment it is decoded, while the
+  silence may still turn out to be a pause, so a consumer can start on it (an agent drafts
+  its reply) instead of waiting out the VAD's silence;
 - Whisper sees 30 s at a time, so a longer utterance is finalised in chunks cut at the quietest
   moment near `max_chunk_s`.
 
@@ -56,7 +59,7 @@ NO_SPEECH_PROB = 0.6
 MIN_AVG_LOGPROB = -1.0
 _WORD_KEY = re.compile(r"[^\w']+")
 
-AsrKind = Literal["start", "interim", "final", "end"]
+AsrKind = Literal["start", "interim", "preflight", "final", "end"]
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,10 @@ class StreamingRecognizer:
         self._tasks.discard(task)
         self._speculating = None
         utt = self._utt
+        # still this utterance's pause: not discarded by speech, not yet closed
+        if utt is not None and utt.speculation is task and self.settings.preflight:
+            if not task.cancelled() and task.exception() is None and task.result():
+                self._emit("preflight", task.result(), utt.speculation_end, speculative=True)
         if utt is not None and utt.deferred_pause is not None:
             at, utt.deferred_pause = utt.deferred_pause, None
             self._speculate(at)

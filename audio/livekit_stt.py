@@ -2,10 +2,11 @@
 
 A real streaming plugin (capabilities `streaming=True, interim_results=True`): its
 RecognizeStream emits START_OF_SPEECH when the VAD opens an utterance, INTERIM_TRANSCRIPT as
-the agreed prefix grows, FINAL_TRANSCRIPT then END_OF_SPEECH when the utterance closes. The
-final comes from the speculative decode started at the first silence, so it is usually there
-as soon as the recognizer's VAD ends the utterance — before LiveKit's endpointing delay runs
-out and the turn detector decides.
+the agreed prefix grows, PREFLIGHT_TRANSCRIPT when the decode started at the first silence is
+done (LiveKit starts its preemptive reply on it), FINAL_TRANSCRIPT then END_OF_SPEECH when the
+utterance closes. The final is usually that same decode, so it is there as soon as the
+recognizer's VAD ends the utterance — before LiveKit's endpointing delay runs out and the turn
+detector decides.
 
     session = AgentSession(stt=WhisperSTT(AsrSettings(), VadSettings()), vad=..., ...)
 """
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 _EVENT_TYPES = {
     "start": stt.SpeechEventType.START_OF_SPEECH,
     "interim": stt.SpeechEventType.INTERIM_TRANSCRIPT,
+    "preflight": stt.SpeechEventType.PREFLIGHT_TRANSCRIPT,
     "final": stt.SpeechEventType.FINAL_TRANSCRIPT,
     "end": stt.SpeechEventType.END_OF_SPEECH,
 }
@@ -120,9 +122,9 @@ class WhisperRecognizeStream(stt.RecognizeStream):
             text=ev.text,
             start_time=offset + ev.start_s,
             end_time=offset + ev.end_s,
-            confidence=1.0 if ev.kind == "final" else 0.0,
+            confidence=0.0 if ev.kind == "interim" else 1.0,
         )
-        alternatives = [data] if ev.kind in ("interim", "final") else []
+        alternatives = [data] if ev.kind in ("interim", "preflight", "final") else []
         self._event_ch.send_nowait(
             stt.SpeechEvent(type=_EVENT_TYPES[ev.kind], alternatives=alternatives)
         )

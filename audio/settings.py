@@ -46,6 +46,9 @@ class AsrSettings(BaseModel):
     # reused if the silence lasts to min_silence_ms, discarded if speech resumes
     speculative_final: bool = True
     speculation_silence_ms: int = Field(default=64, ge=32)
+    # send the speculative final as a preflight transcript as soon as it is decoded (LiveKit
+    # starts its preemptive reply on it while the VAD still waits out min_silence_ms)
+    preflight: bool = True
     # Whisper's encoder runs over a window fitted to the utterance (at least this long, the
     # audio + 1 s, whole seconds) instead of its fixed 30 s, where ~3/4 of a short turn's CPU
     # time went: ~3x faster decodes. Shorter windows make Whisper loop; a decode that loops or

@@ -158,6 +158,19 @@ async def test_interims_before_speech_end_and_speculative_final_reused(whisper):
     assert word_error_rate([text], [final.text]) <= 0.15
 
 
+async def test_preflight_is_the_speculative_final_sent_before_the_silence_ends(whisper):
+    vad = VAD.model_copy(update={"min_silence_ms": 1200})  # the decode surely ends inside it
+    rec = StreamingRecognizer(whisper, ASR, vad)
+    events, _ = await run_stream(rec, pad(trimmed(SENTENCES[3]), 0.3, 2.0), realtime=True)
+    assert kinds(events)[-3:] == ["preflight", "final", "end"]
+    preflight, final = events[-3], events[-2]
+    assert preflight.text == final.text and preflight.end_s == final.end_s
+    assert final.t_wall_s - preflight.t_wall_s > 0.5  # sent long before the VAD ended it
+    off = StreamingRecognizer(whisper, ASR.model_copy(update={"preflight": False}), vad)
+    events, _ = await run_stream(off, pad(trimmed(SENTENCES[3]), 0.3, 2.0), realtime=False)
+    assert "preflight" not in kinds(events)
+
+
 async def test_speculative_final_discarded_when_speech_resumes(whisper):
     first, second = "Please remind me to call my sister", "after lunch on Friday."
     # a pause longer than the speculation silence, well short of the end of an utterance

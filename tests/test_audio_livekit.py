@@ -145,10 +145,9 @@ async def wait_for(predicate, timeout_s: float) -> None:
 
 
 # -- STT ---------------------------------------------------------------------------------------
-async def test_stt_stream_emits_start_interim_final_end_in_order(whisper_stt):
-    assert whisper_stt.capabilities.streaming and whisper_stt.capabilities.interim_results
-    audio = float_to_int16(pad(spoken_16k(LONG_QUESTION), 0.3, 1.0))
-    stream = whisper_stt.stream()
+async def stream_events(plugin: WhisperSTT, audio: np.ndarray) -> list[stt.SpeechEvent]:
+    """Push int16 16 kHz audio through a recognize stream in real time; all its events."""
+    stream = plugin.stream()
     events: list[stt.SpeechEvent] = []
 
     async def collect() -> None:
@@ -162,6 +161,13 @@ async def test_stt_stream_emits_start_interim_final_end_in_order(whisper_stt):
         await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME_MS / 1000 - time.perf_counter()))
     stream.end_input()
     await asyncio.wait_for(collector, 30)
+    return events
+
+
+async def test_stt_stream_emits_start_interim_final_end_in_order(whisper_stt):
+    assert whisper_stt.capabilities.streaming and whisper_stt.capabilities.interim_results
+    audio = float_to_int16(pad(spoken_16k(LONG_QUESTION), 0.3, 1.0))
+    events = await stream_events(whisper_stt, audio)
     T = stt.SpeechEventType
     types = [e.type for e in events if e.type != T.RECOGNITION_USAGE]
     assert types[0] == T.START_OF_SPEECH and types[-2:] == [T.FINAL_TRANSCRIPT, T.END_OF_SPEECH]
@@ -170,6 +176,22 @@ async def test_stt_stream_emits_start_interim_final_end_in_order(whisper_stt):
     assert word_error_rate([LONG_QUESTION], [final.alternatives[0].text]) <= 0.15
     assert final.alternatives[0].end_time > final.alternatives[0].start_time >= 0.0
     assert any(e.type == T.RECOGNITION_USAGE for e in events)
+
+
+async def test_stt_stream_sends_the_speculative_final_as_a_preflight_first(whisper_stt):
+    # a long end-of-utterance silence: the decode started at its first 64 ms surely finishes
+    # inside it, and LiveKit gets that text as a preflight before the final
+    vad = SETTINGS.vad.model_copy(update={"min_silence_ms": 1200})
+    plugin = WhisperSTT(SETTINGS.asr, vad, model=whisper_stt._model)
+    audio = float_to_int16(pad(spoken_16k(LONG_QUESTION), 0.3, 2.0))
+    events = await stream_events(plugin, audio)
+    T = stt.SpeechEventType
+    types = [e.type for e in events if e.type != T.RECOGNITION_USAGE]
+    assert types.count(T.PREFLIGHT_TRANSCRIPT) == 1
+    assert types.index(T.PREFLIGHT_TRANSCRIPT) < types.index(T.FINAL_TRANSCRIPT)
+    preflight, final = (next(e for e in events if e.type == t)
+                        for t in (T.PREFLIGHT_TRANSCRIPT, T.FINAL_TRANSCRIPT))
+    assert preflight.alternatives[0].text == final.alternatives[0].text != ""
 
 
 async def test_stt_batch_recognize_any_rate(whisper_stt):
