@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import re
 import time
@@ -53,6 +54,7 @@ INTERIM_DUTY = 1.5  # interim spacing >= this x the last decode time
 # a fitted encoder window (`asr.min_window_s`): silence after the audio, mel frames per second,
 # the most text tokens a second of speech yields, and faster-whisper's quality thresholds
 FIT_MARGIN_S = 1.0
+WHISPER_WINDOW_S = 30
 FRAMES_PER_S = 100
 MAX_TOKENS_PER_S = 8
 NO_SPEECH_PROB = 0.6
@@ -104,7 +106,7 @@ def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
 
 def _decode_window(model, audio: np.ndarray, settings: AsrSettings) -> str:
     """One <= 30 s window -> text; blocking (segments decode lazily while iterated)."""
-    if settings.min_window_s is not None:
+    if settings.min_window_s < WHISPER_WINDOW_S:
         text = _decode_fitted(model, audio, settings)
         if text is not None:
             return text
@@ -131,12 +133,12 @@ def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings) -> str | Non
     checks or repeats itself (a window too short makes Whisper loop): decode the full window."""
     import ctranslate2
 
-    samples = int(max(settings.min_window_s, len(audio) / SAMPLE_RATE + FIT_MARGIN_S))
-    if samples >= 30:
+    window_s = math.ceil(max(settings.min_window_s, len(audio) / SAMPLE_RATE + FIT_MARGIN_S))
+    if window_s >= WHISPER_WINDOW_S:
         return None
-    padded = np.zeros(samples * SAMPLE_RATE, np.float32)
+    padded = np.zeros(window_s * SAMPLE_RATE, np.float32)
     padded[: len(audio)] = audio
-    features = model.feature_extractor(padded)[None, :, : samples * FRAMES_PER_S]
+    features = model.feature_extractor(padded)[None, :, : window_s * FRAMES_PER_S]
     tokenizer = _whisper_tokenizer(model, settings.language)
     prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
     limit = len(prompt) + int(MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE) + 8

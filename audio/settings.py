@@ -52,8 +52,8 @@ class AsrSettings(BaseModel):
     # Whisper's encoder runs over a window fitted to the utterance (at least this long, the
     # audio + 1 s, whole seconds) instead of its fixed 30 s, where ~3/4 of a short turn's CPU
     # time went: ~3x faster decodes. Shorter windows make Whisper loop; a decode that loops or
-    # fails faster-whisper's quality checks is redone on 30 s. None = always 30 s
-    min_window_s: float | None = Field(default=10.0, ge=2.0, le=30.0)
+    # fails faster-whisper's quality checks is redone on 30 s. 30 = always the fixed window
+    min_window_s: float = Field(default=10.0, ge=2.0, le=30.0)
     # Whisper sees 30 s at a time: a longer utterance is finalised in chunks of at most this
     max_chunk_s: float = Field(default=25.0, gt=1.0, le=30.0)
 
