@@ -241,6 +241,24 @@ class Split:
         ids = self.tokens[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)
         return ids, int(self.prompt_len[i])
 
+    def take(self, indices: np.ndarray) -> Split:
+        """The chosen examples, in the given order, as a split of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        tokens = np.concatenate([self.tokens[a:b] for a, b in zip(starts, ends, strict=True)]
+                                or [self.tokens[:0]])
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        return Split(tokens, offsets, self.prompt_len[indices])
+
+
+def concat_splits(*splits: Split) -> Split:
+    """The examples of every split, one after the other."""
+    bases = np.cumsum([0] + [len(s.tokens) for s in splits[:-1]])
+    offsets = np.concatenate([[0]] + [s.offsets[1:] + base for s, base in zip(splits, bases,
+                                                                             strict=True)])
+    return Split(np.concatenate([s.tokens for s in splits]), offsets.astype(np.int64),
+                 np.concatenate([s.prompt_len for s in splits]))
+
 
 def load_split(data_dir: str | Path, split: str) -> Split:
     d = Path(data_dir)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from llm.data import PrepareConfig, Split, load_split, load_tokenizer, prepare
+from llm.data import PrepareConfig, Split, concat_splits, load_split, load_tokenizer, prepare
 from llm.model import ModelConfig, Transformer
 from llm.settings import apply_override
 from llm.tokenizer import ChatTokenizer
@@ -82,6 +82,11 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     objective: Literal["diffusion", "ar"] = "diffusion"
     data_dir: str = "runs/data"
+    # a seeded choice of this many of data_dir's training examples (None: all of them)
+    data_examples: int | None = Field(None, ge=1)
+    # prepared folders (same tokenizer) whose training examples join data_dir's, e.g. a
+    # teacher's replies mixed with people's; evaluation stays on data_dir's held-out split
+    mix_data_dirs: list[str] = []
     run_dir: str = "runs/dv-small"
     init_from: str | None = None  # an AR checkpoint folder to adapt (diffusion only)
     device: str = "cpu"
@@ -419,7 +424,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tok = load_tokenizer(cfg.data_dir)
-    train, test = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "test")
+    train, test = training_split(cfg), load_split(cfg.data_dir, "test")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resuming = (run_dir / STATE_FILE).exists()
@@ -433,6 +438,21 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("resuming %s at step %d", run_dir, run.step)
     _truncate_log(run_dir / LOG_FILE, run.step)
     return run
+
+
+def training_split(cfg: TrainConfig) -> Split:
+    """data_dir's training examples (a seeded choice of `data_examples`), then every
+    `mix_data_dirs` folder's."""
+    train = load_split(cfg.data_dir, "train")
+    if cfg.data_examples is not None and cfg.data_examples < len(train):
+        perm = np.random.default_rng([cfg.seed, 3]).permutation(len(train))
+        train = train.take(np.sort(perm[: cfg.data_examples]))
+    vocab = (Path(cfg.data_dir) / "tokenizer.json").read_bytes()
+    for other in cfg.mix_data_dirs:
+        if (Path(other) / "tokenizer.json").read_bytes() != vocab:
+            raise ValueError(f"{other} has another tokenizer than {cfg.data_dir}: cannot mix")
+        train = concat_splits(train, load_split(other, "train"))
+    return train
 
 
 def train_step(run: Run, batch: Batch) -> Tensor:

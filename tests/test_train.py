@@ -141,6 +141,25 @@ def test_masks_cover_only_reply_positions(data_dir):
         assert span[-3:] == [tok.eot_id, tok.eos_id, tok.eos_id]
 
 
+def test_training_split_takes_a_seeded_choice_and_mixes_other_folders(data_dir, tmp_path):
+    own = load_split(data_dir, "train")
+    cfg = recipe(data_dir, tmp_path / "run", "data_examples=5", f"mix_data_dirs=['{data_dir}']")
+    mixed = T.training_split(cfg)
+    assert len(mixed) == 5 + len(own)
+    chosen = [tuple(mixed.example(i)[0]) for i in range(5)]
+    everything = {tuple(own.example(i)[0]) for i in range(len(own))}
+    assert set(chosen) <= everything and len(set(chosen)) == 5
+    assert chosen == [tuple(T.training_split(cfg).example(i)[0]) for i in range(5)]  # seeded
+    for i in range(len(own)):  # the mixed folder's examples follow, whole and in order
+        ids, p = mixed.example(5 + i)
+        assert (ids == own.example(i)[0]).all() and p == own.example(i)[1]
+    other = tmp_path / "other"
+    prepare(other, PrepareConfig(vocab_size=280, max_tokens=64, test_fraction=0.2,
+                                 context_turns=2), convs=conversations())
+    with pytest.raises(ValueError, match="another tokenizer"):
+        T.training_split(recipe(data_dir, tmp_path / "run", f"mix_data_dirs=['{other}']"))
+
+
 def test_batch_order_visits_every_example_once_per_epoch():
     order = T.BatchOrder(10, 4, seed=1)
     seen = np.concatenate([order.indices(s) for s in range(5)])  # 20 = two epochs
