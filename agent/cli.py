@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "phone": "agent.phone",
     "livekit": "agent.livekit_worker",
     "bench": "agent.bench",
+    "bench-turns": "agent.bench_turns",
     "chat": "llm.chat",
     "bench-llm": "llm.bench",
     "train": "llm.train",
