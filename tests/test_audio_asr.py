@@ -165,7 +165,7 @@ async def test_preflight_is_the_speculative_final_sent_before_the_silence_ends(w
     assert kinds(events)[-3:] == ["preflight", "final", "end"]
     preflight, final = events[-3], events[-2]
     assert preflight.text == final.text and preflight.end_s == final.end_s
-    assert final.t_wall_s - preflight.t_wall_s > 0.5  # sent long before the VAD ended it
+    assert final.t_wall_s - preflight.t_wall_s > 0.1  # sent before the VAD ended it
     off = StreamingRecognizer(whisper, ASR.model_copy(update={"preflight": False}), vad)
     events, _ = await run_stream(off, pad(trimmed(SENTENCES[3]), 0.3, 2.0), realtime=False)
     assert "preflight" not in kinds(events)

@@ -187,10 +187,9 @@ async def test_stt_stream_sends_the_speculative_final_as_a_preflight_first(whisp
     events = await stream_events(plugin, audio)
     T = stt.SpeechEventType
     types = [e.type for e in events if e.type != T.RECOGNITION_USAGE]
-    assert types.count(T.PREFLIGHT_TRANSCRIPT) == 1
-    assert types.index(T.PREFLIGHT_TRANSCRIPT) < types.index(T.FINAL_TRANSCRIPT)
-    preflight, final = (next(e for e in events if e.type == t)
-                        for t in (T.PREFLIGHT_TRANSCRIPT, T.FINAL_TRANSCRIPT))
+    # (a pause inside the question may bring an earlier preflight, superseded by this one)
+    assert types[-3:] == [T.PREFLIGHT_TRANSCRIPT, T.FINAL_TRANSCRIPT, T.END_OF_SPEECH]
+    preflight, final = [e for e in events if e.type != T.RECOGNITION_USAGE][-3:-1]
     assert preflight.alternatives[0].text == final.alternatives[0].text != ""
 
 
