@@ -160,12 +160,12 @@ def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings) -> str | Non
 
 
 def repeats_itself(text: str, n: int = 3) -> bool:
-    """A word n-gram said twice, or one word three times in a row: how a looping Whisper
-    decode reads (and rarely what a person says in one short turn)."""
+    """Whether the text says its first words (up to `n`) again: a Whisper decode that loops
+    starts the transcript over ("Okay. Okay. Okay.", "How do I make a cup of tea? How do I").
+    Rarely what a person says; such a turn only costs a second decode."""
     words = _WORD_KEY.sub(" ", text.lower()).split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    triple = any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
-    return len(grams) != len(set(grams)) or triple or (len(words) == 2 and words[0] == words[1])
+    k = min(n, len(words) - 1)
+    return k > 0 and any(words[i:i + k] == words[:k] for i in range(1, len(words) - k + 1))
 
 
 def quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:

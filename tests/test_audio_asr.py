@@ -118,9 +118,11 @@ def test_repeats_itself():
     assert repeats_itself("How do I make a cup of tea? How do I make")
     assert repeats_itself("No... No... No...") and repeats_itself("Okay. Okay.")
     assert not repeats_itself("I think I will go to the park, and you?")
+    # a phrase said twice later in a long turn is speech, not a loop
+    assert not repeats_itself("So I went to the shop and then I went to the shop again")
     # also what a person may say: such a turn only costs a second decode on 30 s
     assert repeats_itself("No, no.")
-    assert not repeats_itself("")
+    assert not repeats_itself("") and not repeats_itself("Yes.")
 
 
 # -- VAD -------------------------------------------------------------------------------------
