@@ -302,7 +302,9 @@ def caller_factory(settings: Settings, models: Any, server: Any, url: str | None
     if settings.bench.transport == "twilio":
         return lambda ci: TwilioBenchCaller(url, server, level=level,
                                             noise=MicNoise(dbfs, seed=ci))
-    return lambda ci: WebRTCCaller(url, level=level, noise=MicNoise(dbfs, seed=ci))
+    prefetch = settings.bench.caller_jitter_prefetch_frames
+    return lambda ci: WebRTCCaller(url, level=level, noise=MicNoise(dbfs, seed=ci),
+                                   jitter_prefetch=prefetch)
 
 
 async def start_server(settings: Settings, models: Any) -> tuple[Any, str | None]:

@@ -29,6 +29,7 @@ import websockets
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from agent.webrtc import set_jitter_prefetch
 from audio.codecs import resample
 from audio.speech_eval import MicNoise
 
@@ -134,9 +135,10 @@ class SpeechTrack(MediaStreamTrack):
 class WebRTCCaller:
     """Signalling + peer + data channel events + received agent audio."""
 
-    def __init__(self, url: str, *, level: int = AUDIBLE_LEVEL,
-                 noise: MicNoise | None = None) -> None:
+    def __init__(self, url: str, *, level: int = AUDIBLE_LEVEL, noise: MicNoise | None = None,
+                 jitter_prefetch: int | None = None) -> None:
         self.url = url
+        self.jitter_prefetch = jitter_prefetch  # None: aiortc's own receive buffer
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.mic = SpeechTrack(noise)
         self.events: list[dict] = []
@@ -149,6 +151,8 @@ class WebRTCCaller:
 
     async def connect(self) -> None:
         self.pc.addTrack(self.mic)
+        if self.jitter_prefetch is not None:  # before any media can arrive
+            set_jitter_prefetch(self.pc, self.jitter_prefetch)
         channel = self.pc.createDataChannel("events")
         channel.on("message", lambda m: self.events.append(json.loads(m)))
         self.pc.on("track", lambda t: self._tasks.append(asyncio.create_task(self._listen(t))))

@@ -144,6 +144,10 @@ class BenchSettings(Section):
     # None: digital silence between words, which no real microphone sends. The end-of-turn
     # model hears the difference (docs/benchmarks.md, "End-of-turn threshold")
     noise_floor_dbfs: float | None = Field(None, le=-20.0)
+    # the WebRTC caller's receive jitter buffer: packets held before the agent's speech plays
+    # (20 ms each). aiortc's default is 4; a browser's adaptive buffer sits near 1-2 on a clean
+    # network, so the default measures a conservative caller
+    caller_jitter_prefetch_frames: int = Field(4, ge=1, le=8)
     cache_dir: str = ".cache/bench-speech"  # synthesised built-in turns, one WAV each
     out_dir: str = "runs/bench"  # bench.json, bench.png, bench.html
 

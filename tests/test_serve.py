@@ -101,9 +101,11 @@ def test_non_loopback_bind_needs_token():
 @pytest.mark.slow
 async def test_webrtc_caller_talks_with_the_agent(vad, tmp_path):
     server, url = await _server(_settings(tmp_path=tmp_path), _models(vad))
-    caller = WebRTCCaller(url)
+    caller = WebRTCCaller(url, jitter_prefetch=1)  # a browser-like receive buffer
     try:
         await caller.connect()
+        (transceiver,) = caller.pc.getTransceivers()
+        assert transceiver.receiver._RTCRtpReceiver__jitter_buffer._prefetch == 1
         await _wait(lambda: caller.audible_frames > 10, within=10)  # the greeting
         heard_greeting = caller.audible_frames
         caller.mic.say(spoken(QUESTION))
