@@ -153,15 +153,16 @@ async def vad_asks_at(vad: Any, clip: np.ndarray) -> int | None:
     return asked
 
 
-async def score(settings: Settings, noise_dbfs: float,
-                turns: int | None = None) -> list[dict[str, Any]]:
+async def score(settings: Settings, items: list[dict[str, Any]],
+                noise_dbfs: float) -> list[dict[str, Any]]:
+    """Each clip's p(end) where the session would ask, over digital silence and a noise floor."""
     from livekit.local_inference import EOT, EOT_MAX_SAMPLES
 
     from audio.plugins import build_vad
 
     vad, model = build_vad(settings), EOT()
     rows = []
-    for seed, item in enumerate(clips(settings, turns)):
+    for seed, item in enumerate(items):
         pcm = item.pop("pcm")
         last_loud = int(np.flatnonzero(np.abs(pcm.astype(np.int32)) > AUDIBLE)[-1]) + 1
         clip = np.concatenate([pcm, np.zeros(int(TAIL_S * MIC_RATE), np.int16)])
@@ -223,10 +224,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.session import load_turn_detector
 
     detector = load_turn_detector(settings.session)
+    items = clips(settings, args.turns)  # Piper synthesis (cached), before the loop runs
 
     async def main() -> tuple[list[dict[str, Any]], float]:
         in_use = await detector.unlikely_threshold(LanguageCode(settings.asr.language))
-        return await score(settings, args.noise_dbfs, args.turns), float(in_use)
+        return await score(settings, items, args.noise_dbfs), float(in_use)
 
     rows, in_use = asyncio.run(main())
     summary = summarise(rows, in_use)
