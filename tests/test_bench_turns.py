@@ -47,7 +47,8 @@ def test_bench_turns_command_scores_real_turns(tmp_path, capsys):
     assert {c["condition"] for c in clips} == {"digital", "noise"}
     scored = [c for c in clips if c["p_end"] is not None]
     assert len(scored) >= 0.9 * len(clips)
-    assert all(0.0 <= c["p_end"] <= 1.0 and c["silence_s"] >= 0.2 for c in scored)
+    # asked after the VAD counted its 200 ms of silence (less the lag of the last loud sample)
+    assert all(0.0 <= c["p_end"] <= 1.0 and c["silence_s"] > 0.1 for c in scored)
     for condition in report["conditions"].values():
         assert 0.0 <= condition["auc"] <= 1.0
         rows = condition["thresholds"]
