@@ -20,6 +20,7 @@ from livekit import rtc
 
 from agent import twilio_io as tw
 from audio.codecs import mulaw_decode, mulaw_encode
+from audio.speech_eval import word_error_rate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from twilio_caller import ulaw_decode, ulaw_encode  # noqa: E402
@@ -492,8 +493,10 @@ async def test_a_real_spoken_turn_over_the_phone(tmp_path):
     whisper = WhisperModel(str(get_model_path()), device="cpu", compute_type="int8")
     audio = resample(heard, 8000, 16000).astype(np.float32) / 32768.0
     segments, _ = whisper.transcribe(audio, language="en", beam_size=1)
-    text = " ".join(s.text for s in segments).lower()
-    assert "paris" in text, text
+    text = " ".join(s.text for s in segments)
+    # tiny.en on 8 kHz μ-law of a Piper voice that varies per synthesis: "Francis Perris" also
+    # happens; the whole reply must come through, nearly word for word
+    assert word_error_rate(["The capital of France is Paris."], [text]) <= 0.5, text
     assert caller.log.marks_echoed and phone.server.finished[-1].end_reason == "stop"
 
 
