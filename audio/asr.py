@@ -188,7 +188,6 @@ def transcribe(model, audio: np.ndarray, settings: AsrSettings) -> str:
     return " ".join(t for t in texts if t)
 
 
-
 class LocalAgreement:
     """Committed words = the prefix two consecutive hypotheses agree on; it only grows."""
 
