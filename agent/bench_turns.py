@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.bench import BUILTIN_TURNS, machine, spoken
-from agent.clients import MIC_RATE
+from agent.clients import MIC_RATE, last_sound_index
 from agent.settings import Settings
 from audio.speech_eval import MicNoise
-
-log = logging.getLogger(__name__)
 
 HELP = "score finished and cut-off spoken turns with the end-of-turn model, per threshold"
 
@@ -164,7 +161,7 @@ async def score(settings: Settings, items: list[dict[str, Any]],
     rows = []
     for seed, item in enumerate(items):
         pcm = item.pop("pcm")
-        last_loud = int(np.flatnonzero(np.abs(pcm.astype(np.int32)) > AUDIBLE)[-1]) + 1
+        last_loud = last_sound_index(pcm, AUDIBLE) + 1
         clip = np.concatenate([pcm, np.zeros(int(TAIL_S * MIC_RATE), np.int16)])
         for condition, dbfs in (("digital", None), ("noise", noise_dbfs)):
             heard = MicNoise(dbfs, seed).add(clip)
