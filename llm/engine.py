@@ -487,6 +487,9 @@ class DiffusionEngine:
         self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
         self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
+        # eager CPU forwards attend row by row in a padded batch, so a batched reply is the
+        # solo reply bitwise in bf16 too (CUDA keeps one call: graphs need static shapes)
+        self._row_attention = self.device.type == "cpu"
         self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
         # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
         self._static_layers = self._run_layers
@@ -713,12 +716,15 @@ class DiffusionEngine:
         B, T = idx.shape
         cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
         S = 0 if ctx is None else ctx[0][0].shape[2]
-        mask, is_causal = m._attn_mask(B, T, S, key_mask, idx.device)
+        rows = None
+        if self._row_attention and key_mask is not None and block is _block_call:
+            rows = m.row_keys(key_mask, S)
+        mask, is_causal = m._attn_mask(B, T, S, None if rows else key_mask, idx.device)
         x = m.tok_emb(idx)  # (B, T, C)
         kv: KV = []
         for i, layer in enumerate(m.layers):
             x, layer_kv = block(layer, x, cos, sin, mask, is_causal,
-                                None if ctx is None else ctx[i])
+                                None if ctx is None else ctx[i], rows)
             kv.append(layer_kv)
         return x, kv
 
@@ -814,10 +820,10 @@ def _next_pow2(n: int) -> int:
 
 
 def _block_call(layer: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                is_causal: bool, kv: Any) -> tuple[Tensor, Any]:
+                is_causal: bool, kv: Any, rows: Any = None) -> tuple[Tensor, Any]:
     # inductor's own CUDA graphs (cudagraph trees) are bound to the compiling thread, so
     # torch.compile runs without them and `_GraphedLayers` captures the whole step instead
-    return layer(x, cos, sin, mask, is_causal, kv)
+    return layer(x, cos, sin, mask, is_causal, kv, rows)
 
 
 class _GraphedLayers:

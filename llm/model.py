@@ -65,6 +65,16 @@ class ModelConfig:
 LayerKV = tuple[Tensor, Tensor]
 
 
+@dataclass(frozen=True)
+class RowKeys:
+    """One row of a padded batch, attended on its own (`Transformer.row_keys`)."""
+
+    queries: Tensor  # (T_b,) the row's real tokens among the current ones
+    keys: Tensor  # (S_b + T_b,) its real keys among context + current keys
+    mask: Tensor | None  # what a forward of the row alone would use
+    is_causal: bool
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -108,7 +118,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
-        context: LayerKV | None,
+        context: LayerKV | None, rows: list[RowKeys] | None = None,
     ) -> tuple[Tensor, LayerKV]:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -119,10 +129,18 @@ class Attention(nn.Module):
         if context is not None:
             k = torch.cat([context[0], k], dim=2)  # (B, nkv, S+T, hd)
             v = torch.cat([context[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, nh, T, hd)
+        gqa = self.n_kv_heads != self.n_heads
+        if rows is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+            )  # (B, nh, T, hd)
+        else:  # row by row on each row's own keys: exactly the numbers of a solo forward
+            y = q.new_zeros(B, self.n_heads, T, self.head_dim)
+            for b, r in enumerate(rows):
+                y[b, :, r.queries] = F.scaled_dot_product_attention(
+                    q[b:b + 1, :, r.queries], k[b:b + 1, :, r.keys], v[b:b + 1, :, r.keys],
+                    attn_mask=r.mask, is_causal=r.is_causal, enable_gqa=gqa,
+                )[0]
         return self.wo(y.transpose(1, 2).reshape(B, T, C)), new_kv
 
 
@@ -145,8 +163,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, context):
-        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, is_causal, context)
+    def forward(self, x, cos, sin, mask, is_causal, context, rows=None):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, mask, is_causal, context, rows)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -215,6 +233,19 @@ class Transformer(nn.Module):
             # Dream: the prediction for position i is read at position i-1
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits, (new_kv if return_kv else None)
+
+    def row_keys(self, key_mask: Tensor, S: int) -> list[RowKeys]:
+        """Each row's own queries and keys in a padded batch (key_mask (B, S+T), S context
+        columns) and the mask its solo forward uses. Attention run row by row on these gives
+        bitwise the solo numbers: in bf16, one attention call over a padded batch rounds a row
+        differently depending on where the padding sits."""
+        out = []
+        for row in key_mask:
+            queries, keys = row[S:].nonzero().squeeze(1), row.nonzero().squeeze(1)
+            T_b = len(queries)
+            mask, is_causal = self._attn_mask(1, T_b, len(keys) - T_b, None, key_mask.device)
+            out.append(RowKeys(queries, keys, mask, is_causal))
+        return out
 
     def _attn_mask(
         self, B: int, T: int, S: int, key_mask: Tensor | None, device: torch.device
