@@ -869,7 +869,17 @@ def _end_unstarted(req: _Request, reason: str, error: Exception | None = None) -
 
 
 def engine_dtype(llm: LLMSettings) -> torch.dtype:
-    """`auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slower than fp32)."""
+    """`auto` is bf16 on CUDA and on CPUs with bf16 dot-product instructions (AVX-512 BF16,
+    AMX), fp32 elsewhere. A denoising step multiplies a handful of rows by every weight: on a
+    Zen 4 core oneDNN's bf16 kernels do that ~2.4x faster than fp32 sgemm, while CPUs without
+    these instructions emulate bf16 and are slower."""
     if llm.dtype == "auto":
-        return torch.bfloat16 if llm.device.startswith("cuda") else torch.float32
+        native = llm.device.startswith("cuda") or (llm.device == "cpu" and cpu_has_bf16())
+        return torch.bfloat16 if native else torch.float32
     return getattr(torch, llm.dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (torch's own feature probe)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -67,7 +67,8 @@ class LLMSettings(BaseModel):
     # a name under llm/weights/ (the shipped models) or a checkpoint folder
     model: str = "dv-small"
     device: str = "cpu"  # "cuda" for a GPU
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
+    # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = torch's default
     system_prompt: str = "You are a friendly voice assistant. Keep replies short."
     decode: DecodeSettings = DecodeSettings()
