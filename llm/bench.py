@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from llm.engine import DiffusionEngine, engine_dtype
 from llm.model import ModelConfig, Transformer
 from llm.sampler import generate_llada, generate_threshold, trim_reply
-from llm.settings import DecodeSettings, LLMSettings
+from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.tokenizer import DIFFVOICE_SPECIAL_TOKENS, ChatTokenizer
 
 HELP = "diffusion engine speed: ms/step, first span, AR baseline ratio, weight-read bound"
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace, settings) -> int:
         if value is not None:
             opts[key] = value
     llm = settings.llm.model_copy(update={"device": opts["device"]})
-    if llm.threads > 0:
-        torch.set_num_threads(llm.threads)
+    torch.set_num_threads(engine_threads(llm))
     if args.draft_reuse:
         result = draft_reuse_benchmark(settings.llm, args.repeats or 1)
         print_draft_report(result)

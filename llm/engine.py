@@ -49,7 +49,7 @@ from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
 from llm.sampler import defer_ends, propose
 from llm.sentences import sentence_cuts
-from llm.settings import DecodeSettings, LLMSettings
+from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -507,8 +507,7 @@ class DiffusionEngine:
     def from_settings(cls, llm: LLMSettings) -> DiffusionEngine:
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
-        if llm.threads > 0:
-            torch.set_num_threads(llm.threads)
+        torch.set_num_threads(engine_threads(llm))
         loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
                                  dtype=engine_dtype(llm))
         return cls(loaded.model, loaded.tokenizer, llm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from typing import Any, Literal
 
@@ -69,10 +70,20 @@ class LLMSettings(BaseModel):
     device: str = "cpu"  # "cuda" for a GPU
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = torch's default
+    # the engine's CPU threads; 0 = half the cores (at least one). Its thread pool waits for its
+    # slowest thread at every operation, so a pool spread over cores that Whisper, Piper and
+    # the VAD also use slows to a crawl under their load (2 cores: ~3.5x slower replies with
+    # one core busy elsewhere, unchanged with one thread). Offline jobs (eval, distill) use
+    # torch's default with 0
+    threads: int = Field(0, ge=0)
     system_prompt: str = "You are a friendly voice assistant. Keep replies short."
     decode: DecodeSettings = DecodeSettings()
     engine: EngineSettings = EngineSettings()
+
+
+def engine_threads(llm: LLMSettings) -> int:
+    """The torch thread count the engine runs with (`llm.threads`, 0 = half the cores)."""
+    return llm.threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
