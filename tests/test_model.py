@@ -95,3 +95,20 @@ def test_config_validation():
         ModelConfig(vocab_size=8, d_model=30, n_layers=1, n_heads=4, n_kv_heads=4, mlp_hidden=8)
     with pytest.raises(ValueError, match="multiple"):
         ModelConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=4, n_kv_heads=3, mlp_hidden=8)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@torch.no_grad()
+def test_fused_projections_give_the_same_logits_and_kv(gqa):
+    model = tiny_model(V, n_kv_heads=2 if gqa else 4, qkv_bias=gqa)
+    before, kv_before = model(IDS, return_kv=True)
+    n_params = model.num_params()
+    model.fuse()
+    after, kv_after = model(IDS, return_kv=True)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv_after[1][1], kv_before[1][1], rtol=1e-5, atol=1e-5)
+    names = set(model.state_dict())
+    assert "layers.0.attn.wqkv.weight" in names and "layers.0.mlp.w_gate_up.weight" in names
+    assert "layers.0.attn.wq.weight" not in names  # moved, not kept twice
+    assert model.num_params() == n_params
+    assert (model.layers[0].attn.wqkv.bias is not None) == gqa
