@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from livekit.agents.voice.transcription import TranscriptSynchronizer
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.session import Models, build_session, start_session
 from agent.settings import Settings
+from agent.webrtc import SESSION_CLOSE_TIMEOUT_S
 
 MIC_RATE = 16000
 SPEAKER_RATE = 48000
@@ -48,12 +50,15 @@ class Caller:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        # as the transports do: close the session while the speaker still pulls (a reply in
+        # progress can then finish its playout), and give up on it after a bound
+        self.audio_in.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.session.aclose(), SESSION_CLOSE_TIMEOUT_S)
+        await self.sync.aclose()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.audio_in.close()
-        await self.session.aclose()
-        await self.sync.aclose()
 
     def say(self, pcm: np.ndarray) -> None:
         """Queue 16 kHz int16 speech; the mic sends it next, in real time."""
