@@ -377,3 +377,22 @@ def test_sampling_is_seeded_per_request_and_unaffected_by_batching(tok):
                 for t in s.token_ids] != solo
     finally:
         eng.close()
+
+
+def test_cpu_dtype_and_threads_follow_the_machine(monkeypatch):
+    import llm.engine as engine_mod
+    from llm.engine import engine_dtype
+    from llm.settings import engine_threads
+
+    cpu = LLMSettings(device="cpu")
+    monkeypatch.setattr(engine_mod, "cpu_has_bf16", lambda: True)
+    assert engine_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(engine_mod, "cpu_has_bf16", lambda: False)
+    assert engine_dtype(cpu) == torch.float32  # emulated bf16 is slower than fp32
+    assert engine_dtype(LLMSettings(device="cuda")) == torch.bfloat16
+    assert engine_dtype(LLMSettings(dtype="float32", device="cuda")) == torch.float32
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert engine_threads(cpu) == 4  # the other half for Whisper, Piper and the VAD
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert engine_threads(cpu) == 1
+    assert engine_threads(LLMSettings(threads=3)) == 3
