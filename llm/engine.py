@@ -13,6 +13,9 @@ Notable choices (each a setting in `llm/settings.py`):
   keep each row's numbers its own, so at temperature 0 a batched reply equals a solo reply.
 - The same rows serve a causal model (the autoregressive baseline): one token per forward with
   a K/V cache, same streaming interface.
+- CPU: bf16 where the CPU multiplies it natively (`engine_dtype`), torch threads on half the
+  cores (`engine_threads`: the speech stages use the rest), q/k/v and the SwiGLU branches fused
+  into one matmul each, and attention row by row in a padded batch (bitwise the solo numbers).
 - GPU: forwards against cached K/V have bucketed shapes (tokens, context, batch), so they can be
   compiled per layer and replayed as CUDA graphs; the only host sync of a step is the commit
   decision. A step of LLaDA-8B is ~1,400 small kernels, whose launches alone take longer than
