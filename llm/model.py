@@ -180,16 +180,15 @@ class MLP(nn.Module):
 
 
 def _fused(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the parts' outputs side by side."""
+    """One Linear whose output is the parts' outputs side by side (no init, one copy)."""
     w = parts[0].weight
     bias = parts[0].bias is not None
-    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias,
-                      device=w.device, dtype=w.dtype)
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=bias, device="meta")
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), w.requires_grad)
         if bias:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    return fused.requires_grad_(w.requires_grad)
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), w.requires_grad)
+    return fused
 
 
 class Block(nn.Module):
