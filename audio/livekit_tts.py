@@ -10,8 +10,11 @@ tokenizer: each committed sentence is synthesised as soon as it is complete.
 from __future__ import annotations
 
 import logging
+import re
 
+from livekit import blingfire
 from livekit.agents import APIConnectOptions, APIError, tokenize, tts, utils
+from livekit.agents.tokenize import token_stream
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
 from audio.settings import TtsSettings
@@ -25,6 +28,11 @@ SILENCE_FOR_UNSPEAKABLE_S = 0.02
 # a short opener ("Sure.", "Okay.") is its own sentence, so first audio follows it directly;
 # LiveKit's default of 20 characters merges it into the next sentence and waits for that one
 MIN_SENTENCE_CHARS = 4
+# a clause cut out of a long sentence has at least this many characters ("I," is not one)
+MIN_CLAUSE_CHARS = 20
+STREAM_CONTEXT_CHARS = 10  # text buffered before the stream looks for a boundary (LiveKit's)
+# a clause ends after a comma, semicolon or colon followed by a space
+_CLAUSE_END = re.compile(r"[,;:][\"')\]]*\s+")
 
 
 class PiperTTS(tts.TTS):
@@ -76,10 +84,55 @@ class PiperChunkedStream(tts.ChunkedStream):
 
 
 def streaming_piper_tts(settings: TtsSettings) -> tts.StreamAdapter:
-    """PiperTTS fed sentence by sentence from streamed text (LLM output)."""
+    """PiperTTS fed sentence by sentence (long ones clause by clause) from streamed text."""
     return tts.StreamAdapter(
         tts=PiperTTS(settings),
-        sentence_tokenizer=tokenize.blingfire.SentenceTokenizer(
-            retain_format=True, min_sentence_len=MIN_SENTENCE_CHARS
-        ),
+        sentence_tokenizer=ClauseTokenizer(clause_split_chars=settings.clause_split_chars),
     )
+
+
+class ClauseTokenizer(tokenize.SentenceTokenizer):
+    """Sentences as blingfire finds them (spans under `min_sentence_len` merge forward), and a
+    sentence longer than `clause_split_chars` cut after its clauses of at least
+    `min_clause_chars`. Streamed text (LLM output) is released a piece at a time, so a run-on
+    reply ("I went to the gym, and then to the gym, and ...") starts speaking after its first
+    clause instead of after the whole sentence."""
+
+    def __init__(self, *, clause_split_chars: int, min_sentence_len: int = MIN_SENTENCE_CHARS,
+                 min_clause_chars: int = MIN_CLAUSE_CHARS) -> None:
+        self.clause_split_chars = clause_split_chars
+        self.min_sentence_len = min_sentence_len
+        self.min_clause_chars = min_clause_chars
+
+    def split(self, text: str) -> list[tuple[str, int, int]]:
+        """(piece, start, end) slices of `text`, in order and covering it."""
+        pieces: list[tuple[str, int, int]] = []
+        start = 0
+        _, offsets = blingfire.text_to_sentences_with_offsets(text) if text.strip() else ("", [])
+        for _, end in offsets:
+            if len(text[start:end].strip()) < self.min_sentence_len:
+                continue  # merged into the next sentence
+            pieces += self._clauses(text, start, end)
+            start = end
+        if start < len(text):
+            pieces += self._clauses(text, start, len(text))
+        return pieces
+
+    def _clauses(self, text: str, start: int, end: int) -> list[tuple[str, int, int]]:
+        if end - start <= self.clause_split_chars:
+            return [(text[start:end], start, end)]
+        out = []
+        for m in _CLAUSE_END.finditer(text, start, end):
+            if m.end() - start >= self.min_clause_chars and end - m.end() > 0:
+                out.append((text[start:m.end()], start, m.end()))
+                start = m.end()
+        return [*out, (text[start:end], start, end)]
+
+    def tokenize(self, text: str, *, language: str | None = None) -> list[str]:
+        return [piece for piece, _, _ in self.split(text)]
+
+    def stream(self, *, language: str | None = None) -> tokenize.SentenceStream:
+        return token_stream.BufferedSentenceStream(
+            tokenizer=self.split, min_token_len=self.min_sentence_len,
+            min_ctx_len=STREAM_CONTEXT_CHARS,
+        )

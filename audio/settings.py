@@ -72,5 +72,9 @@ class TtsSettings(BaseModel):
     lead_in_ms: int | None = Field(default=10, ge=0)
     # a sentence longer than this is split at commas/spaces so first audio stays fast
     max_sentence_chars: int = Field(default=200, ge=20)
+    # text streamed from the LLM is spoken sentence by sentence; a sentence longer than this is
+    # spoken clause by clause (cut after a comma, semicolon or colon), so a run-on sentence does
+    # not hold the first audio until it ends
+    clause_split_chars: int = Field(default=60, ge=20)
     # text longer than this is refused (a clear error instead of minutes of synthesis)
     max_text_chars: int = Field(default=20000, ge=100)

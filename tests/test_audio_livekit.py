@@ -251,6 +251,40 @@ async def test_streaming_tts_speaks_the_first_sentence_before_the_text_ends():
     await stream.aclose()
 
 
+async def test_streaming_tts_speaks_a_run_on_sentence_clause_by_clause():
+    adapter = build_tts(SETTINGS)
+    stream = adapter.stream()
+    first_audio = asyncio.Event()
+
+    async def collect() -> None:
+        async for _ in stream:
+            first_audio.set()
+
+    collector = asyncio.create_task(collect())
+    run_on = "I went to the gym this morning, and then I went to the gym again, and then I"
+    for token in run_on.split(" "):  # no sentence has ended yet
+        stream.push_text(token + " ")
+    await asyncio.wait_for(first_audio.wait(), 10)
+    stream.push_text("went home.")
+    stream.end_input()
+    await asyncio.wait_for(collector, 20)
+    await stream.aclose()
+
+
+def test_clause_tokenizer_cuts_only_long_sentences_and_covers_the_text():
+    from audio.livekit_tts import ClauseTokenizer
+
+    tok = ClauseTokenizer(clause_split_chars=60)
+    short = "Sure, I can help. Okay!"
+    assert tok.tokenize(short) == ["Sure, I can help.", " Okay!"]
+    run_on = "I, I'm going to go to the gym, and go to the gym, and go to the gym, and go"
+    pieces = tok.split(run_on)
+    assert [p for p, _, _ in pieces] == [
+        "I, I'm going to go to the gym, ", "and go to the gym, and go to the gym, ", "and go"]
+    assert "".join(p for p, _, _ in pieces) == run_on
+    assert all(run_on[a:b] == p for p, a, b in pieces)
+
+
 # -- a whole spoken turn -----------------------------------------------------------------------
 async def test_agent_session_hears_a_question_and_speaks_the_reply(whisper_stt, piper_tts):
     scripted = ScriptedLLM(REPLY)
