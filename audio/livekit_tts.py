@@ -10,7 +10,6 @@ tokenizer: each committed sentence is synthesised as soon as it is complete.
 from __future__ import annotations
 
 import logging
-import re
 
 from livekit import blingfire
 from livekit.agents import APIConnectOptions, APIError, tokenize, tts, utils
@@ -18,7 +17,7 @@ from livekit.agents.tokenize import token_stream
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
 from audio.settings import TtsSettings
-from audio.tts import PiperSynthesizer, TextTooLongError
+from audio.tts import CLAUSE_END, PiperSynthesizer, TextTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +30,6 @@ MIN_SENTENCE_CHARS = 4
 # a clause cut out of a long sentence has at least this many characters ("I," is not one)
 MIN_CLAUSE_CHARS = 20
 STREAM_CONTEXT_CHARS = 10  # text buffered before the stream looks for a boundary (LiveKit's)
-# a clause ends after a comma, semicolon or colon followed by a space
-_CLAUSE_END = re.compile(r"[,;:][\"')\]]*\s+")
 
 
 class PiperTTS(tts.TTS):
@@ -122,7 +119,7 @@ class ClauseTokenizer(tokenize.SentenceTokenizer):
         if end - start <= self.clause_split_chars:
             return [(text[start:end], start, end)]
         out = []
-        for m in _CLAUSE_END.finditer(text, start, end):
+        for m in CLAUSE_END.finditer(text, start, end):
             if m.end() - start >= self.min_clause_chars and end - m.end() > 0:
                 out.append((text[start:m.end()], start, m.end()))
                 start = m.end()

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 # the level (int16) where speech is audible: about -40 dBFS, above Piper's near-silent lead-in
 AUDIBLE_LEVEL = 320
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])[\"')\]]*\s+")
-_CLAUSE_END = re.compile(r"(?<=[,])\s+")
+# the space after a clause: a comma, semicolon or colon (kept with the clause before it)
+CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
 
 
 class TextTooLongError(ValueError):
@@ -42,7 +43,7 @@ class TextTooLongError(ValueError):
 
 def _split_long(sentence: str, max_chars: int) -> Iterator[str]:
     """Cut an over-long sentence at commas, then at spaces, then hard, into <= max_chars."""
-    parts = [p for p in _CLAUSE_END.split(sentence) if p]
+    parts = [p for p in CLAUSE_END.split(sentence) if p]
     piece = ""
     for part in parts:
         if piece and len(piece) + 1 + len(part) > max_chars:
