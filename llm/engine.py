@@ -718,10 +718,11 @@ class DiffusionEngine:
         B, T = idx.shape
         cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
         S = 0 if ctx is None else ctx[0][0].shape[2]
-        rows = None
+        rows, mask, is_causal = None, None, False  # rows carry their own masks
         if self._row_attention and key_mask is not None and block is _block_call:
             rows = m.row_keys(key_mask, S)
-        mask, is_causal = m._attn_mask(B, T, S, None if rows else key_mask, idx.device)
+        else:
+            mask, is_causal = m._attn_mask(B, T, S, key_mask, idx.device)
         x = m.tok_emb(idx)  # (B, T, C)
         kv: KV = []
         for i, layer in enumerate(m.layers):
