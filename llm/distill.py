@@ -11,7 +11,10 @@ which is what few-step and threshold decoding need.
 
 The teacher is the AR baseline (`dv-small-ar`, trained on the same split by the same code),
 decoding greedily with K/V cache and batching and with repeated n-grams blocked within a reply
-(greedy chit-chat otherwise loops: "I'm sure he's a good guy. I'm sure he's a good guy.").
+(greedy chit-chat otherwise loops: "I'm sure he's a good guy. I'm sure he's a good guy."), or a
+diffusion model: its own replies through the engine with the configured decoding
+(`llm.decode`), the trajectories certainty-forcing self-distillation (dParallel, arXiv
+2509.26488; `train` recipes with `certainty.weight`) teaches it to commit in fewer forwards.
 Token n-gram blocking still lets a loop through in another tokenisation ("I'm" at a sentence
 start and inside one), and a student learns such a reply as "say the sentence again", so
 replies that repeat a word n-gram, or did not end within `gen_length`, are dropped (13.7% and
@@ -22,6 +25,7 @@ teacher's reply + `<|eot|>`, and the held-out split copied unchanged, so every e
 scores people's replies. meta.json records the teacher and the decoding.
 
     diffvoice distill --data-dir runs/data --out runs/data-distill --examples 20000
+    diffvoice distill --teacher dv-small --out runs/data-self --examples 8000
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm.checkpoints import load_checkpoint, resolve_model_path
 from llm.data import SPLITS, Split, load_split, load_tokenizer
+from llm.engine import DiffusionEngine
 from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack
+from llm.sampler import trim_reply
+from llm.settings import DecodeSettings, LLMSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +63,16 @@ class DistillConfig(BaseModel):
     out: str = "runs/data-distill"
     examples: int = Field(20000, ge=1)  # training prompts given teacher replies (seeded choice)
     gen_length: int = Field(63, ge=1)  # reply tokens before <|eot|>: the data's reply cap
-    no_repeat_ngram: int = Field(3, ge=0)  # 0: plain greedy
+    no_repeat_ngram: int = Field(3, ge=0)  # 0: plain greedy (AR teacher only)
     drop_repeated_words: int = Field(3, ge=0)  # drop replies repeating a word n-gram (0: keep)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # prompts per batch (a diffusion teacher: in flight)
     device: str = "cpu"  # the teacher runs in fp32 on this device ("cuda" on a GPU machine)
     seed: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", help="an autoregressive model: shipped name or folder")
+    parser.add_argument("--teacher", help="a shipped model name or folder: an autoregressive "
+                        "baseline, or a diffusion model decoding its own replies (llm.decode)")
     parser.add_argument("--data-dir", help="prepared data (diffvoice train --prepare DIR)")
     parser.add_argument("--out", help="the distilled data folder to write")
     parser.add_argument("--examples", type=int, help="training prompts to give teacher replies")
@@ -85,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run(args: argparse.Namespace, settings) -> int:
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
-    meta = distill(config_from_args(args))
+    meta = distill(config_from_args(args), settings.llm.decode)
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -103,20 +111,23 @@ def repeats_words(text: str, n: int) -> bool:
     return n > 0 and len(grams) != len(set(grams))
 
 
-def keep(reply: list[int] | None, tok, cfg: DistillConfig) -> bool:
+def keep(reply: list[int], tok, cfg: DistillConfig) -> bool:
     """A teacher reply worth learning: it ended (`<|eot|>` last), and it does not loop."""
-    return (reply is not None and reply[-1] == tok.eot_id
+    return (bool(reply) and reply[-1] == tok.eot_id
             and not repeats_words(tok.decode(reply[:-1]), cfg.drop_repeated_words))
 
 
-def teacher_split(cfg: DistillConfig, teacher, train: Split,
-                  indices: np.ndarray) -> tuple[Split, int]:
-    """The chosen examples' prompts, each followed by the teacher's reply and `<|eot|>`, less
-    the replies `keep` refuses; returns the split and how many were dropped."""
+def _progress(done: int, total: int, every: int, t0: float) -> None:
+    if done % every < (every // 20 or 1) or done == total:
+        log.info("distill: %d/%d replies, %.0f s", done, total, time.perf_counter() - t0)
+
+
+def ar_replies(cfg: DistillConfig, teacher, prompts: list[list[int]]) -> list[list[int]]:
+    """The AR teacher's greedy replies (repeated n-grams blocked), batched by prompt length;
+    `<|eot|>` last only where a reply ended within `gen_length`."""
     tok = teacher.tokenizer
-    prompts = [train.example(int(i))[0][:train.prompt_len[i]].tolist() for i in indices]
     order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))  # little padding
-    replies: list[list[int] | None] = [None] * len(prompts)
+    replies: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
     for start in range(0, len(order), cfg.batch_size):
         rows = order[start:start + cfg.batch_size]
@@ -124,18 +135,55 @@ def teacher_split(cfg: DistillConfig, teacher, train: Split,
         canvas = greedy(teacher.model, ids.to(cfg.device), n_pad, cfg.gen_length, tok.stop_ids,
                         no_repeat_ngram=cfg.no_repeat_ngram)  # (B, G)
         for j, row in zip(rows, canvas.cpu(), strict=True):
-            replies[j] = ended_reply(row, tok)  # `<|eot|>` last only if it ended
-        done = start + len(rows)
-        if done % (cfg.batch_size * 20) < cfg.batch_size or done == len(order):
-            log.info("distill: %d/%d replies, %.0f s", done, len(order),
-                     time.perf_counter() - t0)
-    kept = [j for j in range(len(prompts)) if keep(replies[j], tok, cfg)]
+            replies[j] = ended_reply(row, tok)
+        _progress(start + len(rows), len(order), cfg.batch_size * 20, t0)
+    return replies
+
+
+def engine_replies(cfg: DistillConfig, teacher, prompts: list[list[int]],
+                   decode: DecodeSettings) -> list[list[int]]:
+    """A diffusion teacher's replies through the engine, decoded with `decode`, `batch_size`
+    requests in flight (stepped together; at temperature 0 each reply equals the solo one)."""
+    tok = teacher.tokenizer
+    engine = DiffusionEngine(teacher.model, tok, LLMSettings(decode=decode))
+    replies: list[list[int]] = []
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(prompts), cfg.batch_size):
+            streams = [engine.stream_ids(p) for p in prompts[start:start + cfg.batch_size]]
+            for stream in streams:
+                ids = [i for span in stream for i in span.token_ids]
+                assert stream.stats is not None
+                if stream.stats.finish_reason == "error":
+                    raise RuntimeError("the teacher engine failed on a prompt")
+                ended = stream.stats.finish_reason == "eot"
+                replies.append(trim_reply(ids, tok.stop_ids) + ([tok.eot_id] if ended else []))
+            _progress(len(replies), len(prompts), cfg.batch_size * 20, t0)
+    finally:
+        engine.close()
+    return replies
+
+
+def teacher_split(cfg: DistillConfig, teacher, train: Split, indices: np.ndarray,
+                  decode: DecodeSettings) -> tuple[Split, int]:
+    """The chosen examples' prompts, each followed by the teacher's reply and `<|eot|>`, less
+    the replies `keep` refuses; returns the split and how many were dropped."""
+    prompts = [train.example(int(i))[0][:train.prompt_len[i]].tolist() for i in indices]
+    if teacher.objective == "autoregressive":
+        replies = ar_replies(cfg, teacher, prompts)
+    else:
+        replies = engine_replies(cfg, teacher, prompts, decode)
+    kept = [j for j in range(len(prompts)) if keep(replies[j], teacher.tokenizer, cfg)]
     return pack([prompts[j] + replies[j] for j in kept],
                 [len(prompts[j]) for j in kept]), len(prompts) - len(kept)
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Write the distilled folder (see the module doc); returns its meta.json."""
+def distill(cfg: DistillConfig, decode: DecodeSettings | None = None) -> dict:
+    """Write the distilled folder (see the module doc); returns its meta.json. `decode`: how a
+    diffusion teacher decodes (default: the deployment's `DecodeSettings()`)."""
+    # a diffusion teacher decodes as deployed, its reply cut like the AR teacher's
+    decode = (decode or DecodeSettings()).model_copy(
+        update={"max_new_tokens": cfg.gen_length + 1})
     src, out = Path(cfg.data_dir), Path(cfg.out)
     if not (src / "train_tokens.npy").exists():
         raise FileNotFoundError(f"no prepared data in {src}: run `diffvoice train --prepare {src}`")
@@ -143,13 +191,11 @@ def distill(cfg: DistillConfig) -> dict:
         raise ValueError("--out must differ from --data-dir: the source split is kept")
     teacher = load_checkpoint(resolve_model_path(cfg.teacher), device=cfg.device,
                               dtype=torch.float32)
-    if teacher.objective != "autoregressive":
-        raise ValueError(f"the teacher must be an autoregressive model, not {teacher.objective}")
     check_tokenizer(teacher, load_tokenizer(src), str(src))
     train = load_split(src, "train")
     indices = choose(len(train), cfg.examples, cfg.seed)
     with torch.inference_mode():
-        split, dropped = teacher_split(cfg, teacher, train, indices)
+        split, dropped = teacher_split(cfg, teacher, train, indices, decode)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
     meta = json.loads((src / "meta.json").read_text())
@@ -161,6 +207,9 @@ def distill(cfg: DistillConfig) -> dict:
     meta["train"] = {"examples": len(split), "tokens": int(len(split.tokens)),
                      "reply_tokens": int(len(split.tokens)) - n_prompt,
                      "source_examples": len(train), "dropped": dropped}
-    meta["distill"] = {**cfg.model_dump(), "teacher": str(teacher.path)}
+    meta["distill"] = {**cfg.model_dump(), "teacher": str(teacher.path),
+                       "objective": teacher.objective}
+    if teacher.objective != "autoregressive":
+        meta["distill"]["decode"] = decode.model_dump()
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -1,4 +1,4 @@
-"""`diffvoice distill`: teacher replies written in the prepared-data format, n-gram blocking."""
+"""`diffvoice distill`: AR or diffusion teachers' replies in the prepared-data format."""
 
 from __future__ import annotations
 
@@ -35,13 +35,10 @@ def setup(tmp_path_factory):
     prepare(data, PrepareConfig(vocab_size=300, max_tokens=64, test_fraction=0.2,
                                 context_turns=2), convs=convs)
     tok = load_tokenizer(data)
-    # a teacher that has learned the replies (it ends them) and a random diffusion model
-    T.train(T.load_recipe("train-dv-small-ar", [*TRAIN, f"data_dir='{data}'",
-                                                f"run_dir='{root / 'ar-run'}'"]))
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, causal=False, **TINY))
-    model.init_weights(seed=3)
-    paths = {"ar": root / "ar-run" / "model",
-             "diff": save_checkpoint(model, tok, root / "diff", objective="diffusion"),
+    # teachers that have learned the replies (they end them), and a random AR model
+    for recipe, run in (("train-dv-small-ar", "ar"), ("train-dv-small", "diff")):
+        T.train(T.load_recipe(recipe, [*TRAIN, f"data_dir='{data}'", f"run_dir='{root / run}'"]))
+    paths = {"ar": root / "ar" / "model", "diff": root / "diff" / "model",
              "random-ar": save_checkpoint(Transformer(ModelConfig(
                  vocab_size=tok.vocab_size, causal=True, **TINY)), tok, root / "random-ar",
                  objective="autoregressive")}
@@ -116,12 +113,38 @@ def test_looping_or_unended_teacher_replies_are_dropped(setup):
     assert not D.keep(ids("I like it. Do you"), tok, cfg)  # cut at the cap: no <|eot|>
 
 
-def test_distill_refuses_a_diffusion_teacher_and_overwriting_its_source(setup, tmp_path):
+def test_a_diffusion_teacher_writes_the_replies_its_engine_decodes(setup, tmp_path):
+    from llm.engine import DiffusionEngine
+    from llm.settings import DecodeSettings, LLMSettings
+
     data, paths = setup
-    cfg = D.DistillConfig(teacher=str(paths["diff"]), data_dir=str(data), out=str(tmp_path / "x"))
-    with pytest.raises(ValueError, match="autoregressive"):
-        D.distill(cfg)
+    decode = DecodeSettings(threshold=0.5, block_length=4)
+    cfg = D.DistillConfig(teacher=str(paths["diff"]), data_dir=str(data),
+                          out=str(tmp_path / "self"), examples=10, gen_length=24, batch_size=3)
+    meta = D.distill(cfg, decode)
+    assert meta["distill"]["objective"] == "diffusion"
+    assert meta["distill"]["decode"] == {**decode.model_dump(), "max_new_tokens": 25}
+    kd, tok = load_split(tmp_path / "self", "train"), load_tokenizer(data)
+    assert len(kd) == 10 - meta["train"]["dropped"] > 0
+    teacher = load_checkpoint(paths["diff"], dtype=torch.float32)
+    engine = DiffusionEngine(teacher.model, tok, LLMSettings(
+        decode=decode.model_copy(update={"max_new_tokens": 25})))
+    try:
+        for j in range(len(kd)):  # each reply is what the engine says to that prompt alone
+            ids, p = kd.example(j)
+            stream = engine.stream_ids(ids[:p].tolist())
+            said = [i for span in stream for i in span.token_ids]
+            assert stream.stats.finish_reason == "eot"
+            assert ids[p:].tolist() == [i for i in said if i not in tok.stop_ids] + [tok.eot_id]
+    finally:
+        engine.close()
+
+
+def test_distill_refuses_overwriting_its_source_and_missing_data(setup, tmp_path):
+    data, paths = setup
+    cfg = D.DistillConfig(teacher=str(paths["ar"]), data_dir=str(data), out=str(data))
     with pytest.raises(ValueError, match="must differ"):
-        D.distill(cfg.model_copy(update={"teacher": str(paths["ar"]), "out": str(data)}))
+        D.distill(cfg)
     with pytest.raises(FileNotFoundError, match="--prepare"):
-        D.distill(cfg.model_copy(update={"data_dir": str(tmp_path / "none")}))
+        D.distill(cfg.model_copy(update={"data_dir": str(tmp_path / "none"),
+                                         "out": str(tmp_path / "x")}))
