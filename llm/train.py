@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from llm.data import PrepareConfig, Split, concat_splits, load_split, load_tokenizer, prepare
+from llm.engine import cpu_has_bf16
 from llm.model import ModelConfig, Transformer
 from llm.settings import apply_override
 from llm.tokenizer import ChatTokenizer
@@ -79,6 +80,22 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
 
 
+class CertaintyConfig(_Strict):
+    """Certainty-forcing distillation (dParallel, arXiv 2509.26488) for a diffusion model
+    trained on its own replies (`diffvoice distill --teacher` the model itself). Each reply is
+    cut into blocks as the engine decodes it; per example one block is partly masked
+    (`mask_ratio`) and the reply after it fully, and the example appears again with the
+    complementary mask inside the block, so each of its tokens is a target once. The loss is
+    the cross-entropy of the block's masked tokens plus `weight` x the entropy (of the logits
+    at `temperature`) where the model already predicts the token: it learns to be sure, in
+    parallel, of what it would commit one token per forward."""
+
+    weight: float = Field(0.0, ge=0)  # 0: the plain masked-diffusion objective
+    temperature: float = Field(0.5, gt=0)
+    block_length: int = Field(8, ge=1)  # the engine's llm.decode.block_length
+    mask_ratio: float = Field(0.5, gt=0, lt=1)
+
+
 class TrainConfig(_Strict):
     objective: Literal["diffusion", "ar"] = "diffusion"
     data_dir: str = "runs/data"
@@ -90,6 +107,9 @@ class TrainConfig(_Strict):
     run_dir: str = "runs/dv-small"
     init_from: str | None = None  # an AR checkpoint folder to adapt (diffusion only)
     device: str = "cpu"
+    # bf16 autocast for the training steps on a CPU with native bf16 (AVX-512 BF16, AMX): ~2x
+    # faster steps on a Zen 4 core; fp32 where the CPU lacks it, and for evaluation
+    cpu_bf16: bool = False
     compile: bool = False
     seed: int = 0
     batch_size: int = Field(32, ge=1)
@@ -106,6 +126,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     model: ModelShape = ModelShape()
     optim: OptimConfig = OptimConfig()
+    certainty: CertaintyConfig = CertaintyConfig()
     prepare: PrepareConfig = PrepareConfig()
 
 
@@ -139,6 +160,7 @@ class Batch:
     n_reply: int  # loss positions in the batch
     t: Tensor | None = None  # (B,) diffusion time per row
     masked: Tensor | None = None  # (B, T) bool: the reply positions replaced by <|mask|>
+    target: Tensor | None = None  # (B, T) bool: the masked positions scored (None: all of them)
 
 
 def fit_row(ids: np.ndarray, prompt_len: int, n_eos: int, seq_len: int,
@@ -202,6 +224,8 @@ def train_batch(split: Split, order: BatchOrder, step: int, cfg: TrainConfig,
     batch = make_batch(split, idx, eos_pad, cfg.seq_len, tok)
     if cfg.objective == "diffusion":
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        if cfg.certainty.weight > 0:
+            return with_block_masks(batch, gen, cfg.certainty)
         batch = with_masks(batch, gen, cfg.mask_eps)
     return batch
 
@@ -211,7 +235,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         return None if x is None else x.to(device, non_blocking=True)
 
     return Batch(move(batch.tokens), move(batch.reply), move(batch.keys), batch.n_tokens,
-                 batch.n_reply, move(batch.t), move(batch.masked))
+                 batch.n_reply, move(batch.t), move(batch.masked), move(batch.target))
 
 
 # ---------------------------------------------------------------- objectives
@@ -229,6 +253,29 @@ def with_masks(batch: Batch, gen: torch.Generator, eps: float,
     noise = torch.rand(B, T, generator=gen)  # (B, T)
     batch.t, batch.masked = t, batch.reply & (noise < t[:, None])
     return batch
+
+
+def with_block_masks(batch: Batch, gen: torch.Generator, c: CertaintyConfig) -> Batch:
+    """Certainty-forcing masks (see `CertaintyConfig`): per row a uniformly chosen block of
+    its reply span partly masked and everything after it masked, then every row again with
+    the complementary mask inside its block. (B, T) -> (2B, T); `target` = the block's masks."""
+    B, T = batch.reply.shape
+    cols = torch.arange(T)[None]  # (1, T)
+    first = batch.reply.int().argmax(1)  # (B,) the reply's first position
+    n_blocks = (batch.reply.sum(1) + c.block_length - 1) // c.block_length  # (B,)
+    b0 = first + (torch.rand(B, generator=gen) * n_blocks).long() * c.block_length
+    b1 = b0 + c.block_length
+    in_block = batch.reply & (cols >= b0[:, None]) & (cols < b1[:, None])  # (B, T)
+    after = batch.reply & (cols >= b1[:, None])
+    half = in_block & (torch.rand(B, T, generator=gen) < c.mask_ratio)
+    target = torch.cat([half, in_block & ~half])  # (2B, T)
+
+    def twice(x: Tensor) -> Tensor:
+        return torch.cat([x, x])
+
+    return Batch(twice(batch.tokens), twice(batch.reply), twice(batch.keys),
+                 2 * batch.n_tokens, 2 * batch.n_reply, masked=target | twice(after),
+                 target=target)
 
 
 def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -254,9 +301,24 @@ def ar_nll(model: Transformer, batch: Batch) -> Tensor:
     return (ce * batch.reply[:, 1:]).sum()
 
 
+def certainty_loss(model: Transformer, batch: Batch, mask_id: int, c: CertaintyConfig) -> Tensor:
+    """Mean CE of the target tokens + c.weight x the mean entropy (logits / c.temperature) of
+    the targets the model already gets right (dParallel's certainty forcing)."""
+    x = torch.where(batch.masked, mask_id, batch.tokens)  # (B, T)
+    logits, _ = model(x, key_mask=batch.keys)  # (B, T, V)
+    target = batch.target
+    ce = (token_ce(logits, batch.tokens) * target).sum() / target.sum().clamp(min=1)
+    logp = F.log_softmax(logits.float() / c.temperature, dim=-1)  # (B, T, V)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
+    right = target & (logits.argmax(-1) == batch.tokens)
+    return ce + c.weight * (entropy * right).sum() / right.sum().clamp(min=1)
+
+
 def train_loss(model: Transformer, batch: Batch, cfg: TrainConfig, mask_id: int) -> Tensor:
     if cfg.objective == "ar":
         return ar_nll(model, batch) / max(1, batch.n_reply)
+    if batch.target is not None:
+        return certainty_loss(model, batch, mask_id, cfg.certainty)
     per_row = diffusion_nll(model, batch, mask_id)  # (B,)
     # LLaDA SFT: each example normalised by its reply length, then the batch mean
     return (per_row / batch.reply.sum(1).clamp(min=1)).mean()
@@ -313,7 +375,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
 
 
 def load_init(model: Transformer, path: str) -> None:
-    """Copy an AR checkpoint's weights into `model` (same shape; causal/shift may differ)."""
+    """Copy a checkpoint's weights into `model` (same shape; causal/shift may differ): the AR
+    baseline to adapt, or a diffusion model to train further."""
     from llm.checkpoints import load_checkpoint
 
     src = load_checkpoint(path, dtype=torch.float32)
@@ -345,10 +408,13 @@ def lr_at(step: int, opt: OptimConfig, max_steps: int) -> float:
     return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * cos)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA; on a CPU only when asked and native (evaluation stays fp32)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on CPU
+    if cpu_bf16 and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- checkpoints of a run
@@ -461,7 +527,7 @@ def train_step(run: Run, batch: Batch) -> Tensor:
     lr = lr_at(run.step, cfg.optim, cfg.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    with _autocast(run.device):
+    with _autocast(run.device, cfg.cpu_bf16):
         loss = train_loss(run.step_model, batch, cfg, run.tok.mask_id)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)

@@ -141,6 +141,60 @@ def test_masks_cover_only_reply_positions(data_dir):
         assert span[-3:] == [tok.eot_id, tok.eos_id, tok.eos_id]
 
 
+def test_certainty_masks_split_one_engine_block_in_two_and_hide_what_follows(data_dir):
+    tok = load_tokenizer(data_dir)
+    batch = T.make_batch(load_split(data_dir, "train"), np.arange(8), np.full(8, 3), 64, tok)
+    c = T.CertaintyConfig(weight=1.0, block_length=4)
+    out = T.with_block_masks(batch, torch.Generator().manual_seed(0), c)
+    assert out.tokens.shape == (16, batch.tokens.shape[1])
+    assert torch.equal(out.tokens[:8], batch.tokens) and torch.equal(out.tokens[8:], batch.tokens)
+    first, second = out.target[:8], out.target[8:]
+    assert not (first & second).any()  # complementary halves ...
+    block = first | second
+    cols = torch.arange(batch.tokens.shape[1])
+    for b in range(8):
+        where = block[b].nonzero().flatten()
+        start = int(batch.reply[b].int().argmax())
+        # ... of one whole block of the reply span, as the engine cuts it
+        assert (where[0] - start) % c.block_length == 0 and len(where) >= 1
+        assert where.tolist() == list(range(int(where[0]), int(where[-1]) + 1))
+        assert len(where) == min(c.block_length, int(batch.reply[b].sum()) - int(where[0]) + start)
+        after = batch.reply[b] & (cols > where[-1])
+        for half in (out.masked[b], out.masked[b + 8]):
+            assert half[after].all()  # the rest of the reply is masks
+            assert not half[cols < where[0]].any()  # prompt and earlier blocks are clean
+    assert torch.equal(out.masked[:8] & block, first) and torch.equal(out.masked[8:] & block,
+                                                                       second)
+
+
+def test_certainty_forcing_sharpens_the_predictions_it_gets_right(data_dir, tmp_path):
+    from llm.checkpoints import load_checkpoint
+
+    T.train(recipe(data_dir, tmp_path / "base", "max_steps=60"))
+    tok = load_tokenizer(data_dir)
+    split = load_split(data_dir, "train")
+
+    def finetune(name: str, weight: float) -> tuple[float, float]:
+        """Block CE and entropy of the right predictions after 20 steps from the base."""
+        cfg = recipe(data_dir, tmp_path / name, "max_steps=40", f"certainty.weight={weight}",
+                     "certainty.block_length=4", f"init_from='{tmp_path / 'base' / 'model'}'")
+        T.train(cfg)
+        model = load_checkpoint(tmp_path / name / "model").model.float()
+        batch = T.with_block_masks(T.make_batch(split, np.arange(16), np.full(16, 2), 64, tok),
+                                   torch.Generator().manual_seed(1), cfg.certainty)
+        c = cfg.certainty
+        with torch.no_grad():
+            ce = float(T.certainty_loss(model, batch, tok.mask_id,
+                                        c.model_copy(update={"weight": 0.0})))
+            both = float(T.certainty_loss(model, batch, tok.mask_id,
+                                          c.model_copy(update={"weight": 1.0})))
+        return ce, both - ce
+
+    ce_only, forced = finetune("ce", 1e-6), finetune("forced", 2.0)
+    assert forced[1] < 0.5 * ce_only[1]  # surer where it is right (2.5 -> 0.1 nats) ...
+    assert forced[0] < ce_only[0] + 1.0  # ... at a bounded cost in cross-entropy (+0.6)
+
+
 def test_training_split_takes_a_seeded_choice_and_mixes_other_folders(data_dir, tmp_path):
     own = load_split(data_dir, "train")
     cfg = recipe(data_dir, tmp_path / "run", "data_examples=5", f"mix_data_dirs=['{data_dir}']")
@@ -196,3 +250,15 @@ def test_cli_trains_through_the_dispatcher(data_dir, tmp_path, capsys):
         argv += ["--opt", item]
     assert main(argv) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 2
+
+
+def test_cpu_bf16_autocasts_training_steps_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
+    with T._autocast(cpu, cpu_bf16=True):
+        assert torch.is_autocast_enabled("cpu")
+    with T._autocast(cpu):  # evaluation, and recipes that do not ask
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower
+    with T._autocast(cpu, cpu_bf16=True):
+        assert not torch.is_autocast_enabled("cpu")
