@@ -25,7 +25,7 @@ teacher's reply + `<|eot|>`, and the held-out split copied unchanged, so every e
 scores people's replies. meta.json records the teacher and the decoding.
 
     diffvoice distill --data-dir runs/data --out runs/data-distill --examples 20000
-    diffvoice distill --teacher dv-small --out runs/data-self --examples 8000
+    diffvoice distill --teacher dv-small --out runs/data-self --examples 10000 --batch-size 16
 """
 
 from __future__ import annotations
