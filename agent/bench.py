@@ -11,6 +11,9 @@ end: final transcript (VAD silence window + STT), endpoint wait (turn decision a
 committed LLM span, TTS first audio; the rest of the client latency is transport/playout (network,
 jitter buffer, playout clock, the TTS's leading near-silence). So the stages sum to the client
 latency by construction, and a stage reads as "time spent here before the caller heard anything".
+A server in this process shares the caller's clock, so transport/playout is also split at its
+two ends (`hops_s`): the lag until the server's VAD reports the end of speech, and the playout
+after the server hands the reply to its transport.
 
 The first turn after the pipeline starts is "cold", the rest "warm". `--compare A B C` runs each
 config in turn (self-started server each) and prints ratios against A; `--sessions N` runs 1..N
@@ -198,6 +201,21 @@ def breakdown_s(latency_s: float, m: dict[str, Any]) -> dict[str, float] | None:
     return stages
 
 
+def hops_s(m: dict[str, Any], t_end: float, t_heard: float,
+           wall_offset_s: float) -> dict[str, float] | None:
+    """Two hops inside transport/playout, for a server on this machine's clock (`wall_offset_s`
+    = Unix time minus the caller's monotonic clock): `speech_end_lag_s`, from the caller's last
+    loud sample to the end of speech the server's VAD reports (uplink and the VAD's lag; the
+    server's timers count from there), and `playout_s`, from the server handing the reply's
+    first sample to its transport to the first audible sample at the caller (network, jitter
+    buffer, the voice's lead-in). None when the server did not report both times."""
+    stopped, started = m.get("user_stopped_speaking_at"), m.get("agent_started_speaking_at")
+    if stopped is None or started is None:
+        return None
+    return {"speech_end_lag_s": stopped - (t_end + wall_offset_s),
+            "playout_s": t_heard + wall_offset_s - started}
+
+
 async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> dict[str, Any] | None:
     """The first `turn_metrics` event after index `start`, or None at the timeout."""
     deadline = time.monotonic() + timeout_s
@@ -237,8 +255,10 @@ def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
     return heard.strip(), reply.strip()
 
 
-async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings) -> dict[str, Any]:
-    """Speak one turn, wait for its reply to finish, and return the turn's record."""
+async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
+                       same_clock: bool = False) -> dict[str, Any]:
+    """Speak one turn, wait for its reply to finish, and return the turn's record; with
+    `same_clock` (a server in this process) its transport/playout is split by `hops_s`."""
     start = len(caller.events)
     t_end = await caller.speak(utt.pcm)
     t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
@@ -251,17 +271,21 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings) -> dic
     latency = None if t_heard is None else t_heard - t_end
     server = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}
     ok = latency is not None and metrics is not None
+    hops = None
+    if ok and same_clock and t_heard is not None:
+        hops = hops_s(metrics or {}, t_end, t_heard, time.time() - time.monotonic())
     return {
         "prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
         "status": "ok" if ok else "dropped", "latency_s": latency,
         "breakdown_s": breakdown_s(latency, server) if ok and latency is not None else None,
-        "server_s": server, "t_speech_end_s": t_end, "t_first_audible_s": t_heard,
+        "hops_s": hops, "server_s": server, "t_speech_end_s": t_end, "t_first_audible_s": t_heard,
     }
 
 
 # ---- sessions -----------------------------------------------------------------------------------
 async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSettings,
-                     tags: dict[str, Any], *, first_is_cold: bool) -> list[dict[str, Any]]:
+                     tags: dict[str, Any], *, first_is_cold: bool,
+                     same_clock: bool = False) -> list[dict[str, Any]]:
     """One simulated person: each conversation on a fresh connection, turns in order."""
     turns: list[dict[str, Any]] = []
     for ci, conv in enumerate(convs):
@@ -270,7 +294,7 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
             await c.connect()
             await _wait_quiet(c, bench)  # a server's greeting, if it has one
             for ti, utt in enumerate(conv):
-                rec = await measure_turn(c, utt, bench)
+                rec = await measure_turn(c, utt, bench, same_clock=same_clock)
                 cold = first_is_cold and ci == 0 and ti == 0
                 turns.append({**tags, "conversation": ci, "turn": ti, "cold": cold, **rec})
                 tags["progress"].update(1)
@@ -288,7 +312,7 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
 def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception) -> dict:
     return {**tags, "conversation": ci, "turn": ti, "cold": False, "prompt_text": utt.text,
             "recognised_text": "", "reply_text": "", "status": "failed", "latency_s": None,
-            "breakdown_s": None, "server_s": {}, "t_speech_end_s": None,
+            "breakdown_s": None, "hops_s": None, "server_s": {}, "t_speech_end_s": None,
             "t_first_audible_s": None, "error": f"{type(e).__name__}: {e}"}
 
 
@@ -332,10 +356,11 @@ async def run_level(settings: Settings, models: Any, server: Any, url: str | Non
                     convs: list[Conversation], n: int, tags: dict[str, Any], *,
                     cold: bool) -> list[dict[str, Any]]:
     """`n` callers at once, each through every conversation."""
+    same_clock = server is not None or settings.bench.transport == "inprocess"
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(run_caller(
             caller_factory(settings, models, server, url, s), convs, settings.bench,
-            {**tags, "sessions": n, "session": s}, first_is_cold=cold))
+            {**tags, "sessions": n, "session": s}, first_is_cold=cold, same_clock=same_clock))
             for s in range(n)]
     turns = [t for task in tasks for t in task.result()]
     for t in turns:

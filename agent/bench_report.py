@@ -22,13 +22,16 @@ STAGE_LABELS = {
     "llm_s": "first LLM span", "tts_s": "TTS first audio",
     "transport_playout_s": "transport/playout",
 }
+# hops inside transport/playout, measured when the server shares the caller's clock
+HOPS = ("speech_end_lag_s", "playout_s")
+HOP_LABELS = {"speech_end_lag_s": "to the VAD's end of speech", "playout_s": "after playback start"}
 PERCENTILES = (50, 95, 99)
 # every turn record of bench.json has exactly these keys (documented in docs/benchmarks.md);
 # failed turns add "error"
 TURN_KEYS = frozenset({
     "config", "sessions", "session", "conversation", "turn", "cold", "status", "prompt_text",
-    "recognised_text", "reply_text", "latency_s", "breakdown_s", "server_s", "t_speech_end_s",
-    "t_first_audible_s",
+    "recognised_text", "reply_text", "latency_s", "breakdown_s", "hops_s", "server_s",
+    "t_speech_end_s", "t_first_audible_s",
 })
 
 
@@ -49,18 +52,23 @@ def measured(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
-    """Latency stats for all/cold/warm turns, mean stage times, and dropped/failed counts."""
+    """Latency stats for all/cold/warm turns, mean stage and hop times, dropped/failed counts."""
     ok = measured(turns)
-    stages = {s: float(np.mean([t["breakdown_s"][s] for t in ok if t["breakdown_s"]]))
-              for s in STAGES} if any(t["breakdown_s"] for t in ok) else {}
     return {
         "all": latency_stats([t["latency_s"] for t in ok]),
         "cold": latency_stats([t["latency_s"] for t in ok if t["cold"]]),
         "warm": latency_stats([t["latency_s"] for t in ok if not t["cold"]]),
-        "stage_mean_s": stages,
+        "stage_mean_s": _means(ok, "breakdown_s", STAGES),
+        "hop_mean_s": _means(ok, "hops_s", HOPS),
         "dropped_turns": sum(t["status"] == "dropped" for t in turns),
         "failed_turns": sum(t["status"] == "failed" for t in turns),
     }
+
+
+def _means(turns: list[dict[str, Any]], key: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Mean of each of `names` in the turns' `key` dicts ({} when no turn has one)."""
+    have = [t[key] for t in turns if t.get(key)]
+    return {n: float(np.mean([d[n] for d in have])) for n in names} if have else {}
 
 
 def _ms(v: float | None) -> str:
@@ -84,6 +92,8 @@ def run_text(run: dict[str, Any]) -> str:
         for stage, v in s["stage_mean_s"].items():
             share = 100 * v / total
             lines.append(f"    {STAGE_LABELS[stage]:<18} {v * 1000:7.0f} ms  {share:5.1f}%")
+        for hop, v in s["hop_mean_s"].items():
+            lines.append(f"      of which {HOP_LABELS[hop]:<27} {v * 1000:5.0f} ms")
     for level in run["levels"]:
         w = level["summary"]["warm"]
         lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "

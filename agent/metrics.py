@@ -8,8 +8,10 @@ Event dicts sent to the client (all have "type"):
 - `agent_text`: {"text"} — reply text as the LLM commits it; `agent_text_end` closes a reply
 - `agent_state`: {"state"} — listening / thinking / speaking
 - `turn_metrics`: LiveKit's per-turn latencies in seconds: `end_of_utterance_delay_s`,
-  `transcription_delay_s`, `llm_ttft_s`, `tts_ttfb_s`, `e2e_latency_s`, plus `turn` and
-  `interrupted`; absent keys were not measured for that turn.
+  `transcription_delay_s`, `llm_ttft_s`, `tts_ttfb_s`, `e2e_latency_s`; the server's Unix times
+  of the VAD's end of speech (`user_stopped_speaking_at`) and of the reply's first sample handed
+  to the transport (`agent_started_speaking_at`), between which `e2e_latency_s` runs; plus
+  `turn` and `interrupted`. Absent keys were not measured for that turn.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ Send = Callable[[dict[str, Any]], None]
 _USER_METRICS = {
     "end_of_turn_delay": "end_of_utterance_delay_s",
     "transcription_delay": "transcription_delay_s",
+    "stopped_speaking_at": "user_stopped_speaking_at",
 }
 _AGENT_METRICS = {
     "llm_node_ttft": "llm_ttft_s",
     "tts_node_ttfb": "tts_ttfb_s",
     "e2e_latency": "e2e_latency_s",
+    "started_speaking_at": "agent_started_speaking_at",
 }
 
 
@@ -120,4 +124,4 @@ def _pick(metrics: dict[str, Any], names: dict[str, str]) -> dict[str, float]:
 
 
 def _fmt(turn: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in turn.items() if isinstance(v, float))
+    return " ".join(f"{k}={v:.3f}" for k, v in turn.items() if k.endswith("_s"))

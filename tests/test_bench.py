@@ -33,6 +33,14 @@ def test_breakdown_counts_only_llm_time_after_the_turn_decision():
     assert bench.breakdown_s(1.0, {"end_of_utterance_delay_s": 0.5}) is None
 
 
+def test_hops_split_transport_on_a_shared_clock():
+    m = {**SERVER, "user_stopped_speaking_at": 1000.15, "agent_started_speaking_at": 1001.05}
+    # monotonic 10.0 = Unix 1000.0: speech ended at 10.0, the first audible sample at 11.2
+    h = bench.hops_s(m, t_end=10.0, t_heard=11.2, wall_offset_s=990.0)
+    assert h == pytest.approx({"speech_end_lag_s": 0.15, "playout_s": 0.15})
+    assert bench.hops_s(SERVER, 10.0, 11.2, 990.0) is None
+
+
 def test_heard_audio_times_the_first_loud_sample():
     heard = HeardAudio(level=500)
     quiet, loud = np.zeros(480, np.int16), np.zeros(480, np.int16)
@@ -97,6 +105,11 @@ def _check_report(out, transport: str, turns: int) -> None:
         assert set(b) == set(bench_report.STAGES)
         assert all(b[s] >= 0 for s in bench_report.STAGES[:-1])
         assert math.isclose(sum(b.values()), t["latency_s"], rel_tol=0.1)
+        # the server runs in this process: transport/playout is split on the shared clock, and
+        # the two hops fit inside it (LiveKit's e2e runs between them and bounds the stages)
+        h = t["hops_s"]
+        assert set(h) == set(bench_report.HOPS) and h["playout_s"] > 0
+        assert h["speech_end_lag_s"] + h["playout_s"] <= b["transport_playout_s"] + 0.005
     assert [t["cold"] for t in run["turns"]] == [True] + [False] * (turns - 1)
     summary = run["summary"]
     assert summary["warm"]["n"] == turns - 1 and summary["cold"]["n"] == 1
