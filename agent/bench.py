@@ -13,7 +13,7 @@ jitter buffer, playout clock, the TTS's leading near-silence). So the stages sum
 latency by construction, and a stage reads as "time spent here before the caller heard anything".
 A server in this process shares the caller's clock, so transport/playout is also split at its
 two ends (`hops_s`): the lag until the server's VAD reports the end of speech, and the playout
-after the server hands the reply to its transport.
+after the server's output starts the reply.
 
 The first turn after the pipeline starts is "cold", the rest "warm". `--compare A B C` runs each
 config in turn (self-started server each) and prints ratios against A; `--sessions N` runs 1..N
@@ -206,9 +206,11 @@ def hops_s(m: dict[str, Any], t_end: float, t_heard: float,
     """Two hops inside transport/playout, for a server on this machine's clock (`wall_offset_s`
     = Unix time minus the caller's monotonic clock): `speech_end_lag_s`, from the caller's last
     loud sample to the end of speech the server's VAD reports (uplink and the VAD's lag; the
-    server's timers count from there), and `playout_s`, from the server handing the reply's
-    first sample to its transport to the first audible sample at the caller (network, jitter
-    buffer, the voice's lead-in). None when the server did not report both times."""
+    server's timers count from there), and `playout_s`, from the reply's playback start as the
+    server's output reports it to the first audible sample at the caller (WebRTC: from the first
+    sample handed to the transport, so network, jitter buffer and the voice's lead-in; phone:
+    from the first echoed mark, already at the line's playout, so the lead-in alone). None when
+    the server did not report both times."""
     stopped, started = m.get("user_stopped_speaking_at"), m.get("agent_started_speaking_at")
     if stopped is None or started is None:
         return None

@@ -9,9 +9,9 @@ Event dicts sent to the client (all have "type"):
 - `agent_state`: {"state"} — listening / thinking / speaking
 - `turn_metrics`: LiveKit's per-turn latencies in seconds: `end_of_utterance_delay_s`,
   `transcription_delay_s`, `llm_ttft_s`, `tts_ttfb_s`, `e2e_latency_s`; the server's Unix times
-  of the VAD's end of speech (`user_stopped_speaking_at`) and of the reply's first sample handed
-  to the transport (`agent_started_speaking_at`), between which `e2e_latency_s` runs; plus
-  `turn` and `interrupted`. Absent keys were not measured for that turn.
+  of the VAD's end of speech (`user_stopped_speaking_at`) and of the reply's playback start as
+  the audio output reports it (`agent_started_speaking_at`), between which `e2e_latency_s` runs;
+  plus `turn` and `interrupted`. Absent keys were not measured for that turn.
 """
 
 from __future__ import annotations
