@@ -16,12 +16,14 @@
 # is not what this stage improves) as ship/dv-small.
 # Usage: scripts/gpu-train.sh [WINDOW_SECONDS]
 #   env: OUT (default runs/gpu-out), DEVICE (cuda), PROBE_STEPS (60), EXTRA (more --opt flags),
-#        PLAN (compare | continue | distill), DISTILL_EXAMPLES (all training prompts)
+#        PLAN (compare | continue | distill), DISTILL_EXAMPLES (all training prompts),
+#        PROBE_RECIPE (train-dv-small-ar; the recipe whose speed sizes the run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu-out}; DEVICE=${DEVICE:-cuda}; PROBE_STEPS=${PROBE_STEPS:-60}
 EXTRA=${EXTRA:-}; PLAN=${PLAN:-compare}; DISTILL_EXAMPLES=${DISTILL_EXAMPLES:-1000000}
+PROBE_RECIPE=${PROBE_RECIPE:-train-dv-small-ar}
 WINDOW=${1:-270}
 rm -rf runs/ship runs/ship.tgz && mkdir -p "$OUT" runs/ship
 SEQ_LOG=$OUT/train-seq.log
@@ -38,7 +40,7 @@ train() { python3 -m agent.cli train --device "$DEVICE" $EXTRA "$@"; }
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv || true; } > "$SEQ_LOG" 2>&1
 rm -rf runs/probe
-train --recipe train-dv-small-ar --opt max_steps="$PROBE_STEPS" --opt run_dir=runs/probe \
+train --recipe "$PROBE_RECIPE" --opt max_steps="$PROBE_STEPS" --opt run_dir=runs/probe \
   --opt eval_every=100000 --opt ckpt_every=100000 --opt log_every=5 >> "$SEQ_LOG" 2>&1
 STEPS_PER_S=$(python3 - <<'PY'
 import json
