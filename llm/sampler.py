@@ -115,6 +115,52 @@ def propose(logits: Tensor, x: Tensor, *, mask_id: int, temperature: float, top_
     return torch.where(masked, x0, x), conf.masked_fill(~masked, -math.inf)
 
 
+def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: int,
+                mask_id: int) -> list[tuple[int, int]]:
+    """(position, token) pairs in [lo, hi) whose token would repeat an n-gram of the reply.
+
+    The n-grams are the reply's own (tokens[reply_start:], none with a mask), not the prompt's,
+    so a reply may still echo the user. A masked position is checked in every n-token window
+    around it whose other positions are final: "no_repeat_ngram_size" of autoregressive
+    decoding, for tokens that are committed in any order. Committing one token per step then
+    never repeats an n-gram; tokens committed together in one step are not checked against
+    each other."""
+    if n < 1:
+        return []
+    end = len(tokens)
+    follows: dict[tuple[int, tuple[int, ...]], set[int]] = {}  # (slot, the others) -> tokens
+    for s in range(reply_start, end - n + 1):
+        gram = tuple(tokens[s:s + n])
+        if mask_id not in gram:
+            for j in range(n):
+                follows.setdefault((j, gram[:j] + gram[j + 1:]), set()).add(gram[j])
+    bans: set[tuple[int, int]] = set()
+    for p in range(lo, hi):
+        if tokens[p] != mask_id:
+            continue
+        for j in range(n):
+            s = p - j
+            if s < reply_start or s + n > end:
+                continue
+            others = tuple(tokens[s:p]) + tuple(tokens[p + 1:s + n])
+            if mask_id not in others:
+                bans.update((p, t) for t in follows.get((j, others), ()))
+    return sorted(bans)
+
+
+def ban_repeats(logits: Tensor, x: Tensor, *, reply_start: int, lo: int, hi: int, n: int,
+                mask_id: int) -> Tensor:
+    """The reference samplers' `repeat_bans`: logits (B, T, V) over the canvas x (B, T), with
+    -inf for each row's banned tokens at positions [lo, hi)."""
+    if n < 1:
+        return logits
+    logits = logits.clone()
+    for b, row in enumerate(x.tolist()):
+        for p, t in repeat_bans(row, reply_start, lo, hi, n, mask_id):
+            logits[b, p, t] = -math.inf
+    return logits
+
+
 def commit_top(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor) -> Tensor:
     """Commit the `counts[b]` most confident positions of each row b. conf (B, L), counts (B,)."""
     order = conf.argsort(dim=1, descending=True, stable=True)  # (B, L)
@@ -204,7 +250,7 @@ def generate_llada(
     steps: int, temperature: float = 0.0, remasking: str = "low_confidence",
     cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
     ordered_end: bool = False, generator: torch.Generator | None = None,
-    should_stop: StopFn | None = None,
+    should_stop: StopFn | None = None, no_repeat_ngram: int = 0,
 ) -> Tensor:
     """LLaDA's reference sampler. prompt (B, P) -> (B, P + gen_length).
 
@@ -225,6 +271,8 @@ def generate_llada(
             if _stopped(should_stop):
                 return x
             logits = model_logits(model, x, prompt_len=P, mask_id=mask_id, cfg_scale=cfg_scale)
+            logits = ban_repeats(logits, x, reply_start=P, lo=start, hi=end, n=no_repeat_ngram,
+                                 mask_id=mask_id)
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking=remasking, generator=generator)
             if ordered_end:
@@ -245,6 +293,7 @@ def generate_threshold(
     threshold: float, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     stop_ids: Sequence[int] = (), ordered_end: bool = False,
     generator: torch.Generator | None = None, should_stop: StopFn | None = None,
+    no_repeat_ngram: int = 0,
 ) -> tuple[Tensor, int]:
     """Confidence-threshold parallel decoding (Fast-dLLM). Returns (tokens, forward passes).
 
@@ -262,6 +311,8 @@ def generate_threshold(
                 return x, nfe
             logits = model(x)[0].float()
             nfe += 1
+            logits = ban_repeats(logits, x, reply_start=P, lo=start, hi=end, n=no_repeat_ngram,
+                                 mask_id=mask_id)
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking="low_confidence", generator=generator)
             if ordered_end:

@@ -343,3 +343,19 @@ def test_threshold_and_dream_on_cuda():
                              alg_temp=alg_temp, temperature=1.0,
                              generator=torch.Generator().manual_seed(0))
         assert out.is_cuda and not (out == MASK).any()
+
+
+def test_repeat_bans_where_the_rest_of_an_ngram_is_final():
+    from llm.sampler import repeat_bans
+
+    M = 99  # mask
+    prompt = [7, 8, 9, 7, 8]  # the prompt's own n-grams do not count
+    tokens = prompt + [1, 2, 3, 1, 2, M, M, 1, M]
+    # position 10 would close (1, 2, 3) again; 11 and 13 have a mask or the end in every window
+    assert repeat_bans(tokens, 5, 5, len(tokens), 3, M) == [(10, 3)]
+    assert repeat_bans(tokens, 5, 11, len(tokens), 3, M) == []
+    assert repeat_bans(prompt + [7, 8, M], 5, 5, 8, 3, M) == []
+    assert repeat_bans(tokens, 5, 5, len(tokens), 0, M) == []
+    # committed out of order: the final tokens to the right count too
+    assert repeat_bans(prompt + [1, 2, 3, M, 2, 3], 5, 5, 11, 3, M) == [(8, 1)]
+    assert repeat_bans(tokens, 5, 5, 14, 2, M) == [(10, 3), (11, 3), (13, 2)]
