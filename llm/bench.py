@@ -18,6 +18,7 @@ import json
 import platform
 import resource
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,15 +221,47 @@ def solo_runs(engine: DiffusionEngine, ids: list[int], decode: DecodeSettings,
     nfe = statistics.median(s.nfe for s in stats)
     tokens = statistics.median(s.reply_tokens for s in stats)
     ttfs = [s.ttfs_s for s in stats if s.ttfs_s is not None]
-    steps = [t for refresh, _, t in engine.step_log if not refresh]
-    refreshes = [t for refresh, _, t in engine.step_log if refresh]
+    log = list(engine.step_log)
+    steps = [r for r in log if not r.refresh]
+    refreshes = [r for r in log if r.refresh and not r.encode]  # the prompt encode apart
+    encodes = [r for r in log if r.encode]
     return dict(reply_ms=1e3 * total, nfe=nfe, reply_tokens=tokens,
                 prompt_tokens=stats[0].prompt_tokens,
                 ms_per_step=1e3 * total / max(nfe, 1), tokens_per_forward=tokens / max(nfe, 1),
                 tokens_per_s=tokens / total,
                 ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None,
-                window_step_ms=1e3 * statistics.median(steps) if steps else None,
-                refresh_ms=1e3 * statistics.median(refreshes) if refreshes else None)
+                window_step_ms=_median_ms(r.seconds for r in steps),
+                refresh_ms=_median_ms(r.seconds for r in refreshes),
+                encode_ms=_median_ms(r.seconds for r in encodes),
+                window_forward_gpu_ms=_median_ms(r.forward_gpu_s for r in steps),
+                refresh_forward_gpu_ms=_median_ms(r.forward_gpu_s for r in refreshes),
+                encode_forward_gpu_ms=_median_ms(r.forward_gpu_s for r in encodes))
+
+
+def _median_ms(seconds: Iterable[float | None]) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return 1e3 * statistics.median(known) if known else None
+
+
+def next_turn_runs(engine: DiffusionEngine, tok: ChatTokenizer, ids: list[int],
+                   decode: DecodeSettings, repeats: int) -> dict[str, Any]:
+    """A session's next turn: the conversation's K/V are kept, only the follow-up is encoded.
+    Each repeat is a new session whose first turn is not timed."""
+    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]  # without BOS
+    stats = []
+    for i in range(repeats + 1):  # the first round warms the shapes up
+        sid = f"next-turn-{i}"
+        list(engine.stream_ids(ids, session_id=sid, decode=decode))
+        stream = engine.stream_ids(ids + follow, session_id=sid, decode=decode)
+        list(stream)
+        stats.append(stream.stats)
+    stats = stats[1:]
+    ttfs = [s.ttfs_s for s in stats if s.ttfs_s is not None]
+    return dict(reply_ms=1e3 * statistics.median(s.total_s for s in stats),
+                ttfs_ms=1e3 * statistics.median(ttfs) if ttfs else None,
+                reply_tokens=statistics.median(s.reply_tokens for s in stats),
+                cached_prompt_tokens=min(s.cached_prompt_tokens for s in stats),
+                new_prompt_tokens=len(follow))
 
 
 def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
@@ -281,7 +314,8 @@ def reference_reply(bm: BenchModel, ids: list[int], decode: DecodeSettings,
     tok, block = bm.tokenizer, decode.block_length
     prompt = torch.tensor([ids], device=next(bm.model.parameters()).device)
     kw = dict(mask_id=tok.mask_id, gen_length=gen_length, block_length=block,
-              stop_ids=tok.stop_ids, ordered_end=decode.ordered_end)
+              stop_ids=tok.stop_ids, ordered_end=decode.ordered_end,
+              no_repeat_ngram=decode.no_repeat_ngram)
     if decode.strategy == "threshold":
         out, _ = generate_threshold(bm.model, prompt, threshold=decode.threshold, **kw)
     else:
@@ -315,6 +349,9 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
     try:
         diffusion = solo_runs(engine, prompt_ids(dm.tokenizer, opts["prompt_tokens"]), decode,
                               opts["repeats"])
+        diffusion["next_turn"] = next_turn_runs(
+            engine, dm.tokenizer, prompt_ids(dm.tokenizer, opts["prompt_tokens"]), decode,
+            opts["repeats"])
         diffusion["peak_mem_mb"] = peak_memory_mb(device)
         sessions = concurrent_runs(engine, dm.tokenizer, opts, decode)
         agree = agreement(dm, engine, opts, decode)
@@ -350,8 +387,9 @@ def ar_baseline(opts: dict, llm: LLMSettings, force_random: bool) -> dict[str, A
     decode = llm.decode.model_copy(update=dict(max_new_tokens=opts["reply_tokens"]))
     engine = DiffusionEngine(am.model, am.tokenizer, llm)
     try:
-        ar = solo_runs(engine, prompt_ids(am.tokenizer, opts["prompt_tokens"]), decode,
-                       opts["repeats"])
+        ids = prompt_ids(am.tokenizer, opts["prompt_tokens"])
+        ar = solo_runs(engine, ids, decode, opts["repeats"])
+        ar["next_turn"] = next_turn_runs(engine, am.tokenizer, ids, decode, opts["repeats"])
     finally:
         engine.close()
     ar["model"] = am.name
@@ -373,6 +411,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
 def print_report(r: dict[str, Any]) -> None:
     m, s, d, a = r["model"], r["settings"], r["diffusion"], r["ar"]
     print(f"model: {m['name']} ({m['params'] / 1e6:.1f}M params, {m['dtype']}, {m['device']})")
@@ -385,8 +427,16 @@ def print_report(r: dict[str, Any]) -> None:
               f"tokens/forward, first span {ttfs}, reply {x['reply_ms']:.1f} ms "
               f"({x['reply_tokens']:.0f} tokens, {x['tokens_per_s']:.0f} tokens/s)")
         if x["window_step_ms"] is not None:
-            refresh = "-" if x["refresh_ms"] is None else f"{x['refresh_ms']:.2f}"
-            print(f"{'':>12}  cached step {x['window_step_ms']:.2f} ms, refresh {refresh} ms")
+            print(f"{'':>12}  cached step {_ms(x['window_step_ms'])}, refresh "
+                  f"{_ms(x['refresh_ms'])}, prompt encode {_ms(x['encode_ms'])}")
+        nt = x.get("next_turn")
+        if nt:
+            print(f"{'':>12}  next turn ({nt['cached_prompt_tokens']} prompt tokens cached, "
+                  f"{nt['new_prompt_tokens']} new): first span {_ms(nt['ttfs_ms'])}, reply "
+                  f"{_ms(nt['reply_ms'])} ({nt['reply_tokens']:.0f} tokens)")
+        if x.get("window_forward_gpu_ms") is not None:
+            print(f"{'':>12}  their forwards on the GPU: {_ms(x['window_forward_gpu_ms'])}, "
+                  f"{_ms(x['refresh_forward_gpu_ms'])}, {_ms(x['encode_forward_gpu_ms'])}")
     print(f"diffusion/AR: {r['ratio']['speed']:.2f}x tokens/s, "
           f"{r['ratio']['reply_time']:.2f}x whole-reply time; peak memory "
           f"{d['peak_mem_mb']:.0f} MiB")

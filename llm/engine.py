@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from llm.kvcache import (
 )
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
-from llm.sampler import defer_ends, propose
+from llm.sampler import defer_ends, propose, repeat_bans
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.tokenizer import ChatTokenizer
@@ -205,6 +205,18 @@ class _Request:
     draft: tuple[int, ...] = ()  # an earlier reply's tokens to re-denoise from (diffusion rows)
 
 
+class StepRecord(NamedTuple):
+    """One engine step of a group of rows, timed from planning to the applied commit decision;
+    `forward_gpu_s` is the forward alone on the GPU's clock (CUDA only): the rest of `seconds`
+    is host work and the decision."""
+
+    refresh: bool
+    rows: int
+    seconds: float
+    forward_gpu_s: float | None = None
+    encode: bool = False  # a refresh in which some row encodes its whole prompt (no K/V yet)
+
+
 @dataclass
 class _Plan:
     """One row's part of a forward: tokens at positions [start, start+len(ids)) against context."""
@@ -289,6 +301,10 @@ class _Row:
     def block_draft(self) -> list[int] | None:
         """Draft tokens of the active block's positions, or None when not following a draft."""
         return None
+
+    def repeat_bans(self) -> list[tuple[int, int]]:
+        """(block index, token) pairs that `decode.no_repeat_ngram` rules out this step."""
+        raise NotImplementedError
 
 
 class _DiffusionRow(_Row):
@@ -386,6 +402,11 @@ class _DiffusionRow(_Row):
         m, s = self.block_masks, self.decode.steps_per_block
         return cur, m // s + (1 if self.step < m % s else 0), float("inf")
 
+    def repeat_bans(self) -> list[tuple[int, int]]:
+        bans = repeat_bans(self.tokens, self.P, self.bs, self.be, self.decode.no_repeat_ngram,
+                           self.mask_id)
+        return [(p - self.bs, t) for p, t in bans]
+
     def apply(self, new: list[int]) -> None:
         self.tokens[self.bs:self.be] = new
         self.step += 1
@@ -449,6 +470,12 @@ class _ARRow(_Row):
     def block_view(self) -> tuple[list[int], int, float]:
         return [self.eng.tokenizer.mask_id], 1, float("inf")
 
+    def repeat_bans(self) -> list[tuple[int, int]]:
+        n, mask = len(self.tokens), self.eng.tokenizer.mask_id
+        bans = repeat_bans([*self.tokens, mask], self.P, n, n + 1, self.decode.no_repeat_ngram,
+                           mask)
+        return [(0, t) for _, t in bans]
+
     def apply(self, new: list[int]) -> None:
         self.tokens.append(new[0])
         reply = self.tokens[self.P:]
@@ -497,11 +524,14 @@ class DiffusionEngine:
         # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
         self._static_layers = self._run_layers
         if es.compile:
-            block = torch.compile(_block_call, dynamic=False)
+            # symbolic sizes: one compilation serves every batch, window and context size (a
+            # compilation per shape would reach dynamo's recompile limit within a few shapes,
+            # after which new shapes silently ran eager); CUDA graphs still fix each shape
+            block = torch.compile(_block_call, dynamic=True)
             self._static_layers = functools.partial(self._run_layers, block=block)
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
-        # (refresh?, rows, seconds) of recent forwards incl. the commit decision, for benchmarks
-        self.step_log: collections.deque[tuple[bool, int, float]] = collections.deque(maxlen=4096)
+        # recent steps (forward + commit decision), for benchmarks
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=4096)
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
         self._thread.start()
@@ -615,13 +645,27 @@ class DiffusionEngine:
                 t0 = time.perf_counter()
                 plans = [r.plan(is_refresh) for r in group]
                 blocks = self._blocks(group)  # uploaded before the forward: no sync behind it
+                events = self._events()
                 logits, kvs = self._forward(plans, is_refresh)
+                if events:
+                    events[1].record()
                 for r, p, kv in zip(group, plans, kvs, strict=True):
                     r.nfe += 1
                     if p.keep_kv:
                         r.absorb(p, kv)
-                self._decide(group, logits, blocks)
-                self.step_log.append((is_refresh, len(group), time.perf_counter() - t0))
+                self._decide(group, logits, blocks)  # synchronises: the events are done
+                gpu = events[0].elapsed_time(events[1]) / 1e3 if events else None
+                encode = any(p.start == 0 for p in plans)
+                self.step_log.append(StepRecord(is_refresh, len(group),
+                                                time.perf_counter() - t0, gpu, encode))
+
+    def _events(self) -> tuple[Any, Any] | None:
+        """On CUDA, a started pair of events to time a forward on the GPU's clock."""
+        if self.device.type != "cuda":
+            return None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
 
     # --- one forward for a group of rows ----------------------------------------------------
 
@@ -756,6 +800,11 @@ class DiffusionEngine:
             offsets = itertools.accumulate([0, *lens])
             for b, (o, n) in enumerate(zip(offsets, lens, strict=False)):
                 lg[b, :n] = logits[o:o + n]
+        bans = [(b, i, t) for b, r in enumerate(rows) if r.decode.no_repeat_ngram
+                for i, t in r.repeat_bans()]
+        if bans:
+            b_idx, i_idx, t_idx = torch.tensor(bans, device=self.device).unbind(1)
+            lg[b_idx, i_idx, t_idx] = -torch.inf
         x0, conf = self._propose(lg, blocks.cur, rows)
         ordered = [r.decode.ordered_end for r in rows]
         if any(ordered):

@@ -83,6 +83,54 @@ def test_threshold_decoding_equals_reference(tok, cache, ordered_end):
         eng.close()
 
 
+def repeated_ngrams(ids: list[int], n: int) -> int:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "threshold"])
+def test_no_repeat_ngram_equals_reference_and_removes_repeats(tok, strategy):
+    model = tiny_model(tok.vocab_size, seed=5)
+    with torch.no_grad():  # a few tokens dominate, so unconstrained replies repeat themselves
+        model.lm_head.weight[40:44] *= 6
+    prompt = torch.tensor([tok.encode_chat(msgs(PROMPTS[1]))])
+    kw = dict(mask_id=tok.mask_id, gen_length=32, block_length=8, stop_ids=tok.stop_ids,
+              ordered_end=True)
+    replies = {}
+    for n in (0, 2):
+        decode = dict(strategy=strategy, max_new_tokens=32, block_length=8, steps_per_block=8,
+                      threshold=0.3, lookahead_blocks=8, no_repeat_ngram=n)
+        eng = make_engine(tok, model, decode=decode, cache="dual", **EXACT)
+        try:
+            replies[n] = run(eng, PROMPTS[1])[0]
+        finally:
+            eng.close()
+        if strategy == "fixed":
+            ref = generate_llada(model, prompt, steps=32, no_repeat_ngram=n, **kw)
+        else:
+            ref, _ = generate_threshold(model, prompt, threshold=0.3, no_repeat_ngram=n, **kw)
+        assert replies[n] == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
+    assert repeated_ngrams(replies[0], 2) > 0  # the rule had something to do
+    if strategy == "fixed":  # one token per step: no repeat at all
+        assert repeated_ngrams(replies[2], 2) == 0
+    else:  # tokens committed in the same step are not checked against each other
+        assert repeated_ngrams(replies[2], 2) < repeated_ngrams(replies[0], 2)
+
+
+def test_no_repeat_ngram_in_the_autoregressive_rows(tok):
+    model = tiny_model(tok.vocab_size, seed=5, causal=True)
+    with torch.no_grad():
+        model.lm_head.weight[40:44] *= 6
+    replies = []
+    for n in (0, 2):
+        eng = make_engine(tok, model, decode=dict(max_new_tokens=24, no_repeat_ngram=n))
+        try:
+            replies.append(run(eng, PROMPTS[1])[0])
+        finally:
+            eng.close()
+    assert repeated_ngrams(replies[0], 2) > 0 and repeated_ngrams(replies[1], 2) == 0
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -300,14 +348,17 @@ def test_cuda_graph_steps_give_the_eager_tokens(tok):
     model = tiny_model(tok.vocab_size).cuda()
     decode = dict(strategy="fixed", max_new_tokens=32, block_length=8, steps_per_block=4)
     replies = []
-    for graphs in (False, True):
-        eng = make_engine(tok, model, decode=decode, cache="dual", cuda_graphs=graphs)
+    for graphs, compiled in ((False, False), (True, False), (True, True)):
+        eng = make_engine(tok, model, decode=decode, cache="dual", cuda_graphs=graphs,
+                          compile=compiled)
         try:
-            replies.append([run(eng, t)[0] for t in PROMPTS])
+            solo = [run(eng, t)[0] for t in PROMPTS]
+            streams = [eng.stream(msgs(t)) for t in PROMPTS]
+            replies.append((solo, [[t for s in st for t in s.token_ids] for st in streams]))
             assert bool(eng._graphs) == graphs
         finally:
             eng.close()
-    assert replies[0] == replies[1]
+    assert replies[0] == replies[1] == replies[2]
 
 
 def test_session_cache_is_lru_bounded_by_count_and_bytes():
@@ -339,6 +390,31 @@ def test_bucketed_static_shapes_give_the_same_tokens(tok, cache):
         finally:
             eng.close()
     assert replies[0] == replies[1]
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_eager_tokens_with_few_compilations(tok):
+    """Compiled layers serve solo rows, a batch of 4 and longer contexts with one compilation
+    per specialisation, not one per shape (dynamo stops compiling after a few of those and runs
+    every later shape eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(tok.vocab_size)
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=40, block_length=8)
+    replies = []
+    for compiled in (False, True):
+        eng = make_engine(tok, model, decode=decode, cache="dual", compile=compiled)
+        try:
+            solo = [run(eng, t)[0] for t in PROMPTS]
+            streams = [eng.stream(msgs(t)) for t in PROMPTS]
+            batched = [[t for s in st for t in s.token_ids] for st in streams]
+            replies.append((solo, batched))
+        finally:
+            eng.close()
+    assert replies[0] == replies[1]
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4
 
 
 def test_from_settings_loads_a_checkpoint_and_reports_errors_per_request(tmp_path):
