@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile", type=Path,
+                        help="write a per-step log and torch.profiler tables of a solo next "
+                             "turn and of the sessions' next turn here")
     parser.add_argument("--draft-reuse", action="store_true",
                         help="only measure re-denoising from a preemptive draft vs starting over "
                              "(the configured model and decode settings, --repeats rounds)")
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace, settings) -> int:
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
+    opts["profile"] = args.profile
     llm = settings.llm.model_copy(update={"device": opts["device"]})
     torch.set_num_threads(engine_threads(llm))
     if args.draft_reuse:
@@ -289,6 +293,42 @@ def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
                 cached_prompt_tokens=min(cached))
 
 
+def profile_turns(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
+                  decode: DecodeSettings) -> str:
+    """Where a next turn's time goes: every step's time and its forward's GPU time, then (CUDA)
+    torch.profiler's kernels by GPU time and host calls by CPU time, for one session's next
+    turn and for `sessions` sessions' next turns together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]
+    n, device = opts["sessions"], engine.device
+    firsts = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = []
+    for name, prompts in (("1 session", firsts[:1]), (f"{n} sessions", firsts)):
+        for turn in (prompts, [p + follow for p in prompts]):  # first turns untimed
+            engine.step_log.clear()
+            with profile(activities=acts) as prof:
+                streams = [engine.stream_ids(p, session_id=f"profile-{name}-{i}", decode=decode)
+                           for i, p in enumerate(turn)]
+                for st in streams:
+                    list(st)
+        out.append(f"== {name}, next turn: {max(1e3 * st.stats.total_s for st in streams):.1f} "
+                   "ms\nkind     rows  step ms  forward on the GPU ms")
+        for r in engine.step_log:
+            kind = "encode" if r.encode else "refresh" if r.refresh else "step"
+            gpu = "-" if r.forward_gpu_s is None else f"{1e3 * r.forward_gpu_s:.2f}"
+            out.append(f"{kind:8s} {r.rows:4d} {1e3 * r.seconds:8.2f} {gpu:>8s}")
+        if device.type != "cuda":  # the operators run on the engine's worker thread, which
+            continue  # the profiler does not follow; CUDA kernels and runtime calls it does
+        table = prof.key_averages()
+        out += ["-- kernels by GPU time",
+                table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+                "-- host calls by CPU time",
+                table.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70)]
+    return "\n".join(out) + "\n"
+
+
 def agreement(bm: BenchModel, engine: DiffusionEngine, opts: dict,
               decode: DecodeSettings) -> dict[str, Any]:
     """Share of reply positions where the engine's tokens equal the uncached reference's. The
@@ -355,6 +395,9 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
         diffusion["peak_mem_mb"] = peak_memory_mb(device)
         sessions = concurrent_runs(engine, dm.tokenizer, opts, decode)
         agree = agreement(dm, engine, opts, decode)
+        if opts.get("profile"):
+            opts["profile"].parent.mkdir(parents=True, exist_ok=True)
+            opts["profile"].write_text(profile_turns(engine, dm.tokenizer, opts, decode))
     finally:
         engine.close()
     param_bytes = sum(p.numel() * p.element_size() for p in dm.model.parameters())

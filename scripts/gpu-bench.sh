@@ -41,7 +41,7 @@ bench_llm() {
                --preset gpu-llada-8b)
     "${run[@]}" --set llm.engine.compile=false --set llm.engine.cuda_graphs=false \
         --json "$OUT/bench-llm-eager.json" 2>&1 | tee "$OUT/bench-llm-eager.txt" || true
-    "${run[@]}" --json "$OUT/bench-llm.json" 2>&1 | tee "$OUT/bench-llm.txt" || true
+    "${run[@]}" --json "$OUT/bench-llm.json" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench-llm.txt" || true
 }
 # ---- end bench-llm ----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ def test_bench_llm_tiny_shape_writes_documented_json(tmp_path, capsys):
     argv = ["bench-llm", "--preset", "cpu-default", "--random", "--shape", "tiny",
             "--prompt-tokens", "24", "--reply-tokens", "16", "--block-length", "8",
             "--tokens-per-step", "4", "--sessions", "3", "--repeats", "1",
-            "--bandwidth-gbs", "10", "--json", str(out)]
+            "--bandwidth-gbs", "10", "--json", str(out), "--profile", str(tmp_path / "p.txt")]
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert TOP_KEYS <= set(r)
@@ -28,5 +28,10 @@ def test_bench_llm_tiny_shape_writes_documented_json(tmp_path, capsys):
     assert r["ratio"]["speed"] > 0 and r["weight_read"]["bound_ms"] > 0
     assert len(r["sessions"]["finished_ms"]) == 3 and len(r["sessions"]["cold_finished_ms"]) == 3
     assert r["sessions"]["cached_prompt_tokens"] > 0
+    nt = r["diffusion"]["next_turn"]
+    assert nt["cached_prompt_tokens"] >= 24 and nt["reply_tokens"] == 16
+    assert r["diffusion"]["window_step_ms"] > 0 and r["diffusion"]["encode_ms"] > 0
+    steps = (tmp_path / "p.txt").read_text()
+    assert "3 sessions, next turn" in steps and "refresh" in steps
     assert 0.0 <= r["agreement"]["token_agreement"] <= 1.0
     assert "diffusion/AR" in capsys.readouterr().out
