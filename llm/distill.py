@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llm.checkpoints import load_checkpoint, resolve_model_path
 from llm.data import SPLITS, Split, load_split, load_tokenizer
 from llm.engine import DiffusionEngine
-from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack
+from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack, repeats_words
 from llm.sampler import trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 
@@ -102,13 +101,6 @@ def choose(n_total: int, n: int, seed: int) -> np.ndarray:
     """A seeded choice of min(n, n_total) example indices, in data order."""
     perm = np.random.default_rng([seed, 7]).permutation(n_total)
     return np.sort(perm[:min(n, n_total)])
-
-
-def repeats_words(text: str, n: int) -> bool:
-    """Whether some word n-gram (lower-cased, punctuation ignored) occurs twice in the text."""
-    words = re.findall(r"[\w']+", text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return n > 0 and len(grams) != len(set(grams))
 
 
 def keep(reply: list[int], tok, cfg: DistillConfig) -> bool:

@@ -34,7 +34,7 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
 
 `--json PATH` writes:
 
-    config        the settings of the run (model paths, sizes, seed, steps, t_grid)
+    config        the settings of the run (models as named, sizes, seed, steps, t_grid)
     perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
                    ar_nll, ar_ppl, ratio, target_ratio, met}   (nll in nats per token)
     generation    list of rows {label, sampler ("diffusion" | "threshold" | "ar" |
@@ -43,6 +43,11 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
                    mean_tokens, mean_words, ended, distinct_1, distinct_2, seconds}
     step_target   {steps, one_token_per_step, ratio, target_ratio, met}
     context_use   {diffusion, ar}: each {matching_nll, mismatched_nll, gap_nll}
+    engine        (null with --engine-prompts 0) a generation row for `engine_prompts`
+                   held-out prompts answered by DiffusionEngine with the config's llm.decode,
+                   sampler "engine", steps = mean forwards per reply, plus prompts,
+                   tokens_per_forward, loops (share of replies repeating a word 3-gram) and
+                   decode (the settings used)
     samples       list of {context (the last user message), replies {label: text}}
     seconds       wall time of the whole evaluation
 """
@@ -53,6 +58,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +71,9 @@ from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, load_split, load_tokenizer
+from llm.engine import DiffusionEngine
 from llm.sampler import generate_few_step, generate_threshold, trim_reply
+from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 from llm.train import reply_nll
 
@@ -97,6 +105,10 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(16, ge=1)  # rows per forward
     samples: int = Field(3, ge=0)  # prompts whose replies are printed
     seed: int = 0
+    # held-out prompts answered through the engine as deployed (`decode`: the settings'
+    # llm.decode), the replies a user hears; 0 = skip
+    engine_prompts: int = Field(64, ge=0)
+    decode: DecodeSettings = DecodeSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="rows per forward")
     parser.add_argument("--samples", type=int, help="prompts whose replies are printed")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--engine-prompts", type=int,
+                        help="held-out prompts answered through the engine with the config's "
+                             "llm.decode (0: skip)")
     parser.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -123,6 +138,7 @@ def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
     given = {k: v for k in EvalConfig.model_fields if (v := getattr(args, k, None)) is not None}
     if given.get("model") is None:
         given["model"] = settings.llm.model
+    given["decode"] = settings.llm.decode
     return EvalConfig.model_validate(given)
 
 
@@ -349,6 +365,13 @@ def judge(ar: LoadedModel, prompts: list[list[int]], replies: list[list[int]],
     return math.exp(total / max(1, count))
 
 
+def repeats_words(text: str, n: int) -> bool:
+    """Whether some word n-gram (lower-cased, punctuation ignored) occurs twice in the text."""
+    words = re.findall(r"[\w']+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return n > 0 and len(grams) != len(set(grams))
+
+
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct word n-grams / all word n-grams over all texts (lower-cased)."""
     grams = [tuple(w[i:i + n]) for t in texts for w in [t.lower().split()]
@@ -404,6 +427,34 @@ def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
     return rows, texts_by_label, prompts
 
 
+def engine_replies(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Split) -> dict:
+    """Held-out prompts answered by `DiffusionEngine` with the deployment's decode settings
+    (adaptive canvas, caches, n-gram rule): what a user hears, judged like the rows above,
+    with tokens per forward and `loops`, the share of replies repeating a word 3-gram."""
+    prompts = [test.example(int(i))[0][: test.example(int(i))[1]].tolist()
+               for i in spread(len(test), cfg.engine_prompts)]
+    tok, t0 = diff.tokenizer, time.perf_counter()
+    engine = DiffusionEngine(diff.model, tok, LLMSettings(decode=cfg.decode))
+    replies, texts, nfe = [], [], []
+    try:
+        for prompt in prompts:
+            stream = engine.stream_ids(prompt)
+            ids = [t for span in stream for t in span.token_ids]
+            ended = stream.stats.finish_reason == "eot"
+            replies.append(ids + [tok.eot_id] * ended)
+            texts.append(tok.decode(ids))
+            nfe.append(stream.stats.nfe)
+    finally:
+        engine.close()
+    seconds = time.perf_counter() - t0
+    row = reply_stats("engine as deployed", "engine", float(np.mean(nfe)), replies, texts,
+                      judge(ar, prompts, replies, cfg), tok, seconds)
+    tokens = sum(len(r) - (bool(r) and r[-1] == tok.eot_id) for r in replies)
+    return {**row, "prompts": len(prompts), "tokens_per_forward": tokens / max(1, sum(nfe)),
+            "loops": float(np.mean([repeats_words(t, 3) for t in texts])),
+            "decode": cfg.decode.model_dump()}
+
+
 def step_target(rows: list[dict], gen_length: int) -> dict | None:
     by_steps = {r["steps"]: r for r in rows if r["sampler"] == "diffusion"}
     if TARGET_STEPS not in by_steps or gen_length not in by_steps:
@@ -449,14 +500,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         ppl = perplexities(cfg, diff, ar, test)
         rows, texts, prompts = generation(cfg, diff, ar, test)
         context = context_use(cfg, diff, ar, test)
+    # last: the engine fuses the model's projections in place
+    engine = engine_replies(cfg, diff, ar, test) if cfg.engine_prompts else None
     samples = [{"context": last_user_message(p, diff.tokenizer),
                 "replies": {label: t[i] for label, t in texts.items()}}
                for i, p in enumerate(prompts[:cfg.samples])]
-    config = {**cfg.model_dump(), "model": str(diff.path), "ar_model": str(ar.path),
-              "params": diff.model.num_params()}
+    config = {**cfg.model_dump(), "params": diff.model.num_params()}
     return {"config": config, "perplexity": ppl, "generation": rows,
             "step_target": step_target(rows, cfg.gen_length), "context_use": context,
-            "samples": samples,
+            "engine": engine, "samples": samples,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -492,6 +544,17 @@ def print_report(r: dict) -> None:
     if st is not None:
         print(f"  {st['steps']}-step / 1-token-per-step gen ppl: {st['ratio']:.2f}x   "
               f"target <= {st['target_ratio']}x: {_verdict(st['met'])}")
+    e = r["engine"]
+    if e is not None:
+        d = e["decode"]
+        rule = f", no_repeat_ngram {d['no_repeat_ngram']}" if d["no_repeat_ngram"] else ""
+        print(f"\nthrough the engine as deployed: {e['prompts']} held-out prompts, "
+              f"{d['strategy']} {d['threshold']:g}, blocks of {d['block_length']}{rule}")
+        head = ("gen ppl", "tokens", "tok/fwd", "ended", "loops", "dist-2", "s")
+        print(f"  {'':<34}" + "".join(f"{h:>9}" for h in head))
+        print(f"  {'engine as deployed':<34}{e['gen_ppl']:9.2f}{e['mean_tokens']:9.1f}"
+              f"{e['tokens_per_forward']:9.2f}{e['ended']:9.2f}{e['loops']:9.2f}"
+              f"{e['distinct_2']:9.3f}{e['seconds']:9.1f}")
     print("\ncontext use: reply NLL (nats/token) after the matching vs another example's context")
     for name, c_use in r["context_use"].items():
         print(f"  {name:<10} matching {c_use['matching_nll']:.3f}  mismatched "

@@ -10,6 +10,7 @@ import torch
 
 from agent import cli
 from llm import distill as D
+from llm import eval as E
 from llm import train as T
 from llm.checkpoints import load_checkpoint, save_checkpoint
 from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
@@ -99,7 +100,7 @@ def test_distill_writes_teacher_replies_to_the_chosen_training_prompts(setup, tm
         reply = ids[p:].tolist()
         assert 1 <= len(reply) <= 25 and reply[-1] == tok.eot_id
         assert tok.eot_id not in reply[:-1]
-        assert not D.repeats_words(tok.decode(reply[:-1]), 3)
+        assert not E.repeats_words(tok.decode(reply[:-1]), 3)
 
 
 def test_looping_or_unended_teacher_replies_are_dropped(setup):

@@ -47,7 +47,9 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
     rc = cli.main(["eval-model", "--model", str(paths[model]), "--ar-model", str(paths["ar"]),
                    "--data-dir", str(data), "--examples", "6", "--t-grid", "2", "--prompts", "3",
                    "--gen-length", "8", "--steps", "2", "8", "--thresholds", "0.9", "1e-6",
-                   "--batch-size", "2",
+                   "--batch-size", "2", "--engine-prompts", "3",
+                   "--set", "llm.decode.block_length=4", "--set", "llm.decode.max_new_tokens=12",
+                   "--set", "llm.decode.no_repeat_ngram=2",
                    "--samples", "1", "--json", str(out_json)])
     assert rc == 0
     return capsys.readouterr().out, json.loads(out_json.read_text())
@@ -56,7 +58,12 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
 def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsys):
     out, r = _eval(setup, tmp_path, capsys)
     assert set(r) == {"config", "perplexity", "generation", "step_target", "context_use",
-                      "samples", "seconds"}
+                      "engine", "samples", "seconds"}
+    e = r["engine"]
+    assert e["sampler"] == "engine" and e["prompts"] == 3 and e["steps"] >= 1
+    assert 0 < e["tokens_per_forward"] <= 8 and 0 <= e["loops"] <= 1 and e["gen_ppl"] > 1
+    assert e["decode"]["block_length"] == 4 and e["decode"]["no_repeat_ngram"] == 2
+    assert "through the engine as deployed: 3 held-out prompts" in out
     for name in ("diffusion", "ar"):
         use = r["context_use"][name]
         assert set(use) == {"matching_nll", "mismatched_nll", "gap_nll"}
