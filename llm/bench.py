@@ -196,6 +196,11 @@ QUESTIONS = ["What should I cook for dinner tonight?", "Can you recommend a good
              "What do you like to do on weekends?", "How can I sleep better?"]
 
 
+def follow_up_ids(tok: ChatTokenizer) -> list[int]:
+    """The next user turn appended to a conversation (without BOS)."""
+    return tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]
+
+
 def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
     """A chat prompt of about n tokens (exactly n for the random shapes' word vocabulary)."""
     if tok.tok.token_to_id("w101") == 101:  # `word_tokenizer`: word i has id i
@@ -251,7 +256,7 @@ def next_turn_runs(engine: DiffusionEngine, tok: ChatTokenizer, ids: list[int],
                    decode: DecodeSettings, repeats: int) -> dict[str, Any]:
     """A session's next turn: the conversation's K/V are kept, only the follow-up is encoded.
     Each repeat is a new session whose first turn is not timed."""
-    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]  # without BOS
+    follow = follow_up_ids(tok)
     stats = []
     for i in range(repeats + 1):  # the first round warms the shapes up
         sid = f"next-turn-{i}"
@@ -274,7 +279,7 @@ def concurrent_runs(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
     whose prompt extends the first by a follow-up question (only the new tokens are encoded)."""
     n = opts["sessions"]
     first = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
-    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]  # without BOS
+    follow = follow_up_ids(tok)
     nxt = [p + follow for p in first]
     # each timed round's shapes are run once before (compiled steps, captured graphs)
     rounds = [("warm-up", first), ("warm-up", nxt), ("cold", first), ("cached", nxt)]
@@ -300,7 +305,7 @@ def profile_turns(engine: DiffusionEngine, tok: ChatTokenizer, opts: dict,
     turn and for `sessions` sessions' next turns together."""
     from torch.profiler import ProfilerActivity, profile
 
-    follow = tok.encode_chat([{"role": "user", "content": FOLLOW_UP}])[1:]
+    follow = follow_up_ids(tok)
     n, device = opts["sessions"], engine.device
     firsts = [prompt_ids(tok, opts["prompt_tokens"], salt=i) for i in range(n)]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -387,11 +392,9 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
         torch.cuda.reset_peak_memory_stats(device)
     engine = DiffusionEngine(dm.model, dm.tokenizer, llm)
     try:
-        diffusion = solo_runs(engine, prompt_ids(dm.tokenizer, opts["prompt_tokens"]), decode,
-                              opts["repeats"])
-        diffusion["next_turn"] = next_turn_runs(
-            engine, dm.tokenizer, prompt_ids(dm.tokenizer, opts["prompt_tokens"]), decode,
-            opts["repeats"])
+        ids = prompt_ids(dm.tokenizer, opts["prompt_tokens"])
+        diffusion = solo_runs(engine, ids, decode, opts["repeats"])
+        diffusion["next_turn"] = next_turn_runs(engine, dm.tokenizer, ids, decode, opts["repeats"])
         diffusion["peak_mem_mb"] = peak_memory_mb(device)
         sessions = concurrent_runs(engine, dm.tokenizer, opts, decode)
         agree = agreement(dm, engine, opts, decode)

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, load_split, load_tokenizer
 from llm.engine import DiffusionEngine
-from llm.sampler import generate_few_step, generate_threshold, trim_reply
+from llm.sampler import generate_few_step, generate_threshold, repeat_bans, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 from llm.train import reply_nll
@@ -83,6 +83,7 @@ HELP = "held-out ELBO vs AR perplexity, and generative perplexity / diversity pe
 ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8
+NEXT = -1  # stands for the position being chosen (no token id is negative)
 
 
 class EvalConfig(BaseModel):
@@ -342,15 +343,12 @@ def greedy(model: nn.Module, ids: Tensor, n_pad: Tensor, gen_length: int,
 
 def ngram_bans(done: Tensor, n: int, vocab_size: int) -> Tensor:
     """(B, i) tokens so far -> (B, V) bool: the tokens that would complete an n-gram the row
-    already contains (its last n-1 tokens seen before, followed by that token)."""
+    already contains (`repeat_bans` at the next position, every earlier token final)."""
     B, i = done.shape
     bans = torch.zeros(B, vocab_size, dtype=torch.bool)
-    if i >= n - 1 and n >= 1:
-        for b, row in enumerate(done.tolist()):
-            prefix = row[i - n + 1:] if n > 1 else []
-            for j in range(i - n + 1):
-                if row[j:j + n - 1] == prefix:
-                    bans[b, row[j + n - 1]] = True
+    for b, row in enumerate(done.tolist()):
+        for _, t in repeat_bans([*row, NEXT], 0, i, i + 1, n, NEXT):
+            bans[b, t] = True
     return bans.to(done.device)
 
 
