@@ -404,7 +404,7 @@ class _DiffusionRow(_Row):
 
     def repeat_bans(self) -> list[tuple[int, int]]:
         bans = repeat_bans(self.tokens, self.P, self.bs, self.be, self.decode.no_repeat_ngram,
-                           self.mask_id)
+                           self.mask_id, self.eng.tokenizer.words)
         return [(p - self.bs, t) for p, t in bans]
 
     def apply(self, new: list[int]) -> None:
@@ -473,7 +473,7 @@ class _ARRow(_Row):
     def repeat_bans(self) -> list[tuple[int, int]]:
         n, mask = len(self.tokens), self.eng.tokenizer.mask_id
         bans = repeat_bans([*self.tokens, mask], self.P, n, n + 1, self.decode.no_repeat_ngram,
-                           mask)
+                           mask, self.eng.tokenizer.words)
         return [(0, t) for _, t in bans]
 
     def apply(self, new: list[int]) -> None:

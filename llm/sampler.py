@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm.tokenizer import WordClasses
+
 StopFn = Callable[[], bool]
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -116,7 +118,7 @@ def propose(logits: Tensor, x: Tensor, *, mask_id: int, temperature: float, top_
 
 
 def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: int,
-                mask_id: int) -> list[tuple[int, int]]:
+                mask_id: int, words: WordClasses | None = None) -> list[tuple[int, int]]:
     """(position, token) pairs in [lo, hi) whose token would repeat an n-gram of the reply.
 
     The n-grams are the reply's own (tokens[reply_start:], none with a mask), not the prompt's,
@@ -124,13 +126,16 @@ def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: in
     around it whose other positions are final: "no_repeat_ngram_size" of autoregressive
     decoding, for tokens that are committed in any order. Committing one token per step then
     never repeats an n-gram; tokens committed together in one step are not checked against
-    each other."""
+    each other. With `words`, tokens are compared as the words they spell ("I" = " I"), and a
+    ban covers every spelling of the word."""
     if n < 1:
         return []
     end = len(tokens)
-    follows: dict[tuple[int, tuple[int, ...]], set[int]] = {}  # (slot, the others) -> tokens
+    cls = list(tokens) if words is None else [t if t == mask_id or t < 0 else words.of[t]
+                                              for t in tokens]
+    follows: dict[tuple[int, tuple[int, ...]], set[int]] = {}  # (slot, the others) -> classes
     for s in range(reply_start, end - n + 1):
-        gram = tuple(tokens[s:s + n])
+        gram = tuple(cls[s:s + n])
         if mask_id not in gram:
             for j in range(n):
                 follows.setdefault((j, gram[:j] + gram[j + 1:]), set()).add(gram[j])
@@ -142,21 +147,22 @@ def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: in
             s = p - j
             if s < reply_start or s + n > end:
                 continue
-            others = tuple(tokens[s:p]) + tuple(tokens[p + 1:s + n])
+            others = tuple(cls[s:p]) + tuple(cls[p + 1:s + n])
             if mask_id not in others:
-                bans.update((p, t) for t in follows.get((j, others), ()))
+                for c in follows.get((j, others), ()):
+                    bans.update((p, t) for t in ([c] if words is None else words.members[c]))
     return sorted(bans)
 
 
 def ban_repeats(logits: Tensor, x: Tensor, *, reply_start: int, lo: int, hi: int, n: int,
-                mask_id: int) -> Tensor:
+                mask_id: int, words: WordClasses | None = None) -> Tensor:
     """The reference samplers' `repeat_bans`: logits (B, T, V) over the canvas x (B, T), with
     -inf for each row's banned tokens at positions [lo, hi)."""
     if n < 1:
         return logits
     logits = logits.clone()
     for b, row in enumerate(x.tolist()):
-        for p, t in repeat_bans(row, reply_start, lo, hi, n, mask_id):
+        for p, t in repeat_bans(row, reply_start, lo, hi, n, mask_id, words):
             logits[b, p, t] = -math.inf
     return logits
 
@@ -251,6 +257,7 @@ def generate_llada(
     cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
     ordered_end: bool = False, generator: torch.Generator | None = None,
     should_stop: StopFn | None = None, no_repeat_ngram: int = 0,
+    words: WordClasses | None = None,
 ) -> Tensor:
     """LLaDA's reference sampler. prompt (B, P) -> (B, P + gen_length).
 
@@ -272,7 +279,7 @@ def generate_llada(
                 return x
             logits = model_logits(model, x, prompt_len=P, mask_id=mask_id, cfg_scale=cfg_scale)
             logits = ban_repeats(logits, x, reply_start=P, lo=start, hi=end, n=no_repeat_ngram,
-                                 mask_id=mask_id)
+                                 mask_id=mask_id, words=words)
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking=remasking, generator=generator)
             if ordered_end:
@@ -293,7 +300,7 @@ def generate_threshold(
     threshold: float, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     stop_ids: Sequence[int] = (), ordered_end: bool = False,
     generator: torch.Generator | None = None, should_stop: StopFn | None = None,
-    no_repeat_ngram: int = 0,
+    no_repeat_ngram: int = 0, words: WordClasses | None = None,
 ) -> tuple[Tensor, int]:
     """Confidence-threshold parallel decoding (Fast-dLLM). Returns (tokens, forward passes).
 
@@ -312,7 +319,7 @@ def generate_threshold(
             logits = model(x)[0].float()
             nfe += 1
             logits = ban_repeats(logits, x, reply_start=P, lo=start, hi=end, n=no_repeat_ngram,
-                                 mask_id=mask_id)
+                                 mask_id=mask_id, words=words)
             x0, conf = propose(logits, x, mask_id=mask_id, temperature=temperature, top_k=top_k,
                                top_p=top_p, remasking="low_confidence", generator=generator)
             if ordered_end:

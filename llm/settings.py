@@ -32,9 +32,9 @@ class DecodeSettings(BaseModel):
     # block until the model ends its turn (or max_new_tokens), instead of a long canvas that an
     # EOS-padded instruct model floods with EOS; >= max_new_tokens/block_length = fixed canvas
     lookahead_blocks: int = Field(1, ge=0)
-    # a masked position whose n-1 left neighbours are final may not complete an n-gram the reply
-    # already holds (its token gets no probability); 0 = off. Greedy decoding of a small model
-    # otherwise loops ("I love the best ones. I love the best ones.")
+    # no token may complete a word n-gram the reply already holds (its other n-1 words final;
+    # words compared case and leading space aside, `ChatTokenizer.words`); 0 = off. Greedy
+    # decoding of a small model otherwise loops ("I love the best ones. I love the best ones.")
     no_repeat_ngram: int = Field(0, ge=0)
 
 

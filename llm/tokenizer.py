@@ -14,6 +14,7 @@ Families and their templates:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,14 @@ DIFFVOICE_SPECIAL_TOKENS = [
 ]
 DREAM_DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class WordClasses:
+    """`of[token]`: the class (its first member's id) of every token; `members[class]`."""
+
+    of: list[int]
+    members: dict[int, list[int]]
 
 
 class TokenizerError(ValueError):
@@ -91,6 +100,25 @@ class ChatTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @functools.cached_property
+    def words(self) -> WordClasses:
+        """Tokens grouped by the word they spell, case and leading space aside ("I", " I",
+        " i"): the n-gram rule compares words, not token spellings. Special tokens, tokens
+        that are only whitespace and byte fragments of a character each stay alone."""
+        texts = self.tok.decode_batch([[i] for i in range(self.vocab_size)],
+                                      skip_special_tokens=False)
+        special = set(self.tok.get_added_tokens_decoder())  # ids of added (special) tokens
+        first: dict[str, int] = {}
+        of = []
+        for i, text in enumerate(texts):
+            key = text.strip().lower()
+            alone = i in special or not key or "\ufffd" in key
+            of.append(i if alone else first.setdefault(key, i))
+        members: dict[int, list[int]] = {}
+        for i, c in enumerate(of):
+            members.setdefault(c, []).append(i)
+        return WordClasses(of, members)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -106,15 +106,17 @@ def test_no_repeat_ngram_equals_reference_and_removes_repeats(tok, strategy):
         finally:
             eng.close()
         if strategy == "fixed":
-            ref = generate_llada(model, prompt, steps=32, no_repeat_ngram=n, **kw)
+            ref = generate_llada(model, prompt, steps=32, no_repeat_ngram=n, words=tok.words, **kw)
         else:
-            ref, _ = generate_threshold(model, prompt, threshold=0.3, no_repeat_ngram=n, **kw)
+            ref, _ = generate_threshold(model, prompt, threshold=0.3, no_repeat_ngram=n,
+                                        words=tok.words, **kw)
         assert replies[n] == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
-    assert repeated_ngrams(replies[0], 2) > 0  # the rule had something to do
+    words = {n: [tok.words.of[t] for t in r] for n, r in replies.items()}  # as words
+    assert repeated_ngrams(words[0], 2) > 0  # the rule had something to do
     if strategy == "fixed":  # one token per step: no repeat at all
-        assert repeated_ngrams(replies[2], 2) == 0
+        assert repeated_ngrams(words[2], 2) == 0
     else:  # tokens committed in the same step are not checked against each other
-        assert repeated_ngrams(replies[2], 2) < repeated_ngrams(replies[0], 2)
+        assert repeated_ngrams(words[2], 2) < repeated_ngrams(words[0], 2)
 
 
 def test_no_repeat_ngram_in_the_autoregressive_rows(tok):
@@ -128,7 +130,8 @@ def test_no_repeat_ngram_in_the_autoregressive_rows(tok):
             replies.append(run(eng, PROMPTS[1])[0])
         finally:
             eng.close()
-    assert repeated_ngrams(replies[0], 2) > 0 and repeated_ngrams(replies[1], 2) == 0
+    words = [[tok.words.of[t] for t in r] for r in replies]
+    assert repeated_ngrams(words[0], 2) > 0 and repeated_ngrams(words[1], 2) == 0
 
 
 @pytest.mark.parametrize("freeze", [False, True])

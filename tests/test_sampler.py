@@ -359,3 +359,19 @@ def test_repeat_bans_where_the_rest_of_an_ngram_is_final():
     # committed out of order: the final tokens to the right count too
     assert repeat_bans(prompt + [1, 2, 3, M, 2, 3], 5, 5, 11, 3, M) == [(8, 1)]
     assert repeat_bans(tokens, 5, 5, 14, 2, M) == [(10, 3), (11, 3), (13, 2)]
+
+
+def test_repeat_bans_compare_words_and_ban_every_spelling():
+    from llm.sampler import repeat_bans
+    from llm.tokenizer import WordClasses
+
+    M = 99
+    of = list(range(100))
+    of[11] = 10  # 11 spells the word of 10 (say " I" and "I"), as does 12
+    of[12] = 10
+    words = WordClasses(of, {c: [t for t in range(100) if of[t] == c] for c in set(of)})
+    tokens = [10, 2, 3, 11, 2, M]
+    assert repeat_bans(tokens, 0, 0, 6, 3, M) == []  # as tokens: (11, 2) is new
+    assert repeat_bans(tokens, 0, 0, 6, 3, M, words) == [(5, 3)]
+    # a banned word is banned in every spelling
+    assert repeat_bans([2, 10, 3, 2, M, 3], 0, 0, 6, 3, M, words) == [(4, 10), (4, 11), (4, 12)]
