@@ -407,3 +407,23 @@ def test_sharded_load_onto_cuda_never_holds_the_whole_model_in_host_memory(tmp_p
     growth, total = int(out[-2]), int(out[-1])
     assert total > 2.5e9
     assert growth < 0.6 * total, f"host memory grew {growth / 1e9:.2f} GB for {total / 1e9:.2f} GB"
+
+
+@pytest.mark.parametrize("family", ["diffvoice", "llada", "dream"])
+def test_word_classes_group_spellings_of_a_word(tmp_path, family):
+    """The n-gram rule's word classes: members spell one word, specials stay alone."""
+    if family == "diffvoice":
+        tok = load_checkpoint(resolve_model_path("dv-small"), dtype=torch.float32).tokenizer
+    else:
+        (write_llada_checkpoint if family == "llada" else write_dream_checkpoint)(tmp_path / "m")
+        tok = load_checkpoint(tmp_path / "m", dtype=torch.float32).tokenizer
+    words = tok.words
+    assert len(words.of) == tok.vocab_size
+    for c, members in words.members.items():
+        assert words.of[c] == c and all(words.of[t] == c for t in members)
+        keys = {tok.tok.decode([t], skip_special_tokens=False).strip().lower() for t in members}
+        assert len(keys) == 1
+    for special in (tok.mask_id, tok.eos_id, tok.eot_id):
+        assert words.members[words.of[special]] == [special]
+    if family == "diffvoice":
+        assert words.of[tok.encode("I")[0]] == words.of[tok.encode(" I")[0]]
