@@ -49,15 +49,17 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # named runs; command-line flags override single fields
 PRESETS: dict[str, dict[str, Any]] = {
-    # the shipped models on a laptop CPU: a ~30-token voice reply after a short conversation;
-    # block 16: a CPU step is compute-bound, so 2 steps over 16 tokens beat 4 over 32
+    # the shipped models on a laptop CPU as deployed: a voice reply after a short conversation,
+    # decoded with the config's threshold in blocks of 8 (the fixed schedule of 8 tokens per
+    # step with --tokens-per-step 8 --block-length 16, and on random weights)
     "cpu-default": dict(model="dv-small", ar_model="dv-small-ar", shape="dv-small",
-                        device="cpu", prompt_tokens=64, reply_tokens=32, block_length=16,
-                        tokens_per_step=8, sessions=4, repeats=5, bandwidth_gbs=20.0),
+                        device="cpu", prompt_tokens=64, reply_tokens=32, block_length=8,
+                        tokens_per_step=8, decoding="threshold", sessions=4, repeats=5,
+                        bandwidth_gbs=20.0),
     # LLaDA-8B-sized random weights on one GPU (prompt 512, reply 64, block 32, 8 tokens/step)
     "gpu-llada-8b": dict(model=None, ar_model=None, shape="llada-8b", device="cuda",
                          prompt_tokens=512, reply_tokens=64, block_length=32, tokens_per_step=8,
-                         sessions=16, repeats=5, bandwidth_gbs=None),
+                         decoding="fixed", sessions=16, repeats=5, bandwidth_gbs=None),
 }
 GPU_BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0}  # HBM3 / HBM3e peak, SXM
 AGREEMENT_PROMPTS = 3
@@ -76,9 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-tokens", type=int)
     parser.add_argument("--block-length", type=int)
     parser.add_argument("--tokens-per-step", type=int,
-                        help="fixed schedule; random weights always use it")
+                        help="a fixed schedule instead of the preset's threshold decoding; "
+                             "random weights always use one")
     parser.add_argument("--threshold", action="store_true",
-                        help="threshold decoding from the settings (trained models only)")
+                        help="threshold decoding from the settings (trained models only; "
+                             "the cpu-default preset's own)")
     parser.add_argument("--sessions", type=int, help="concurrent requests in one batch")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound")
@@ -104,7 +108,9 @@ def run(args: argparse.Namespace, settings) -> int:
         result = draft_reuse_benchmark(settings.llm, args.repeats or 1)
         print_draft_report(result)
     else:
-        result = benchmark(opts, llm, force_random=args.random, threshold=args.threshold)
+        threshold = args.threshold or (opts["decoding"] == "threshold"
+                                       and args.tokens_per_step is None)
+        result = benchmark(opts, llm, force_random=args.random, threshold=threshold)
         print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +366,7 @@ def reference_reply(bm: BenchModel, ids: list[int], decode: DecodeSettings,
     prompt = torch.tensor([ids], device=next(bm.model.parameters()).device)
     kw = dict(mask_id=tok.mask_id, gen_length=gen_length, block_length=block,
               stop_ids=tok.stop_ids, ordered_end=decode.ordered_end,
-              no_repeat_ngram=decode.no_repeat_ngram)
+              no_repeat_ngram=decode.no_repeat_ngram, words=tok.words)
     if decode.strategy == "threshold":
         out, _ = generate_threshold(bm.model, prompt, threshold=decode.threshold, **kw)
     else:
