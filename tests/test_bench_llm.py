@@ -35,3 +35,16 @@ def test_bench_llm_tiny_shape_writes_documented_json(tmp_path, capsys):
     assert "3 sessions, next turn" in steps and "refresh" in steps
     assert 0.0 <= r["agreement"]["token_agreement"] <= 1.0
     assert "diffusion/AR" in capsys.readouterr().out
+
+
+def test_cpu_default_measures_the_deployed_decoding(tmp_path):
+    """The shipped models with the config's threshold decoding in blocks of 8, as the agent
+    runs them; a fixed schedule only when asked for."""
+    out = tmp_path / "bench.json"
+    base = ["bench-llm", "--preset", "cpu-default", "--repeats", "1", "--sessions", "2"]
+    assert main([*base, "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["settings"]
+    assert (s["strategy"], s["block_length"], s["threshold"]) == ("threshold", 8, 0.5)
+    assert main([*base, "--tokens-per-step", "4", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["settings"]
+    assert (s["strategy"], s["tokens_per_step"]) == ("fixed", 4)
