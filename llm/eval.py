@@ -391,8 +391,7 @@ def reply_stats(label: str, sampler: str, steps: float | None, replies: list[lis
 def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
                test: Split) -> tuple[list[dict], dict[str, list[str]], list[list[int]]]:
     """Every sampler's replies to the same prompts, judged by the AR baseline."""
-    idx = spread(len(test), cfg.prompts)
-    examples = [test.example(int(i)) for i in idx]
+    examples = [test.example(int(i)) for i in spread(len(test), cfg.prompts)]
     prompts = [ids[:p].tolist() for ids, p in examples]
     tok = diff.tokenizer
     runs: list[tuple[str, str, float | None]] = [
@@ -429,8 +428,8 @@ def engine_replies(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Sp
     """Held-out prompts answered by `DiffusionEngine` with the deployment's decode settings
     (adaptive canvas, caches, n-gram rule): what a user hears, judged like the rows above,
     with tokens per forward and `loops`, the share of replies repeating a word 3-gram."""
-    prompts = [test.example(int(i))[0][: test.example(int(i))[1]].tolist()
-               for i in spread(len(test), cfg.engine_prompts)]
+    examples = [test.example(int(i)) for i in spread(len(test), cfg.engine_prompts)]
+    prompts = [ids[:p].tolist() for ids, p in examples]
     tok, t0 = diff.tokenizer, time.perf_counter()
     engine = DiffusionEngine(diff.model, tok, LLMSettings(decode=cfg.decode))
     replies, texts, nfe = [], [], []
@@ -447,8 +446,8 @@ def engine_replies(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Sp
     seconds = time.perf_counter() - t0
     row = reply_stats("engine as deployed", "engine", float(np.mean(nfe)), replies, texts,
                       judge(ar, prompts, replies, cfg), tok, seconds)
-    tokens = sum(len(r) - (bool(r) and r[-1] == tok.eot_id) for r in replies)
-    return {**row, "prompts": len(prompts), "tokens_per_forward": tokens / max(1, sum(nfe)),
+    return {**row, "prompts": len(prompts),
+            "tokens_per_forward": row["mean_tokens"] * len(replies) / max(1, sum(nfe)),
             "loops": float(np.mean([repeats_words(t, 3) for t in texts])),
             "decode": cfg.decode.model_dump()}
 

@@ -131,8 +131,7 @@ def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: in
     if n < 1:
         return []
     end = len(tokens)
-    cls = list(tokens) if words is None else [t if t == mask_id or t < 0 else words.of[t]
-                                              for t in tokens]
+    cls = list(tokens) if words is None else [t if t == mask_id else words.of[t] for t in tokens]
     follows: dict[tuple[int, tuple[int, ...]], set[int]] = {}  # (slot, the others) -> classes
     for s in range(reply_start, end - n + 1):
         gram = tuple(cls[s:s + n])
