@@ -6,9 +6,11 @@ Whisper is not a streaming model, so the stream is built from whole-utterance de
   only the word prefix on which two consecutive hypotheses agree is shown (LocalAgreement-2,
   Machacek et al. 2023, "Turning Whisper into Real-Time Transcription System"), so interim text
   grows and never flickers;
-- speculative final: when the VAD sees the first `speculation_silence_ms` of silence the final
-  decode starts at once; if the silence lasts until the VAD ends the utterance the result is
-  delivered immediately, if speech resumes it is discarded and decoded again later;
+- speculative final: when the VAD sees the first `speculation_silence_ms` of silence (or the
+  level falls `speculation_energy_drop_db` below the utterance's speech for as long: sooner
+  than Silero's probability, `audio.vad`) the final decode starts at once; if the silence
+  lasts until the VAD ends the utterance the result is delivered immediately, if speech
+  resumes it is discarded and decoded again later;
 - preflight: the speculative final's text is also sent the moment it is decoded, while the
   silence may still turn out to be a pause, so a consumer can start on it (an agent drafts
   its reply) instead of waiting out the VAD's silence;
@@ -249,6 +251,7 @@ class StreamingRecognizer:
         self._vad = StreamingVad(
             vad_settings,
             settings.speculation_silence_ms if settings.speculative_final else None,
+            settings.speculation_energy_drop_db,
         )
         self._padding = int(vad_settings.prefix_padding_ms * SAMPLE_RATE / 1000)
         self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, dtype="float32")
@@ -406,13 +409,14 @@ class StreamingRecognizer:
             self._speculate(at)
 
     async def _close_utterance(self, at: int) -> None:
-        """Deliver the final (the speculative one if it covers exactly this speech) and end."""
+        """Deliver the final (the speculative one unless speech resumed after it) and end."""
         await self._maybe_chunk(at)  # the VAD can end a long utterance within one pushed buffer
         utt = self._utt
         if utt is None:
             return
         self._utt = None  # in-flight interims of this utterance are dropped from here on
-        if utt.speculation is not None and utt.speculation_end == at:
+        # not discarded: no speech since its pause began, so it covers the whole utterance
+        if utt.speculation is not None:
             text, speculative = await utt.speculation, True
             self.stats.speculative_reused += 1
         else:

@@ -26,7 +26,7 @@ from audio.speech_eval import (
     spoken_16k,
     word_error_rate,
 )
-from audio.vad import SAMPLE_RATE, StreamingVad
+from audio.vad import CONFIRM_WINDOWS, SAMPLE_RATE, WINDOW_S, StreamingVad
 
 ASR = AsrSettings()
 VAD = VadSettings()
@@ -139,6 +139,73 @@ def test_vad_boundaries_within_100_ms(text):
     assert abs(ends[0] - true_end) <= 0.1
 
 
+def noise_floor(audio: np.ndarray, dbfs: float = -60.0, seed: int = 0) -> np.ndarray:
+    """A microphone's white noise floor under speech and silence alike."""
+    noise = np.random.default_rng(seed).normal(0.0, 10 ** (dbfs / 20), len(audio))
+    return (audio + noise).astype(np.float32)
+
+
+def vad_events(vad: StreamingVad, audio: np.ndarray) -> list[tuple[str, float, float]]:
+    """(kind, event time, stream time when the event came out) over 20 ms frames."""
+    out, pushed = [], 0
+    for f in frames(audio, SAMPLE_RATE, 20):
+        pushed += len(f)
+        out += [(e.kind, e.t_s, pushed / SAMPLE_RATE) for e in vad.push(f)]
+    return out
+
+
+@pytest.mark.parametrize("text", SENTENCES[:4])
+def test_energy_pause_comes_sooner_than_silero_and_at_the_speech_end(text):
+    audio = noise_floor(pad(trimmed(text), 0.5, 1.0))
+    _, true_end = speech_bounds(audio)
+    last = {}
+    for drop in (None, 30.0):
+        events = vad_events(StreamingVad(VAD, ASR.speculation_silence_ms, drop), audio)
+        assert [e[0] for e in events][-2:] == ["pause", "end"], events
+        last[drop] = events[-2]
+    assert last[30.0][2] < last[None][2] - 0.03  # out a window or more sooner
+    assert abs(last[30.0][1] - true_end) <= 0.05  # and placed where the speech ended
+
+
+def test_energy_pause_withdrawn_when_the_level_rises_again():
+    first, second = trimmed("Please remind me to call my sister"), trimmed("after lunch.")
+    gap_s = 0.1  # a breath between words: too short for Silero's probability to fall
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), np.float32)
+    audio = noise_floor(pad(np.concatenate([first, gap, second]), 0.5, 1.0))
+    gap_start = 0.5 + len(first) / SAMPLE_RATE
+    events = vad_events(StreamingVad(VAD, ASR.speculation_silence_ms, 30.0), audio)
+    in_gap = [i for i, e in enumerate(events) if e[0] == "pause" and abs(e[1] - gap_start) < 0.04]
+    assert in_gap, events
+    kind, t_s, _ = events[in_gap[0] + 1]
+    assert kind == "resume" and t_s <= gap_start + gap_s + WINDOW_S
+    assert [e[0] for e in events].count("end") == 1
+
+
+def test_energy_pause_needs_silero_to_hear_the_silence_too():
+    """Timing logic alone: a level fall that Silero never follows (a soft word) is withdrawn
+    within CONFIRM_WINDOWS; once Silero has heard the silence, a louder breath does not end
+    the pause, only Silero's speech probability does."""
+    vad = StreamingVad(VAD, 64, 30.0)
+    loud, soft, speech, silent = -20.0, -60.0, 0.9, 0.05
+
+    def feed(prob: float, level: float, n: int) -> list[str]:
+        kinds = []
+        for _ in range(n):
+            kinds += [e.kind for e in vad._step(prob, level)]
+            vad._windows += 1
+        return kinds
+
+    assert feed(speech, loud, 4) == ["start"]
+    assert feed(speech, soft, 2) == ["pause"]  # two quiet windows: Silero still hears speech
+    assert feed(speech, soft, CONFIRM_WINDOWS) == []  # its usual lag: the pause holds
+    assert feed(speech, soft, 1) == ["resume"]  # no later: a soft word, not a silence
+    assert feed(speech, loud, 2) == []
+    assert feed(speech, soft, 2) == ["pause"]
+    assert feed(silent, soft, 1) == []  # Silero agrees
+    assert feed(silent, loud, 2) == []  # a breath: still Silero's silence
+    assert feed(speech, soft, 1) == ["resume"]  # Silero hears speech again
+
+
 # -- streaming -------------------------------------------------------------------------------
 async def test_interims_before_speech_end_and_speculative_final_reused(whisper):
     text = (
@@ -166,7 +233,8 @@ async def test_preflight_is_the_speculative_final_sent_before_the_silence_ends(w
     events, _ = await run_stream(rec, pad(trimmed(SENTENCES[3]), 0.3, 2.0), realtime=True)
     assert kinds(events)[-3:] == ["preflight", "final", "end"]
     preflight, final = events[-3], events[-2]
-    assert preflight.text == final.text and preflight.end_s == final.end_s
+    # the pause the energy began sits within a window of the silence Silero ends the turn on
+    assert preflight.text == final.text and abs(preflight.end_s - final.end_s) <= 0.07
     assert final.t_wall_s - preflight.t_wall_s > 0.1  # sent before the VAD ended it
     off = StreamingRecognizer(whisper, ASR.model_copy(update={"preflight": False}), vad)
     events, _ = await run_stream(off, pad(trimmed(SENTENCES[3]), 0.3, 2.0), realtime=False)
