@@ -251,7 +251,7 @@ class StreamingRecognizer:
         self._vad = StreamingVad(
             vad_settings,
             settings.speculation_silence_ms if settings.speculative_final else None,
-            settings.speculation_energy_drop_db,
+            settings.speculation_energy_drop_db or None,
         )
         self._padding = int(vad_settings.prefix_padding_ms * SAMPLE_RATE / 1000)
         self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, dtype="float32")

@@ -2,6 +2,8 @@
 
 Measures, in one run:
 
+- when the speculative decode can start: the VAD's pause after the last loud sample, Silero's
+  silence alone vs the energy rule (offline, over a -60 dBFS noise floor);
 - final-transcript latency of the streaming recognizer fed in real time, speculative final vs
   a plain decode started when the utterance ends (same utterances, same run). Two clocks:
   after the end-of-utterance decision (the VAD's `min_silence_ms` has passed: the moment a turn
@@ -15,6 +17,10 @@ Measures, in one run:
   final_after_endpoint_ms: {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
   final_after_speech_ms:   {speculative: [..], plain: [..], speculative_p50, plain_p50, ratio}
   speculation: {reused, discarded}       utterance_s: [..]   decode_ms_p50 (offline decode)
+  pause: {noise_floor_dbfs, utterances, silero: {..}, energy: {..}}: when the speculative
+    decode may start, Silero's silence alone vs with `asr.speculation_energy_drop_db`; each
+    {after_speech_ms: [..] (last pause event after the last loud sample), after_speech_p50,
+    inside (pauses opened before the last loud sample)}
   tts_first_audio_ms: [..], tts_first_audio_p50, tts_whole_reply_ms_p50, tts_ratio
   wer_clean, wer_noisy_20db, wer_sentences
 """
@@ -30,6 +36,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from audio.codecs import frames
 from audio.settings import AsrSettings, TtsSettings, VadSettings
 from audio.speech_eval import SENTENCES, add_noise, pad, speech_bounds, spoken_16k
@@ -39,6 +47,8 @@ from audio.vad import END_LAG_S, SAMPLE_RATE
 HELP = "speech I/O benchmark: speculative final latency, Piper first audio, round-trip WER"
 LATENCY_UTTERANCES = 8  # real-time runs per mode: ~4 s each
 LEAD_S, TAIL_S = 0.3, 1.2  # silence around each utterance: enough for the endpoint
+PAUSE_FLOOR_DBFS = -60.0  # a microphone's noise floor under the pause timing's utterances
+LOUD = 500 / 32768  # "the last loud sample", as `diffvoice bench` measures from it
 FRAME_MS = 20
 # replies as an LLM writes them: a short first sentence, then longer ones
 REPLIES = [
@@ -83,6 +93,32 @@ async def _one_utterance(model, asr: AsrSettings, vad: VadSettings, text: str) -
         "after_speech_ms": (final.t_wall_s - (t0 + LEAD_S + true_end)) * 1000,
         "speculative": final.speculative, "stats": rec.stats, "seconds": true_end,
     }
+
+
+def _pauses(asr: AsrSettings, vad: VadSettings) -> dict:
+    """When the speculative decode may start: the recognizer VAD's last pause event after the
+    last loud sample (|x| > LOUD), Silero's silence alone vs with the energy rule, over the
+    sentences with a microphone's noise floor; plus pauses opened inside the utterances."""
+    from audio.vad import StreamingVad
+
+    out: dict = {"noise_floor_dbfs": PAUSE_FLOOR_DBFS, "utterances": len(SENTENCES)}
+    drop = asr.speculation_energy_drop_db
+    for label, energy in (("silero", None), ("energy", drop or None)):
+        after, inside = [], 0
+        for i, text in enumerate(SENTENCES):
+            audio = pad(spoken_16k(text), LEAD_S, TAIL_S)
+            audio += np.random.default_rng(i).normal(0.0, 10 ** (PAUSE_FLOOR_DBFS / 20),
+                                                     len(audio)).astype(np.float32)
+            last_loud = np.flatnonzero(np.abs(audio) > LOUD)[-1] / SAMPLE_RATE
+            v, pushed, pauses = StreamingVad(vad, asr.speculation_silence_ms, energy), 0, []
+            for f in frames(audio, SAMPLE_RATE, FRAME_MS):
+                pushed += len(f)
+                pauses += [pushed / SAMPLE_RATE for e in v.push(f) if e.kind == "pause"]
+            inside += sum(t < last_loud for t in pauses)
+            after += [(pauses[-1] - last_loud) * 1000] if pauses else []
+        out[label] = {"after_speech_ms": [round(x, 1) for x in after],
+                      "after_speech_p50": _p50(after), "inside": inside}
+    return {"pause": out}
 
 
 def _time_decode(model, asr: AsrSettings, text: str) -> float:
@@ -176,6 +212,12 @@ def _report(r: dict) -> None:
     print(f"one offline decode of an utterance: p50 {r['decode_ms_p50']:.0f} ms")
     print(f"speculative finals reused {r['speculation']['reused']}, "
           f"discarded on resumed speech {r['speculation']['discarded']}")
+    p = r["pause"]
+    print(f"speculative decode starts after the last loud sample (p50, {p['utterances']} "
+          f"utterances over a {p['noise_floor_dbfs']:.0f} dBFS floor): Silero "
+          f"{p['silero']['after_speech_p50']:.0f} ms, with the energy rule "
+          f"{p['energy']['after_speech_p50']:.0f} ms; pauses inside utterances "
+          f"{p['silero']['inside']} vs {p['energy']['inside']}")
     print(f"Piper first audio p50 {r['tts_first_audio_p50']:.0f} ms vs whole reply "
           f"{r['tts_whole_reply_ms_p50']:.0f} ms (ratio {r['tts_ratio']:.2f})")
     print(f"WER over {r['wer_sentences']} sentences: clean {r['wer_clean']:.1%}, "
@@ -196,6 +238,7 @@ def run(args: argparse.Namespace, settings) -> int:
         "asr": settings.asr.model_dump(), "vad": settings.vad.model_dump(),
         "tts": settings.tts.model_dump()}}
     results.update(asyncio.run(_latency(model, settings.asr, settings.vad)))
+    results.update(_pauses(settings.asr, settings.vad))
     results.update(asyncio.run(_tts(settings.tts)))
     results.update(_wer(model, settings.asr))
     _report(results)

@@ -47,9 +47,9 @@ class AsrSettings(BaseModel):
     speculative_final: bool = True
     speculation_silence_ms: int = Field(default=64, ge=32)
     # ... or as soon as the level has been this far below the utterance's loudest speech for
-    # that long: ~80 ms sooner than Silero's probability falls (confirmed by it, or withdrawn,
-    # within 160 ms). None: Silero's silence only
-    speculation_energy_drop_db: float | None = Field(default=30.0, gt=0.0)
+    # that long: ~75 ms sooner than Silero's probability falls (confirmed by it, or withdrawn,
+    # within 160 ms). 0: Silero's silence only
+    speculation_energy_drop_db: float = Field(default=30.0, ge=0.0)
     # send the speculative final as a preflight transcript as soon as it is decoded (LiveKit
     # starts its preemptive reply on it while the VAD still waits out min_silence_ms)
     preflight: bool = True

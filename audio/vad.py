@@ -37,6 +37,7 @@ END_LAG_S = WINDOW_S
 # (its probability falls a median 81 ms, 95th percentile ~130 ms, after the last loud sample)
 ENERGY_CONFIRM_S = 0.16
 CONFIRM_WINDOWS = round(ENERGY_CONFIRM_S / WINDOW_S)
+LEVEL_SUBBLOCK = 128  # samples: 8 ms
 
 VadKind = Literal["start", "pause", "resume", "end"]
 
@@ -190,5 +191,8 @@ class _Pause:
 
 
 def level_db(window: np.ndarray) -> float:
-    """RMS level of float samples in dB relative to full scale (digital silence: -120)."""
-    return 10.0 * math.log10(float(np.mean(np.square(window, dtype=np.float64))) + 1e-12)
+    """Level of a window in dB relative to full scale (digital silence: -120): the loudest
+    8 ms of it, so a stop consonant's short release burst after its silent closure counts as
+    sound, not as the silence before it."""
+    power = np.square(window, dtype=np.float64).reshape(-1, LEVEL_SUBBLOCK).mean(axis=1)
+    return 10.0 * math.log10(float(power.max()) + 1e-12)

@@ -154,17 +154,19 @@ def vad_events(vad: StreamingVad, audio: np.ndarray) -> list[tuple[str, float, f
     return out
 
 
-@pytest.mark.parametrize("text", SENTENCES[:4])
-def test_energy_pause_comes_sooner_than_silero_and_at_the_speech_end(text):
-    audio = noise_floor(pad(trimmed(text), 0.5, 1.0))
-    _, true_end = speech_bounds(audio)
-    last = {}
-    for drop in (None, 30.0):
-        events = vad_events(StreamingVad(VAD, ASR.speculation_silence_ms, drop), audio)
-        assert [e[0] for e in events][-2:] == ["pause", "end"], events
-        last[drop] = events[-2]
-    assert last[30.0][2] < last[None][2] - 0.03  # out a window or more sooner
-    assert abs(last[30.0][1] - true_end) <= 0.05  # and placed where the speech ended
+def test_energy_pause_comes_sooner_than_silero_and_at_the_speech_end():
+    gains = []
+    for text in SENTENCES[:6]:
+        audio = noise_floor(pad(trimmed(text), 0.5, 1.0))
+        _, true_end = speech_bounds(audio)
+        last = {}
+        for drop in (None, 30.0):
+            events = vad_events(StreamingVad(VAD, ASR.speculation_silence_ms, drop), audio)
+            assert [e[0] for e in events][-2:] == ["pause", "end"], events
+            last[drop] = events[-2]
+        gains.append(last[None][2] - last[30.0][2])  # how much sooner it came out
+        assert abs(last[30.0][1] - true_end) <= 0.05  # placed where the speech ended
+    assert min(gains) >= 0 and np.median(gains) >= 0.04, gains
 
 
 def test_energy_pause_withdrawn_when_the_level_rises_again():
@@ -364,3 +366,18 @@ async def test_push_rejects_audio_that_is_not_mono_pcm(whisper):
     with pytest.raises(ValueError, match="mono"):
         rec.push(np.zeros(320, np.int32))
     await rec.aclose()
+
+
+def test_bench_audio_times_the_pause_with_and_without_the_energy_rule():
+    from audio.bench import _pauses
+
+    p = _pauses(ASR, VAD)["pause"]
+    assert p["utterances"] == len(SENTENCES)
+    for mode in ("silero", "energy"):
+        assert len(p[mode]["after_speech_ms"]) == len(SENTENCES)
+        # a stop consonant's faint release can follow the energy pause (Whisper hears the word
+        # without it), so a pause may come out shortly before the last loud sample
+        assert all(-100 < ms < 300 for ms in p[mode]["after_speech_ms"])
+    assert p["energy"]["after_speech_p50"] < p["silero"]["after_speech_p50"]
+    off = _pauses(ASR.model_copy(update={"speculation_energy_drop_db": 0.0}), VAD)["pause"]
+    assert off["energy"]["after_speech_ms"] == off["silero"]["after_speech_ms"]
