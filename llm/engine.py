@@ -50,7 +50,7 @@ from llm.kvcache import (
 )
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, rope_cos_sin
-from llm.sampler import defer_ends, propose, repeat_bans
+from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.tokenizer import ChatTokenizer
@@ -243,6 +243,8 @@ class _Blocks:
     k: Tensor
     threshold: Tensor
     draft: Tensor | None = None  # (B, L) draft tokens (NO_DRAFT elsewhere); None: no row has one
+    spread: Tensor | None = None  # (B,) rows whose ranked commits are spread; None: no row's
+    max_k: int = 1  # the largest k, known on the host
 
 
 _row_ids = itertools.count()
@@ -785,10 +787,13 @@ class DiffusionEngine:
         cur = torch.tensor([v[0] + [mask_id] * (L - len(v[0])) for v in views])
         valid = torch.arange(L)[None, :] < torch.tensor(lens)[:, None]
         dev = self.device
+        spread = [r.decode.spread for r in rows]
         return _Blocks(lens, cur.to(dev), ((cur == mask_id) & valid).to(dev),
                        torch.tensor([v[1] for v in views], device=dev),
                        torch.tensor([v[2] for v in views], dtype=torch.float64, device=dev),
-                       _draft_tensor([r.block_draft() for r in rows], L, dev))
+                       _draft_tensor([r.block_draft() for r in rows], L, dev),
+                       torch.tensor(spread, device=dev) if any(spread) else None,
+                       max(v[1] for v in views))
 
     def _decide(self, rows: list[_Row], logits: Tensor, blocks: _Blocks) -> None:
         """Pick tokens for every row's active block and commit the most confident (one sync)."""
@@ -813,10 +818,11 @@ class DiffusionEngine:
             conf = late if all(ordered) else torch.where(
                 torch.tensor(ordered, device=self.device)[:, None], late, conf)
         conf = torch.where(blocks.masked, conf, -torch.inf)  # padding is not a mask to fill
-        order = conf.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(L, device=self.device).expand(B, L))
-        commit = blocks.masked & ((rank < blocks.k[:, None]) | (conf >= blocks.threshold[:, None]))
+        ranked = top_picks(conf, blocks.k)
+        if blocks.spread is not None:
+            spread = spread_picks(conf, blocks.k, rounds=blocks.max_k)
+            ranked = torch.where(blocks.spread[:, None], spread, ranked)
+        commit = blocks.masked & (ranked | (conf >= blocks.threshold[:, None]))
         if blocks.draft is not None:
             commit |= _draft_run(x0, blocks)
         new = torch.where(commit, x0, blocks.cur).cpu().tolist()  # the step's one host sync

@@ -10,12 +10,13 @@ Two measurements on the held-out split of the prepared data (`diffvoice train --
    the training code's (`llm.train.reply_nll`). Target: ELBO ppl <= 1.2x the AR ppl.
 2. Generation, on `--prompts` held-out prompts (also spread evenly), temperature 0: the reference
    sampler (`generate_few_step`: the `--gen-length` reply canvas as one block, the most confident
-   masks committed first) at 2, 4, 8 and 16 steps and at one token per step (steps = gen
-   length); confidence-threshold decoding (Fast-dLLM, `generate_threshold`: every mask above
-   the threshold committed per forward, at least one; the canvas as one block) at each of
-   `--thresholds`, prompt by prompt so a row's `steps` is the mean forwards per reply; the AR
-   baseline's own greedy replies (K/V cached); and the
-   held-out human replies of the same prompts. Each reply is cut at its first stop token
+   masks committed first, no two neighbours in one step unless `--no-spread`) at 2, 4, 8 and
+   16 steps and at one token per step (steps = gen length), and at 8 steps with neighbours
+   committed together (sampler "adjacent", LLaDA's rule); confidence-threshold decoding
+   (Fast-dLLM, `generate_threshold`: every mask above the threshold committed per forward, at
+   least one; the canvas as one block) at each of `--thresholds`, prompt by prompt so a row's
+   `steps` is the mean forwards per reply; the AR baseline's own greedy replies (K/V cached);
+   and the held-out human replies of the same prompts. Each reply is cut at its first stop token
    (`<|eot|>`/`<|eos|>`). Per row: the AR baseline's perplexity of the replies ("generative
    perplexity", Dieleman et al./MDLM; over reply tokens + `<|eot|>` when the reply ended within
    the canvas), the mean reply length, the share of replies that ended within the canvas, and
@@ -37,7 +38,7 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
     config        the settings of the run (models as named, sizes, seed, steps, t_grid)
     perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
                    ar_nll, ar_ppl, ratio, target_ratio, met}   (nll in nats per token)
-    generation    list of rows {label, sampler ("diffusion" | "threshold" | "ar" |
+    generation    list of rows {label, sampler ("diffusion" | "adjacent" | "threshold" | "ar" |
                    "reference"), steps (forward passes per reply, the mean for "threshold";
                    null for AR and reference), threshold (threshold rows), gen_ppl,
                    mean_tokens, mean_words, ended, distinct_1, distinct_2, seconds}
@@ -103,6 +104,9 @@ class EvalConfig(BaseModel):
     # stop tokens commit only at the reply's first masked position, as the engine does by default
     # (`DecodeSettings.ordered_end`); off: LLaDA's reference order, whose replies end early
     ordered_end: bool = True
+    # the few-step rows commit no two neighbouring tokens in one step while enough apart remain
+    # (`llm.sampler.spread_picks`); a row of TARGET_STEPS with adjacent commits is kept beside
+    spread: bool = True
     batch_size: int = Field(16, ge=1)  # rows per forward
     samples: int = Field(3, ge=0)  # prompts whose replies are printed
     seed: int = 0
@@ -126,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="confidence thresholds for threshold decoding (none: skip)")
     parser.add_argument("--ordered-end", action=argparse.BooleanOptionalAction, default=None,
                         help="stop tokens commit only at the reply's first mask (default: on)")
+    parser.add_argument("--spread", action=argparse.BooleanOptionalAction, default=None,
+                        help="few-step rows commit no two neighbouring tokens in a step "
+                             "(default: on)")
     parser.add_argument("--batch-size", type=int, help="rows per forward")
     parser.add_argument("--samples", type=int, help="prompts whose replies are printed")
     parser.add_argument("--seed", type=int)
@@ -266,7 +273,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Ten
 
 
 def diffusion_replies(model: LoadedModel, prompts: list[list[int]], steps: int,
-                      cfg: EvalConfig) -> list[list[int]]:
+                      cfg: EvalConfig, spread: bool) -> list[list[int]]:
     """Reference few-step replies (whole canvas, temperature 0), each cut at its first stop
     token; a reply that ended within the canvas keeps the stop token as its last id."""
     tok, out = model.tokenizer, []
@@ -276,7 +283,7 @@ def diffusion_replies(model: LoadedModel, prompts: list[list[int]], steps: int,
         wrapped = LeftPadded(model.model, n_pad, ids.shape[1] + cfg.gen_length)
         x = generate_few_step(wrapped, ids, mask_id=tok.mask_id, gen_length=cfg.gen_length,
                               steps=steps, stop_ids=tok.stop_ids,
-                              ordered_end=cfg.ordered_end)  # (B, P + G)
+                              ordered_end=cfg.ordered_end, spread=spread)  # (B, P + G)
         out += [ended_reply(row, tok) for row in x[:, ids.shape[1]:]]
     return out
 
@@ -396,6 +403,8 @@ def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
     tok = diff.tokenizer
     runs: list[tuple[str, str, float | None]] = [
         *((f"diffusion {s} steps", "diffusion", s) for s in cfg.steps),
+        *([(f"diffusion {TARGET_STEPS} steps, adjacent commits", "adjacent", TARGET_STEPS)]
+          if cfg.spread else []),
         (f"diffusion 1 token/step ({cfg.gen_length} steps)", "diffusion", cfg.gen_length),
         *((f"diffusion threshold {t:g}", "threshold", t) for t in cfg.thresholds),
         ("AR greedy", "ar", None),
@@ -405,8 +414,9 @@ def generation(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel,
     for label, sampler, arg in runs:
         t0 = time.perf_counter()
         steps: float | None = arg
-        if sampler == "diffusion":
-            replies = diffusion_replies(diff, prompts, int(arg), cfg)
+        if sampler in ("diffusion", "adjacent"):
+            apart = cfg.spread and sampler == "diffusion"
+            replies = diffusion_replies(diff, prompts, int(arg), cfg, apart)
         elif sampler == "threshold":
             replies, steps = threshold_replies(diff, prompts, arg, cfg)
         elif sampler == "ar":

@@ -166,13 +166,48 @@ def ban_repeats(logits: Tensor, x: Tensor, *, reply_start: int, lo: int, hi: int
     return logits
 
 
-def commit_top(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor) -> Tensor:
-    """Commit the `counts[b]` most confident positions of each row b. conf (B, L), counts (B,)."""
-    order = conf.argsort(dim=1, descending=True, stable=True)  # (B, L)
-    ranks = torch.arange(x.shape[1], device=x.device).expand_as(order)
-    select = torch.zeros_like(x, dtype=torch.bool).scatter(1, order, ranks < counts[:, None])
-    select &= conf > -math.inf
+def commit_top(x: Tensor, x0: Tensor, conf: Tensor, counts: Tensor,
+               spread: bool = False) -> Tensor:
+    """Commit the `counts[b]` most confident positions of each row b. conf (B, L), counts (B,);
+    `spread`: no two of them adjacent (`spread_picks`)."""
+    select = spread_picks(conf, counts) if spread else top_picks(conf, counts)
     return torch.where(select, x0, x)
+
+
+def top_picks(conf: Tensor, counts: Tensor) -> Tensor:
+    """(B, L) bool: each row's `counts[b]` most confident positions (ties: the first), never a
+    -inf one."""
+    order = conf.argsort(dim=1, descending=True, stable=True)  # (B, L)
+    ranks = torch.arange(conf.shape[1], device=conf.device).expand_as(order)
+    select = torch.zeros_like(conf, dtype=torch.bool).scatter(1, order, ranks < counts[:, None])
+    return select & (conf > -math.inf)
+
+
+def spread_picks(conf: Tensor, counts: Tensor, rounds: int | None = None) -> Tensor:
+    """`top_picks` with no two picks adjacent while the row has enough candidates apart: the
+    most confident position first, its neighbours set aside for this step, and so on; a row
+    still short takes the best of the rest.
+
+    Neighbouring masked tokens depend on each other most, and committing both from one forward
+    samples them as if independent: a few-step reply of dv-small doubled words ("a a",
+    "That's's") in most sentences. Tokens apart are closer to independent given the rest (the
+    idea of dilated unmasking schedules, which spread each step's tokens on a fixed pattern;
+    here confidence still chooses). `rounds`: counts.max() when the caller knows it (no sync).
+    """
+    B, L = conf.shape
+    rows = torch.arange(B, device=conf.device)
+    free = conf > -math.inf
+    picked = torch.zeros_like(free)
+    for _ in range(rounds if rounds is not None else int(counts.max()) if B else 0):
+        c = conf.masked_fill(~free, -math.inf)
+        best = c.argmax(dim=1)  # (B,)
+        take = (picked.sum(dim=1) < counts) & (c[rows, best] > -math.inf)
+        picked[rows[take], best[take]] = True
+        for near in (best - 1, best, best + 1):
+            ok = take & (near >= 0) & (near < L)
+            free[rows[ok], near[ok]] = False
+    short = counts - picked.sum(dim=1)
+    return picked | top_picks(conf.masked_fill(picked, -math.inf), short.clamp(min=0))
 
 
 def defer_ends(x: Tensor, x0: Tensor, conf: Tensor, *, mask_id: int,
@@ -256,13 +291,14 @@ def generate_llada(
     cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
     ordered_end: bool = False, generator: torch.Generator | None = None,
     should_stop: StopFn | None = None, no_repeat_ngram: int = 0,
-    words: WordClasses | None = None,
+    words: WordClasses | None = None, spread: bool = False,
 ) -> Tensor:
     """LLaDA's reference sampler. prompt (B, P) -> (B, P + gen_length).
 
     `steps` are split evenly over the blocks. With `stop_ids`, decoding ends after the block in
     which every row has produced one (later blocks stay masked; `trim_reply` cuts there), and
-    `ordered_end` defers their proposals (`defer_ends`).
+    `ordered_end` defers their proposals (`defer_ends`). `spread`: a step's tokens are not
+    adjacent (`spread_picks`).
     """
     n_blocks = _check_blocks(gen_length, block_length)
     if steps % n_blocks:
@@ -283,7 +319,7 @@ def generate_llada(
                                top_p=top_p, remasking=remasking, generator=generator)
             if ordered_end:
                 conf = defer_ends(x, x0, conf, mask_id=mask_id, stop_ids=stop_ids)
-            x = commit_top(x, x0, outside_block(conf, start, end), schedule[:, s])
+            x = commit_top(x, x0, outside_block(conf, start, end), schedule[:, s], spread)
             if ordered_end and stop_ids:
                 x = fill_after_end(x, P, mask_id=mask_id, stop_ids=stop_ids)
                 if not (x[:, start:end] == mask_id).any():
@@ -345,15 +381,16 @@ def generate_few_step(
     temperature: float = 0.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
     top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
     ordered_end: bool = False, generator: torch.Generator | None = None,
-    should_stop: StopFn | None = None,
+    should_stop: StopFn | None = None, spread: bool = False,
 ) -> Tensor:
     """The whole reply canvas as one block in `steps` (e.g. 4-8) steps: gen_length/steps
-    tokens committed per step, most confident first, anywhere in the reply."""
+    tokens committed per step, most confident first (`spread`: none adjacent), anywhere in the
+    reply."""
     return generate_llada(
         model, prompt, mask_id=mask_id, gen_length=gen_length, block_length=gen_length,
         steps=steps, temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
         top_k=top_k, top_p=top_p, stop_ids=stop_ids, ordered_end=ordered_end,
-        generator=generator, should_stop=should_stop,
+        generator=generator, should_stop=should_stop, spread=spread,
     )
 
 

@@ -62,6 +62,32 @@ def test_cache_with_refresh_every_step_equals_llada_reference(tok, cache, shift)
         eng.close()
 
 
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_spread_commits_equal_the_reference_and_batch_like_solo(tok, cache):
+    model = tiny_model(tok.vocab_size, shift_logits=True)
+    spread = {**FIXED, "spread": True}
+    eng = make_engine(tok, model, decode=spread, cache=cache, **EXACT)
+    try:
+        solo = []
+        for text in PROMPTS:
+            ids, _, _ = run(eng, text)
+            prompt = torch.tensor([tok.encode_chat(msgs(text))])
+            ref = generate_llada(model, prompt, mask_id=tok.mask_id, gen_length=24,
+                                 block_length=8, steps=12, stop_ids=tok.stop_ids,
+                                 ordered_end=True, spread=True)
+            assert ids == trim_reply(ref[0, prompt.shape[1]:], tok.stop_ids)
+            solo.append(ids)
+        plain = [run(eng, t, decode=DecodeSettings(**FIXED))[0] for t in PROMPTS]
+        assert plain != solo  # the rule changes which tokens a step commits
+        # rows with and without it in one batch: each as alone
+        streams = [eng.stream(msgs(t), decode=DecodeSettings(**(spread if i % 2 else FIXED)))
+                   for i, t in enumerate(PROMPTS)]
+        got = [[t for s in st for t in s.token_ids] for st in streams]
+        assert got == [solo[i] if i % 2 else plain[i] for i in range(len(PROMPTS))]
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("ordered_end", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_threshold_decoding_equals_reference(tok, cache, ordered_end):

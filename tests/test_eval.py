@@ -78,6 +78,7 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     assert p["met"] == (p["ratio"] <= E.ELBO_RATIO_TARGET)
     labels = [row["label"] for row in r["generation"]]
     assert labels == ["diffusion 2 steps", "diffusion 8 steps",
+                      "diffusion 8 steps, adjacent commits",
                       "diffusion 1 token/step (8 steps)", "diffusion threshold 0.9",
                       "diffusion threshold 1e-06", "AR greedy", "held-out replies"]
     for row in r["generation"]:
@@ -94,6 +95,10 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     assert reference["ended"] == 1.0  # every held-out reply ends with <|eot|>
     # 8 steps on an 8-token canvas is one token per step: the same sampler, the same replies
     assert r["step_target"]["ratio"] == pytest.approx(1.0)
+    rows = {row["label"]: row for row in r["generation"]}
+    assert rows["diffusion 8 steps, adjacent commits"]["gen_ppl"] == pytest.approx(
+        rows["diffusion 8 steps"]["gen_ppl"])  # one token per step: nothing to keep apart
+    assert r["config"]["spread"] is True
     assert len(r["samples"]) == 1 and set(r["samples"][0]["replies"]) == set(labels)
     for needle in ("held-out perplexity", "diffusion ELBO bound", "AR baseline", "gen ppl",
                    "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: ",
@@ -114,12 +119,13 @@ def test_left_padded_batch_gives_each_prompt_its_solo_reply(setup):
                for t in ("Nice weather, is it not? Turn 3 of talk 7.", "Turn 3.")]
     assert len(prompts[0]) != len(prompts[1])
     cfg = E.EvalConfig(model=str(paths["diff"]), gen_length=8, batch_size=2)
-    batched = E.diffusion_replies(loaded, prompts, 4, cfg)
-    for prompt, reply in zip(prompts, batched, strict=True):
-        x = generate_few_step(loaded.model, torch.tensor([prompt]), mask_id=tok.mask_id,
-                              gen_length=8, steps=4, stop_ids=tok.stop_ids,
-                              ordered_end=cfg.ordered_end)
-        assert reply == E.ended_reply(x[0, len(prompt):], tok)
+    for spread in (False, True):
+        batched = E.diffusion_replies(loaded, prompts, 4, cfg, spread)
+        for prompt, reply in zip(prompts, batched, strict=True):
+            x = generate_few_step(loaded.model, torch.tensor([prompt]), mask_id=tok.mask_id,
+                                  gen_length=8, steps=4, stop_ids=tok.stop_ids,
+                                  ordered_end=cfg.ordered_end, spread=spread)
+            assert reply == E.ended_reply(x[0, len(prompt):], tok)
 
 
 def test_distinct_n_counts_unique_word_ngrams():

@@ -17,6 +17,8 @@ from llm.sampler import (
     generate_llada,
     generate_threshold,
     model_logits,
+    spread_picks,
+    top_picks,
     trim_reply,
 )
 
@@ -375,3 +377,21 @@ def test_repeat_bans_compare_words_and_ban_every_spelling():
     assert repeat_bans(tokens, 0, 0, 6, 3, M, words) == [(5, 3)]
     # a banned word is banned in every spelling
     assert repeat_bans([2, 10, 3, 2, M, 3], 0, 0, 6, 3, M, words) == [(4, 10), (4, 11), (4, 12)]
+
+
+def test_spread_picks_keeps_a_steps_tokens_apart_while_it_can():
+    inf = math.inf
+    conf = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.6, -inf],
+                         [0.2, 0.3, 0.9, 0.8, -inf, 0.5]])
+
+    def picks(counts):
+        return spread_picks(conf, torch.tensor(counts)).int().tolist()
+
+    assert picks([2, 1]) == [[1, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0]]  # not 0.8 beside 0.9
+    assert picks([3, 2]) == [[1, 0, 1, 0, 1, 0], [0, 0, 1, 0, 0, 1]]
+    # short of candidates apart: the best of the rest, never a -inf position
+    assert picks([4, 5]) == [[1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 1]]
+    assert picks([0, 0]) == [[0] * 6, [0] * 6]
+    counts = torch.tensor([2, 2])
+    assert top_picks(conf, counts).int().tolist() == [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0]]
+    assert torch.equal(spread_picks(conf, counts, rounds=2), spread_picks(conf, counts))
