@@ -71,7 +71,7 @@ class Caller:
         t_next = time.monotonic()
         while True:
             chunk = self._speech.pop(0) if self._speech else silence
-            if not self._speech and chunk is not silence:
+            if np.any(chunk):  # speech, not the silence padding around it
                 self.last_speech_end = time.monotonic()
             self.audio_in.push(rtc.AudioFrame(chunk.tobytes(), MIC_RATE, 1, step))
             t_next += FRAME_MS / 1000
