@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llm.engine import DiffusionEngine, engine_dtype
+from llm.engine import DiffusionEngine, engine_dtype, for_engine
 from llm.model import ModelConfig, Transformer
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
@@ -169,10 +169,10 @@ def load_or_random(name: str | None, opts: dict, llm: LLMSettings, causal: bool,
     device, dtype = torch.device(opts["device"]), engine_dtype(llm)
     if name and not force_random and (resolve_model_path(name) / "config.json").is_file():
         loaded = load_checkpoint(resolve_model_path(name), device=device, dtype=dtype)
-        return BenchModel(loaded.model.eval(), loaded.tokenizer, name, False)
+        return BenchModel(for_engine(loaded.model.eval(), llm), loaded.tokenizer, name, False)
     tok = word_tokenizer(SHAPES[opts["shape"]]["vocab_size"])
     model = random_model(opts["shape"], device, dtype, causal, tok)
-    return BenchModel(model, tok, f"random {opts['shape']}", True)
+    return BenchModel(for_engine(model, llm), tok, f"random {opts['shape']}", True)
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -409,9 +409,11 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
             opts["profile"].write_text(profile_turns(engine, dm.tokenizer, opts, decode))
     finally:
         engine.close()
-    param_bytes = sum(p.numel() * p.element_size() for p in dm.model.parameters())
+    # int8 projections (`llm.quantize`) are buffers: their bytes are read every step too
+    param_bytes = sum(t.numel() * t.element_size()
+                      for t in [*dm.model.parameters(), *dm.model.buffers()])
     model_info = dict(name=dm.name, random_weights=dm.random, shape=opts["shape"],
-                      params=sum(p.numel() for p in dm.model.parameters()),
+                      params=dm.model.num_params(),
                       param_bytes=param_bytes, dtype=str(next(dm.model.parameters()).dtype),
                       device=str(device))
     del dm, engine

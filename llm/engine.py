@@ -49,7 +49,7 @@ from llm.kvcache import (
     kv_clone,
 )
 from llm.kvcache import kv_slice as _kv_slice
-from llm.model import Transformer, rope_cos_sin
+from llm.model import Transformer, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
@@ -545,7 +545,7 @@ class DiffusionEngine:
         torch.set_num_threads(engine_threads(llm))
         loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
                                  dtype=engine_dtype(llm))
-        return cls(loaded.model, loaded.tokenizer, llm)
+        return cls(for_engine(loaded.model, llm), loaded.tokenizer, llm)
 
     @property
     def accepts_drafts(self) -> bool:
@@ -926,11 +926,24 @@ def _end_unstarted(req: _Request, reason: str, error: Exception | None = None) -
     req.stream._push(_END)
 
 
+def for_engine(model: Transformer, llm: LLMSettings) -> Transformer:
+    """The loaded model as `llm.quantize` asks (int8 projections: CPU only)."""
+    if llm.quantize == "none":
+        return model
+    if llm.device != "cpu":
+        raise ValueError(f"llm.quantize = {llm.quantize!r} runs on the CPU; "
+                         f"use 'none' with llm.device = {llm.device!r}")
+    return quantize_int8(model)
+
+
 def engine_dtype(llm: LLMSettings) -> torch.dtype:
     """`auto` is bf16 on CUDA and on CPUs with bf16 dot-product instructions (AVX-512 BF16,
     AMX), fp32 elsewhere. A denoising step multiplies a handful of rows by every weight: on a
     Zen 4 core oneDNN's bf16 kernels do that ~2.4x faster than fp32 sgemm, while CPUs without
-    these instructions emulate bf16 and are slower."""
+    these instructions emulate bf16 and are slower. With `llm.quantize` the model around the
+    int8 projections runs in fp32."""
+    if llm.quantize != "none":
+        return torch.float32
     if llm.dtype == "auto":
         native = llm.device.startswith("cuda") or (llm.device == "cpu" and cpu_has_bf16())
         return torch.bfloat16 if native else torch.float32

@@ -63,7 +63,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, load_split, load_tokenizer
-from llm.engine import DiffusionEngine
+from llm.engine import DiffusionEngine, for_engine
 from llm.sampler import generate_few_step, generate_threshold, repeat_bans, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
@@ -114,6 +114,7 @@ class EvalConfig(BaseModel):
     # llm.decode), the replies a user hears; 0 = skip
     engine_prompts: int = Field(64, ge=0)
     decode: DecodeSettings = DecodeSettings()
+    quantize: Literal["none", "int8"] = "none"  # the engine row's projections (llm.quantize)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +148,7 @@ def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
     if given.get("model") is None:
         given["model"] = settings.llm.model
     given["decode"] = settings.llm.decode
+    given["quantize"] = settings.llm.quantize
     return EvalConfig.model_validate(given)
 
 
@@ -441,7 +443,8 @@ def engine_replies(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Sp
     examples = [test.example(int(i)) for i in spread(len(test), cfg.engine_prompts)]
     prompts = [ids[:p].tolist() for ids, p in examples]
     tok, t0 = diff.tokenizer, time.perf_counter()
-    engine = DiffusionEngine(diff.model, tok, LLMSettings(decode=cfg.decode))
+    llm = LLMSettings(decode=cfg.decode, quantize=cfg.quantize)
+    engine = DiffusionEngine(for_engine(diff.model, llm), tok, llm)
     replies, texts, nfe = [], [], []
     try:
         for prompt in prompts:

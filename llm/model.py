@@ -191,6 +191,52 @@ def _fused(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+class Int8Linear(nn.Module):
+    """A Linear for CPU inference with int8 weights (one scale per output channel) and
+    activations quantized per token at every call: an exact int32 matmul (`torch._int_mm`)
+    between them, rescaled in fp32.
+
+    Per-token scales keep each row's numbers independent of the rows and padding beside it
+    (a batched reply stays its solo reply); the int32 accumulation is exact, so no blocking
+    order of the kernel changes a bit either.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (N, K)
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t()
+                             .contiguous())  # (K, N)
+        self.register_buffer("scale", scale)  # (N,)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach()
+                             .float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).float()  # (M, K)
+        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+        xq = torch.round(rows / x_scale).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_t).float() * x_scale * self.scale  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """The fused inference layout with every Linear an `Int8Linear`, in place (CPU only)."""
+    model.fuse()
+    _to_int8(model)
+    return model
+
+
+def _to_int8(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            _to_int8(child)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -243,7 +289,13 @@ class Transformer(nn.Module):
         return self
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trained weights, whatever their storage: an `Int8Linear` counts its int8 matrix, and
+        a quantized output head tied to the embedding counts once."""
+        n = sum(p.numel() for p in self.parameters())
+        for name, m in self.named_modules():
+            if isinstance(m, Int8Linear) and not (name == "lm_head" and self.cfg.tie_embeddings):
+                n += m.weight_t.numel()
+        return n
 
     def forward(
         self,

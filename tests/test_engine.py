@@ -9,7 +9,15 @@ import torch
 from helpers.engine_hooks import cancel_after_steps
 from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
 
-from llm.engine import DiffusionEngine, EngineStream, _DiffusionRow, _Request, _SpanWriter
+from llm.engine import (
+    DiffusionEngine,
+    EngineStream,
+    _DiffusionRow,
+    _Request,
+    _SpanWriter,
+    for_engine,
+)
+from llm.model import Int8Linear, quantize_int8
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 
@@ -203,6 +211,28 @@ def test_batched_equals_solo_with_rows_joining_midway(tok, cache, shift):
         assert max(batch_sizes) >= 3
     finally:
         eng.close()
+
+
+def test_int8_projections_batch_like_solo_and_stay_close_to_fp32(tok):
+    model = quantize_int8(tiny_model(tok.vocab_size, shift_logits=True))
+    assert model.num_params() == tiny_model(tok.vocab_size, shift_logits=True).num_params()
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=32, block_length=8)
+    eng = make_engine(tok, model, decode=decode, cache="dual")
+    try:
+        texts = PROMPTS * 2
+        solo = [run(eng, t)[0] for t in texts]
+        streams = [eng.stream(msgs(t)) for t in texts]  # per-token scales: rows independent
+        assert [[t for s in st for t in s.token_ids] for st in streams] == solo
+    finally:
+        eng.close()
+    lin = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        y, q = lin(x), Int8Linear(lin)(x)
+    assert (y - q).norm() / y.norm() < 0.02
+    assert torch.equal(Int8Linear(lin)(x[1:2, 2:]), Int8Linear(lin)(x)[1:2, 2:])
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        for_engine(model, LLMSettings(quantize="int8", device="cuda"))
 
 
 # seeds whose bf16 replies differed in a padded batch before attention ran row by row
