@@ -159,10 +159,10 @@ class StreamingVad:
         if self._pause_windows is None:
             return []
         if self._run == self._pause_windows:
-            self._pause = _Pause(by_energy=False, windows=0, confirmed=True)
+            self._pause = _Pause(windows=0, confirmed=True)
             return [VadEvent("pause", self._run_start_s - END_LAG_S)]
         if self._quiet == self._pause_windows:
-            self._pause = _Pause(by_energy=True, windows=0, confirmed=self._run > 0)
+            self._pause = _Pause(windows=0, confirmed=self._run > 0)  # begun by the level
             return [VadEvent("pause", self.t_s - (self._quiet - 1) * WINDOW_S)]
         return []
 
@@ -185,9 +185,8 @@ class StreamingVad:
 
 @dataclass
 class _Pause:
-    by_energy: bool  # begun by the level's fall, before Silero's probability
     windows: int  # since the pause began
-    confirmed: bool  # Silero has heard silence in it
+    confirmed: bool  # Silero has heard silence in it (from the start, unless the level began it)
 
 
 def level_db(window: np.ndarray) -> float:
