@@ -194,18 +194,15 @@ def spread_picks(conf: Tensor, counts: Tensor, rounds: int | None = None) -> Ten
     idea of dilated unmasking schedules, which spread each step's tokens on a fixed pattern;
     here confidence still chooses). `rounds`: counts.max() when the caller knows it (no sync).
     """
-    B, L = conf.shape
-    rows = torch.arange(B, device=conf.device)
     free = conf > -math.inf
     picked = torch.zeros_like(free)
-    for _ in range(rounds if rounds is not None else int(counts.max()) if B else 0):
+    for _ in range(rounds if rounds is not None else int(counts.max()) if len(conf) else 0):
         c = conf.masked_fill(~free, -math.inf)
-        best = c.argmax(dim=1)  # (B,)
-        take = (picked.sum(dim=1) < counts) & (c[rows, best] > -math.inf)
-        picked[rows[take], best[take]] = True
-        for near in (best - 1, best, best + 1):
-            ok = take & (near >= 0) & (near < L)
-            free[rows[ok], near[ok]] = False
+        best = c.argmax(dim=1, keepdim=True)  # (B, 1)
+        take = (picked.sum(dim=1, keepdim=True) < counts[:, None]) & (c.gather(1, best) > -math.inf)
+        hit = torch.zeros_like(free).scatter_(1, best, take)  # (B, L), no host sync
+        picked |= hit
+        free &= ~(hit | F.pad(hit[:, 1:], (0, 1)) | F.pad(hit[:, :-1], (1, 0)))
     short = counts - picked.sum(dim=1)
     return picked | top_picks(conf.masked_fill(picked, -math.inf), short.clamp(min=0))
 
