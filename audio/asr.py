@@ -216,7 +216,9 @@ class LocalAgreement:
             self._key(w) for w in self.committed
         ]:
             return False  # the new hypothesis contradicts what is shown: keep it stable
-        self.committed = words[:agreed]
+        # shown words keep their first spelling ("morning" stays when a later decode writes
+        # "morning,"): the text only ever grows at its end
+        self.committed += words[len(self.committed):agreed]
         return True
 
     @property

@@ -75,7 +75,9 @@ def test_local_agreement_commits_only_the_agreed_prefix():
     assert not la.update("a quick brown fox")  # contradicts the shown text: it stays
     assert la.text == "The quick"
     assert not la.update("the quick brown fox jumps")  # agrees with nothing before it
-    assert la.update("the quick brown fox jumped") and la.text == "the quick brown fox"
+    # shown words keep their first spelling: the text only grows at its end
+    assert la.update("the quick brown fox jumped") and la.text == "The quick brown fox"
+    assert la.update("The quick, brown fox jumped over") and la.text == "The quick brown fox jumped"
 
 
 # -- offline round trip ----------------------------------------------------------------------
