@@ -103,6 +103,8 @@ def run(args: argparse.Namespace, settings) -> int:
             opts[key] = value
     opts["profile"] = args.profile
     llm = settings.llm.model_copy(update={"device": opts["device"]})
+    if llm.device != "cpu":  # a GPU preset over the CPU deployment's config: no CPU int8
+        llm = llm.model_copy(update={"quantize": "none"})
     torch.set_num_threads(engine_threads(llm))
     if args.draft_reuse:
         result = draft_reuse_benchmark(settings.llm, args.repeats or 1)
