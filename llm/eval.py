@@ -95,7 +95,9 @@ class EvalConfig(BaseModel):
     ar_model: str = "dv-small-ar"
     data_dir: str = "runs/data"
     examples: int = Field(256, ge=1)  # held-out examples for the perplexities
-    t_grid: int = Field(4, ge=1)  # ELBO midpoints in t
+    # ELBO midpoints in t. One mask draw per example and point: on dv-small's 256 examples, 4
+    # points gave 78.4 or 67.0 by the seed, 16 gave 75.7 / 75.1 and 64 gave 75.3
+    t_grid: int = Field(16, ge=1)
     prompts: int = Field(16, ge=1)  # held-out prompts for generation
     gen_length: int = Field(32, ge=1)  # reply canvas (data replies: <= 64 tokens incl. <|eot|>)
     steps: tuple[int, ...] = (2, 4, 8, 16)  # plus one token per step (= gen_length)
