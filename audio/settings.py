@@ -71,6 +71,11 @@ class TtsSettings(BaseModel):
     voice_path: str = ""
     config_path: str = ""
     length_scale: float = Field(default=1.0, gt=0.0)  # > 1 speaks slower
+    # Piper samples a voice's timbre (noise_scale) and phoneme durations (noise_w_scale) anew for
+    # every sentence, so the same text never sounds twice the same; None keeps the voice's own
+    # (0.667 and 0.8 for the bundled one), 0 speaks a text identically every time
+    noise_scale: float | None = Field(default=None, ge=0.0)
+    noise_w_scale: float | None = Field(default=None, ge=0.0)
     # silence kept before a sentence's first audible sample; Piper's own lead-in is 40-60 ms of
     # near-silence that a caller waits through before the voice starts. None keeps it as is
     lead_in_ms: int | None = Field(default=10, ge=0)

@@ -80,14 +80,16 @@ def _spoken(text: str) -> np.ndarray:
     from audio.settings import TtsSettings
     from audio.tts import PiperSynthesizer
 
-    synth = PiperSynthesizer.load(TtsSettings())
+    # without Piper's per-call noise: the same text is the same audio in every run and machine
+    synth = PiperSynthesizer.load(TtsSettings(noise_scale=0.0, noise_w_scale=0.0))
     audio = resample(int16_to_float(synth.synthesize(text)), synth.sample_rate, SAMPLE_RATE)
     audio.setflags(write=False)
     return audio
 
 
 def spoken_16k(text: str) -> np.ndarray:
-    """`text` spoken by the bundled Piper voice: float32 at 16 kHz (cached, read-only)."""
+    """`text` spoken by the bundled Piper voice, identically every time (no sampled timbre or
+    duration noise): float32 at 16 kHz (cached, read-only)."""
     return _spoken(text)
 
 

@@ -115,7 +115,9 @@ class PiperSynthesizer:
         self.voice = voice
         self.settings = settings
         self.sample_rate: int = voice.config.sample_rate
-        self._config = SynthesisConfig(length_scale=settings.length_scale)
+        self._config = SynthesisConfig(length_scale=settings.length_scale,
+                                       noise_scale=settings.noise_scale,
+                                       noise_w_scale=settings.noise_w_scale)
 
     @classmethod
     def load(cls, settings: TtsSettings) -> PiperSynthesizer:
