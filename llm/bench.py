@@ -24,28 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from llm.engine import DiffusionEngine, engine_dtype, for_engine
-from llm.model import ModelConfig, Transformer
+from llm.model import Transformer
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
-from llm.tokenizer import DIFFVOICE_SPECIAL_TOKENS, ChatTokenizer
+from llm.shapes import SHAPES, random_model, random_word, word_tokenizer
+from llm.tokenizer import ChatTokenizer
 
 HELP = "diffusion engine speed: ms/step, first span, AR baseline ratio, weight-read bound"
-
-# named real shapes for random-weight runs (LLaDA-8B and Dream-7B config.json; dv-small recipe)
-SHAPES: dict[str, dict[str, Any]] = {
-    "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                     mlp_hidden=12288, max_seq_len=4096, rope_theta=500000.0),
-    "dream-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
-                     mlp_hidden=18944, max_seq_len=2048, rope_theta=1e6, norm_eps=1e-6,
-                     qkv_bias=True, shift_logits=True),
-    "dv-small": dict(vocab_size=5120, d_model=384, n_layers=8, n_heads=6, n_kv_heads=6,
-                     mlp_hidden=1024, max_seq_len=1024, tie_embeddings=True),
-    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                 mlp_hidden=128, max_seq_len=512, tie_embeddings=True),  # smoke runs and tests
-}
 
 # named runs; command-line flags override single fields
 PRESETS: dict[str, dict[str, Any]] = {
@@ -132,38 +119,6 @@ class BenchModel:
     random: bool
 
 
-def word_tokenizer(vocab_size: int) -> ChatTokenizer:
-    """One word per id with our special tokens, for random-weight shapes: every id decodes to
-    text (a span per block), and every 10th word ends a sentence."""
-    words = [f"w{i}." if i % 10 == 0 else f"w{i}" for i in range(len(DIFFVOICE_SPECIAL_TOKENS),
-                                                                    vocab_size)]
-    vocab = {t: i for i, t in enumerate([*DIFFVOICE_SPECIAL_TOKENS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(DIFFVOICE_SPECIAL_TOKENS)
-    return ChatTokenizer(tok, "diffvoice")
-
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype, causal: bool,
-                 tokenizer: ChatTokenizer, seed: int = 0) -> Transformer:
-    """Random weights created directly on the device in `dtype` (an 8B model never sits on CPU)."""
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**SHAPES[shape], causal=causal))
-    model = model.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        # special tokens never win, so a reply always has the asked length
-        special = torch.tensor([tokenizer.tok.token_to_id(t) for t in DIFFVOICE_SPECIAL_TOKENS],
-                               device=device)
-        model.lm_head.weight[special] = 0.0
-    return model.eval()
-
-
 def load_or_random(name: str | None, opts: dict, llm: LLMSettings, causal: bool,
                    force_random: bool) -> BenchModel:
     from llm.checkpoints import load_checkpoint, resolve_model_path
@@ -211,7 +166,7 @@ def follow_up_ids(tok: ChatTokenizer) -> list[int]:
 
 def prompt_ids(tok: ChatTokenizer, n: int, salt: int = 0) -> list[int]:
     """A chat prompt of about n tokens (exactly n for the random shapes' word vocabulary)."""
-    if tok.tok.token_to_id("w101") == 101:  # `word_tokenizer`: word i has id i
+    if tok.tok.token_to_id(random_word(101)) == 101:  # `word_tokenizer`: word i has id i
         head = tok.encode_chat([{"role": "user", "content": ""}])
         body = [100 + (salt + i) % 1000 for i in range(n)]
         return head[:-2] + body[: max(0, n - len(head))] + head[-2:]

@@ -53,6 +53,7 @@ from llm.model import Transformer, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
+from llm.shapes import RANDOM_PREFIX, random_named
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -543,6 +544,10 @@ class DiffusionEngine:
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
         torch.set_num_threads(engine_threads(llm))
+        if llm.model.startswith(RANDOM_PREFIX):
+            model, tok = random_named(llm.model, torch.device(llm.device), engine_dtype(llm))
+            log.info("%s: random weights, %.1fB parameters", llm.model, model.num_params() / 1e9)
+            return cls(for_engine(model, llm), tok, llm)
         loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
                                  dtype=engine_dtype(llm))
         return cls(for_engine(loaded.model, llm), loaded.tokenizer, llm)

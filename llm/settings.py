@@ -73,7 +73,10 @@ class EngineSettings(BaseModel):
 
 class LLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # a name under llm/weights/ (the shipped models) or a checkpoint folder
+    # a name under llm/weights/ (the shipped models) or a checkpoint folder; "random:<shape>"
+    # (llada-8b, dream-7b, dv-small, tiny): random weights of that shape built on the device,
+    # for timing runs without the checkpoint (replies are random words that run to
+    # decode.max_new_tokens)
     model: str = "dv-small"
     device: str = "cpu"  # "cuda" for a GPU
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32

