@@ -125,6 +125,24 @@ def spoken(text: str, settings: Settings) -> np.ndarray:
     return np.concatenate([lead, resample(pcm, rate, MIC_RATE)])
 
 
+def stretch_pause(pcm: np.ndarray, pause_ms: int, level: int) -> np.ndarray:
+    """`pcm` with its longest pause between words (10 ms frames under `level` after the first
+    loud frame and before the last) lengthened to `pause_ms` by silence in its middle; as is
+    when it has no such pause or that one is already as long."""
+    step = MIC_RATE // 100
+    n = len(pcm) // step
+    loud = np.flatnonzero(np.abs(pcm[:n * step].astype(np.int32)).reshape(n, step).max(1) > level)
+    gaps = np.diff(loud) - 1  # quiet frames between consecutive loud ones
+    if not len(gaps) or gaps.max() <= 0:
+        return pcm
+    k = int(gaps.argmax())
+    extra = int(pause_ms * MIC_RATE / 1000) - int(gaps[k]) * step
+    if extra <= 0:
+        return pcm
+    at = (int(loud[k]) + 1 + int(gaps[k]) // 2) * step
+    return np.concatenate([pcm[:at], np.zeros(extra, dtype=pcm.dtype), pcm[at:]])
+
+
 def wav_utterance(path: Path) -> Utterance:
     from audio.codecs import read_wav, resample
 
@@ -148,7 +166,11 @@ def load_conversations(args: argparse.Namespace, settings: Settings) -> list[Con
         convs = _chunks([wav_utterance(p) for p in wavs], per)
     else:
         convs = _chunks([Utterance(t, spoken(t, settings)) for t in BUILTIN_TURNS], per)
-    return limit_turns(convs, settings.bench.turns)
+    b = settings.bench
+    if b.pause_ms is not None:
+        convs = [[Utterance(u.text, stretch_pause(u.pcm, b.pause_ms, b.audible_level))
+                  for u in conv] for conv in convs]
+    return limit_turns(convs, b.turns)
 
 
 def conversation_file(path: Path, settings: Settings) -> list[Conversation]:
@@ -262,7 +284,15 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
     """Speak one turn, wait for its reply to finish, and return the turn's record; with
     `same_clock` (a server in this process) its transport/playout is split by `hops_s`."""
     start = len(caller.events)
+    t_start = time.monotonic()
     t_end = await caller.speak(utt.pcm)
+    early = caller.heard.first_audible_s(after_s=t_start)
+    if early is not None and early < t_end:  # the agent took the turn before its last word
+        await _wait_quiet(caller, bench)
+        recognised, reply = _texts(caller.events[start:])
+        return {"prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
+                "status": "cut_in", "latency_s": None, "breakdown_s": None, "hops_s": None,
+                "server_s": {}, "t_speech_end_s": t_end, "t_first_audible_s": early}
     t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
     # LiveKit reports a turn's metrics when its reply has finished playing: a long reply on a
     # busy machine takes a while, so only a reply that never became audible is dropped

@@ -62,6 +62,7 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "hop_mean_s": _means(ok, "hops_s", HOPS),
         "dropped_turns": sum(t["status"] == "dropped" for t in turns),
         "failed_turns": sum(t["status"] == "failed" for t in turns),
+        "cut_in_turns": sum(t["status"] == "cut_in" for t in turns),
     }
 
 
@@ -98,7 +99,8 @@ def run_text(run: dict[str, Any]) -> str:
         w = level["summary"]["warm"]
         lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "
                      f"p95={_ms(w['p95'])} ms, dropped={level['summary']['dropped_turns']}, "
-                     f"failed={level['summary']['failed_turns']}")
+                     f"failed={level['summary']['failed_turns']}, "
+                     f"cut in={level['summary']['cut_in_turns']}")
     return "\n".join(lines)
 
 

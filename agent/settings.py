@@ -144,6 +144,10 @@ class BenchSettings(Section):
     # None: digital silence between words, which no real microphone sends. The end-of-turn
     # model hears the difference (docs/benchmarks.md, "End-of-turn threshold")
     noise_floor_dbfs: float | None = Field(None, le=-20.0)
+    # lengthen the longest pause inside each spoken turn (between two words) to this many ms: a
+    # caller hesitating mid-sentence. An agent heard before the turn's last word is a cut-in
+    # (status "cut_in"), the price of a shorter turn decision. None: the turns as spoken
+    pause_ms: int | None = Field(None, ge=20, le=5000)
     # the WebRTC caller's receive jitter buffer: packets held before the agent's speech plays
     # (20 ms each). aiortc's default is 4; a browser's adaptive buffer sits near 1-2 on a clean
     # network, so the default measures a conservative caller

@@ -53,6 +53,53 @@ def test_heard_audio_times_the_first_loud_sample():
     assert last_sound_index(loud) == 479 and last_sound_index(quiet) == -1
 
 
+def test_stretch_pause_lengthens_the_longest_pause_between_words():
+    word, rate = np.full(1600, 3000, np.int16), 16000  # 100 ms words
+    gap = lambda ms: np.zeros(ms * rate // 1000, np.int16)  # noqa: E731
+    pcm = np.concatenate([gap(200), word, gap(60), word, gap(150), word, gap(300)])
+    out = bench.stretch_pause(pcm, 400, level=500)
+    assert len(out) == len(pcm) + 250 * rate // 1000  # the 150 ms pause became 400 ms
+    loud = np.flatnonzero(out > 500)
+    pauses = np.diff(loud)[np.diff(loud) > 1] - 1
+    assert sorted(pauses) == [60 * rate // 1000, 400 * rate // 1000]
+    # leading and trailing silence are not pauses; a long enough pause is left alone
+    assert bench.stretch_pause(pcm, 100, level=500) is pcm
+    assert bench.stretch_pause(np.concatenate([gap(50), word, gap(50)]), 400, 500).size == 3200
+
+
+class _Caller:
+    """Timing logic only: an agent first heard at `t_audible` (monotonic clock)."""
+
+    def __init__(self, t_audible: float | None, speech_s: float) -> None:
+        self.heard, self.events, self.speech_s = HeardAudio(level=500), [], speech_s
+        if t_audible is not None:
+            self.heard.add(t_audible, np.full(480, 4000, np.int16), 48000)
+
+    async def speak(self, pcm) -> float:
+        import asyncio
+        import time
+
+        await asyncio.sleep(self.speech_s)
+        return time.monotonic()
+
+
+async def test_an_agent_heard_before_the_last_word_is_a_cut_in():
+    import time
+
+    from agent.settings import BenchSettings
+
+    b = BenchSettings(settle_s=0.0, reply_timeout_s=0.05, metrics_timeout_s=0.05)
+    utt = bench.Utterance("Is it going to rain?", np.zeros(160, np.int16))
+    rec = await bench.measure_turn(_Caller(time.monotonic() + 0.05, 0.2), utt, b)
+    assert rec["status"] == "cut_in" and rec["latency_s"] is None
+    assert rec["t_first_audible_s"] < rec["t_speech_end_s"]
+    assert set(rec) | {"config"} <= bench_report.TURN_KEYS
+    late = await bench.measure_turn(_Caller(None, 0.05), utt, b)
+    assert late["status"] == "dropped"  # never heard: not a cut-in
+    s = bench_report.summarize([{**rec, "cold": False}, {**late, "cold": False}])
+    assert s["cut_in_turns"] == 1 and s["dropped_turns"] == 1 and s["warm"]["n"] == 0
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
