@@ -289,29 +289,31 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
     early = caller.heard.first_audible_s(after_s=t_start)
     if early is not None and early < t_end:  # the agent took the turn before its last word
         await _wait_quiet(caller, bench)
-        recognised, reply = _texts(caller.events[start:])
-        return {"prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
-                "status": "cut_in", "latency_s": None, "breakdown_s": None, "hops_s": None,
-                "server_s": {}, "t_speech_end_s": t_end, "t_first_audible_s": early}
+        return _record(utt, caller.events[start:], "cut_in", t_end, early)
     t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
     # LiveKit reports a turn's metrics when its reply has finished playing: a long reply on a
     # busy machine takes a while, so only a reply that never became audible is dropped
     wait_s = bench.reply_timeout_s + (bench.metrics_timeout_s if t_heard is not None else 0.0)
     metrics = await _wait_metrics(caller, start, wait_s)
     await _wait_quiet(caller, bench)
-    recognised, reply = _texts(caller.events[start:])
-    latency = None if t_heard is None else t_heard - t_end
-    server = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}
-    ok = latency is not None and metrics is not None
-    hops = None
-    if ok and same_clock and t_heard is not None:
-        hops = hops_s(metrics or {}, t_end, t_heard, time.time() - time.monotonic())
-    return {
-        "prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
-        "status": "ok" if ok else "dropped", "latency_s": latency,
-        "breakdown_s": breakdown_s(latency, server) if ok and latency is not None else None,
-        "hops_s": hops, "server_s": server, "t_speech_end_s": t_end, "t_first_audible_s": t_heard,
-    }
+    ok = t_heard is not None and metrics is not None
+    rec = _record(utt, caller.events[start:], "ok" if ok else "dropped", t_end, t_heard)
+    rec["latency_s"] = None if t_heard is None else t_heard - t_end
+    rec["server_s"] = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}
+    if ok:
+        rec["breakdown_s"] = breakdown_s(rec["latency_s"], rec["server_s"])
+        if same_clock:
+            rec["hops_s"] = hops_s(metrics, t_end, t_heard, time.time() - time.monotonic())
+    return rec
+
+
+def _record(utt: Utterance, events: list[dict[str, Any]], status: str, t_end: float | None,
+            t_heard: float | None) -> dict[str, Any]:
+    """A turn's record without latency or server times (what a measured turn adds)."""
+    recognised, reply = _texts(events)
+    return {"prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
+            "status": status, "latency_s": None, "breakdown_s": None, "hops_s": None,
+            "server_s": {}, "t_speech_end_s": t_end, "t_first_audible_s": t_heard}
 
 
 # ---- sessions -----------------------------------------------------------------------------------
@@ -342,10 +344,8 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
 
 
 def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception) -> dict:
-    return {**tags, "conversation": ci, "turn": ti, "cold": False, "prompt_text": utt.text,
-            "recognised_text": "", "reply_text": "", "status": "failed", "latency_s": None,
-            "breakdown_s": None, "hops_s": None, "server_s": {}, "t_speech_end_s": None,
-            "t_first_audible_s": None, "error": f"{type(e).__name__}: {e}"}
+    return {**tags, "conversation": ci, "turn": ti, "cold": False,
+            **_record(utt, [], "failed", None, None), "error": f"{type(e).__name__}: {e}"}
 
 
 def caller_factory(settings: Settings, models: Any, server: Any, url: str | None,
