@@ -16,10 +16,13 @@ Notable choices (each a setting in `llm/settings.py`):
 - CPU: bf16 where the CPU multiplies it natively (`engine_dtype`), torch threads on half the
   cores (`engine_threads`: the speech stages use the rest), q/k/v and the SwiGLU branches fused
   into one matmul each, and attention row by row in a padded batch (bitwise the solo numbers).
+- K/V live in preallocated slots, one per row in flight (`llm.kvcache.KVSlots`): forwards
+  write them in place and read their context as a view of the slots with a key mask, so no
+  step concatenates or copies a context (the autoregressive baseline neither).
 - GPU: forwards against cached K/V have bucketed shapes (tokens, context, batch), so they can be
-  compiled per layer and replayed as CUDA graphs; the only host sync of a step is the commit
-  decision. A step of LLaDA-8B is ~1,400 small kernels, whose launches alone take longer than
-  reading the 16 GB of weights.
+  compiled per layer and replayed as CUDA graphs that read the slots in place; the only host
+  sync of a step is the commit decision. A step of LLaDA-8B is ~1,400 small kernels, whose
+  launches alone take longer than reading the 16 GB of weights.
 """
 
 from __future__ import annotations
@@ -39,15 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from llm.kvcache import (
-    KV,
-    SessionCache,
-    SessionEntry,
-    build_context,
-    common_prefix,
-    kv_cat,
-    kv_clone,
-)
+from llm.kvcache import KV, KVSlots, SessionCache, SessionEntry, SlotView, common_prefix
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
@@ -84,7 +79,7 @@ class GenerationStats:
 _END = object()
 WINDOW_BUCKET = 16  # compiled/graphed forwards pad their token count to a multiple of this
 STATIC_MAX_TOKENS = 256  # longer forwards (prompt encodes) run eager: compute-bound anyway
-# captured step graphs kept (LRU); a graph of 16 rows x 1k context of an 8B model holds ~8 GB
+# captured step graphs kept (LRU); they share one memory pool and read the K/V slots in place
 MAX_GRAPHS = 8
 
 
@@ -220,14 +215,15 @@ class StepRecord(NamedTuple):
 
 @dataclass
 class _Plan:
-    """One row's part of a forward: tokens at positions [start, start+len(ids)) against context."""
+    """One row's part of a forward: tokens at positions [start, start+len(ids)) against the
+    columns `context` ([begin, end) ranges) of its K/V slot."""
 
     ids: list[int]
     start: int
-    segments: list[KV]  # context K/V segments
-    ctx_key: tuple  # changes whenever the segments do
+    slot: int  # -1: a padding row, no slot
+    context: list[tuple[int, int]]
     out_positions: list[int]  # positions whose token predictions are needed
-    keep_kv: bool
+    keep_kv: bool  # whether its K/V are written into the slot
 
 
 NO_DRAFT = -1  # a block position without a draft token: no proposal equals it
@@ -248,23 +244,22 @@ class _Blocks:
     max_k: int = 1  # the largest k, known on the host
 
 
-_row_ids = itertools.count()
-
-
 class _Row:
     """What diffusion and autoregressive rows share: timing, spans, the end of a reply."""
 
     def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
         self.eng, self.req, self.stream, self.decode = eng, req, req.stream, req.decode
-        self.uid = next(_row_ids)
         self.P = len(req.ids)
-        self.max_new = min(req.decode.max_new_tokens, eng.model.cfg.max_seq_len - self.P)
+        self.max_new = min(req.decode.max_new_tokens, eng.kv.cap - self.P)
         if self.max_new < 1:
-            raise ValueError(f"prompt of {self.P} tokens leaves no room for a reply")
+            raise ValueError(f"prompt of {self.P} tokens leaves no room for a reply "
+                             f"(K/V capacity {eng.kv.cap} positions)")
         self.reused = 0 if entry is None else min(common_prefix(entry.ids, req.ids), self.P - 1)
-        self.frozen: KV = [] if not self.reused else _kv_slice(entry.kv, 0, self.reused)
+        self.slot = eng.kv.acquire()  # released when the reply ends
+        if self.reused:
+            eng.kv.write(self.slot, 0, _kv_slice(entry.kv, 0, self.reused))
         self.F = self.reused  # positions [0, F) have frozen K/V
-        self.version, self.nfe, self.ttfs = 0, 0, None
+        self.nfe, self.ttfs = 0, None
         self.finished = False
         self.seed: list[int] = []  # the draft this reply was seeded with
         self.writer = _SpanWriter(eng.tokenizer)
@@ -292,6 +287,7 @@ class _Row:
             draft_kept=sum(a == b for a, b in zip(reply, self.seed, strict=False)),
         )
         entry = self.session_entry()
+        self.eng.kv.release(self.slot)
         if entry is not None:
             self.eng.sessions.put(self.req.session_id, entry)
         self.stream._push(error if error is not None else _END)
@@ -330,7 +326,7 @@ class _DiffusionRow(_Row):
         self.tokens = req.ids + [self.mask_id] * self.max_new  # the canvas, host side
         self.Lb = req.decode.block_length
         self.dropped = False  # the reply departed from its draft
-        self.live: KV = []  # K/V of [F, live_end) from the last refresh
+        self.live_end = 0  # the slot's columns [F, live_end) hold the last refresh's K/V
         self.block, self.step, self.block_masks = 0, 0, 0
         self.final = 0  # reply tokens that form a fully unmasked prefix
         if req.draft and eng.settings.engine.draft_reuse:
@@ -369,31 +365,28 @@ class _DiffusionRow(_Row):
     def wants_refresh(self) -> bool:
         es = self.eng.settings.engine
         every = 1 if es.cache == "none" else es.refresh_interval
-        return not self.live or self.step == 0 or (every > 0 and self.step % every == 0)
+        return not self.live_end or self.step == 0 or (every > 0 and self.step % every == 0)
 
     def plan(self, refresh: bool) -> _Plan:
         ws = self.bs - self.eng.pred_offset  # the prediction for bs is read one position earlier
+        out = list(range(self.bs, self.be))
         if refresh:
             a = min(self.F, ws)
-            return _Plan(self.tokens[a:self.canvas_end], a, [_kv_slice(self.frozen, 0, a)],
-                         (self.uid, self.version, a), list(range(self.bs, self.be)), True)
-        we = self.be if self.eng.settings.engine.cache == "dual" else self.canvas_end
-        segs = [_kv_slice(self.frozen, 0, min(ws, self.F))]
-        if ws > self.F:
-            segs.append(_kv_slice(self.live, 0, ws - self.F))
-        if we == self.be:
-            segs.append(_kv_slice(self.live, self.be - self.F))
-        return _Plan(self.tokens[ws:we], ws, segs, (self.uid, self.version, ws, we),
-                     list(range(self.bs, self.be)), False)
+            return _Plan(self.tokens[a:self.canvas_end], a, self.slot, [(0, a)], out, True)
+        # the window's own columns hold the last refresh's K/V: the step recomputes them
+        if self.eng.settings.engine.cache == "dual":
+            return _Plan(self.tokens[ws:self.be], ws, self.slot,
+                         [(0, ws), (self.be, self.live_end)], out, False)
+        return _Plan(self.tokens[ws:self.canvas_end], ws, self.slot, [(0, ws)], out, False)
 
     def absorb(self, plan: _Plan, kv: KV) -> None:
-        """Keep a refresh's K/V: the prompt part is frozen once, the reply part is live."""
-        a = plan.start
-        if self.eng.settings.engine.freeze_prompt and self.F < self.P:
-            self.frozen = kv_clone(kv_cat([self.frozen, _kv_slice(kv, self.F - a, self.P - a)]))
-            self.F = self.P
-        self.live = _kv_slice(kv, self.F - a)
-        self.version += 1
+        """Keep a refresh's K/V from the frozen columns on: the prompt part is frozen once, the
+        reply part is live until the next refresh."""
+        lo = max(plan.start, self.F)
+        self.eng.kv.write(self.slot, lo, _kv_slice(kv, lo - plan.start))
+        if self.eng.settings.engine.freeze_prompt:
+            self.F = max(self.F, self.P)
+        self.live_end = plan.start + len(plan.ids)
 
     def block_view(self) -> tuple[list[int], int, float]:
         """Active block tokens, how many to commit now, and the confidence threshold."""
@@ -432,13 +425,9 @@ class _DiffusionRow(_Row):
         return self.tokens[self.P:self.P + self.final]
 
     def session_entry(self) -> SessionEntry | None:
-        if self.F >= self.P:
-            kv = _kv_slice(self.frozen, 0, self.P)
-        elif self.live:
-            kv = kv_clone(kv_cat([self.frozen, _kv_slice(self.live, 0, self.P - self.F)]))
-        else:
+        if max(self.F, self.live_end) < self.P:
             return None
-        return SessionEntry(tuple(self.req.ids), kv)
+        return SessionEntry(tuple(self.req.ids), self.eng.kv.read(self.slot, self.P))
 
 
 class _ARRow(_Row):
@@ -447,28 +436,18 @@ class _ARRow(_Row):
     def __init__(self, eng: DiffusionEngine, req: _Request, entry: SessionEntry | None):
         super().__init__(eng, req, entry)
         self.tokens = list(req.ids)
-        self.kv: KV = []  # preallocated (1, nkv, P + max_new, hd) per layer
-        self.n = 0  # positions with K/V
+        self.n = 0  # positions with K/V in the slot, once the prompt is encoded
 
     def wants_refresh(self) -> bool:
         return False
 
     def plan(self, refresh: bool) -> _Plan:
         a = self.F if self.n == 0 else self.n
-        segs = [self.frozen] if self.n == 0 else [_kv_slice(self.kv, 0, self.n)]
-        return _Plan(self.tokens[a:], a, segs, (self.uid, a), [len(self.tokens)], True)
+        return _Plan(self.tokens[a:], a, self.slot, [(0, a)], [len(self.tokens)], True)
 
     def absorb(self, plan: _Plan, kv: KV) -> None:
-        if not self.kv:
-            cap = self.P + self.max_new
-            self.kv = [(k.new_zeros(*k.shape[:2], cap, k.shape[3]),
-                        v.new_zeros(*v.shape[:2], cap, v.shape[3])) for k, v in kv]
-            for (bk, bv), (fk, fv) in zip(self.kv, self.frozen, strict=False):
-                bk[:, :, : self.F], bv[:, :, : self.F] = fk, fv
-        end = plan.start + len(plan.ids)
-        for (bk, bv), (k, v) in zip(self.kv, kv, strict=True):
-            bk[:, :, plan.start:end], bv[:, :, plan.start:end] = k, v
-        self.n = end
+        self.eng.kv.write(self.slot, plan.start, kv)
+        self.n = plan.start + len(plan.ids)
 
     def block_view(self) -> tuple[list[int], int, float]:
         return [self.eng.tokenizer.mask_id], 1, float("inf")
@@ -493,9 +472,9 @@ class _ARRow(_Row):
         return self.tokens[self.P:]
 
     def session_entry(self) -> SessionEntry | None:
-        if not self.kv:
+        if not self.n:
             return None
-        return SessionEntry(tuple(self.tokens[: self.n]), _kv_slice(self.kv, 0, self.n))
+        return SessionEntry(tuple(self.tokens[: self.n]), self.eng.kv.read(self.slot, self.n))
 
 
 class DiffusionEngine:
@@ -524,6 +503,8 @@ class DiffusionEngine:
         # solo reply bitwise in bf16 too (CUDA keeps one call: graphs need static shapes)
         self._row_attention = self.device.type == "cpu"
         self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
+        self._graphs_generation = 0
+        self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len))
         # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
         self._static_layers = self._run_layers
         if es.compile:
@@ -645,6 +626,7 @@ class DiffusionEngine:
 
     def _iterate(self, rows: list[_Row]) -> None:
         """One denoising step for every row: refreshing rows and cached-window rows."""
+        rows = sorted(rows, key=lambda r: r.slot)  # adjacent slots: the context is a view
         refresh = [r for r in rows if r.wants_refresh()]
         window = [r for r in rows if not r.wants_refresh()]
         for group, is_refresh in ((refresh, True), (window, False)):
@@ -678,11 +660,12 @@ class DiffusionEngine:
 
     def _forward(self, plans: list[_Plan], is_refresh: bool) -> tuple[Tensor, list[KV]]:
         """Left-padded batch forward; returns logits (N, V) of every plan's out_positions in
-        order, and each row's K/V of its own tokens (views)."""
+        order, and each row's K/V of its own tokens (views, overwritten by the next replay of a
+        CUDA graph: `absorb` copies what it keeps into the slots at once)."""
         n_rows = len(plans)
         if self._bucket > 1 and max(len(p.ids) for p in plans) <= STATIC_MAX_TOKENS:
-            plans = plans + [_padding_plan(i, self.tokenizer.pad_id)
-                             for i in range(_next_pow2(n_rows) - n_rows)]
+            plans = plans + [_padding_plan(self.tokenizer.pad_id)
+                             for _ in range(_next_pow2(n_rows) - n_rows)]
         lens = [len(p.ids) for p in plans]
         ctx, ctx_keys = self._context(plans, is_refresh)
         B, T = len(plans), max(lens)
@@ -691,8 +674,8 @@ class DiffusionEngine:
         idx, pos, window_keys = self._window_tensors(plans, T)
         key_mask = None
         if ctx_keys is not None or not bool(window_keys.all()) or self._bucket > 1:
-            S = 0 if ctx is None else ctx[0][0].shape[2]
             if ctx_keys is None:
+                S = 0 if ctx is None else ctx.S
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
         out = self._out_index(plans, T)
@@ -701,8 +684,6 @@ class DiffusionEngine:
         logits = self.model.lm_head(h).float()  # (N, V)
         kvs = [[(k[b:b + 1, :, T - n:], v[b:b + 1, :, T - n:]) for k, v in kv]
                for b, n in enumerate(lens[:n_rows])]
-        if self._graphs_on and ctx is not None:  # a graph's outputs are overwritten by its replay
-            kvs = [kv_clone(row) if p.keep_kv else row for p, row in zip(plans, kvs, strict=False)]
         return logits, kvs
 
     def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -725,40 +706,71 @@ class DiffusionEngine:
             flat += [first + q for q in p.out_positions]
         return torch.tensor(flat, device=self.device)
 
-    def _context(self, plans: list[_Plan], is_refresh: bool) -> tuple[KV | None, Tensor | None]:
-        """Padded context of the group, rebuilt only when a row's segments changed."""
-        key = tuple(p.ctx_key for p in plans)
+    def _context(self, plans: list[_Plan],
+                 is_refresh: bool) -> tuple[SlotView | None, Tensor | None]:
+        """The group's context in the K/V slots and its key mask (B, S), None where every
+        column [0, S) is seen (one row with a contiguous context); kept while unchanged."""
+        key = (self.kv.generation, tuple((p.slot, tuple(p.context)) for p in plans))
         cached = self._ctx_cache.get(is_refresh)
         if cached is not None and cached[0] == key:
             return cached[1]
-        ctx, mask, _ = build_context([p.segments for p in plans], self._bucket)
-        self._ctx_cache[is_refresh] = (key, (ctx, mask))
-        return ctx, mask
+        ends = [e for p in plans for b, e in p.context if e > b]
+        S = max(ends, default=0)
+        result: tuple[SlotView | None, Tensor | None] = (None, None)
+        if S:
+            S_pad = -(-S // self._bucket) * self._bucket
+            # rows without a context (padding, first encodes) may not have a slot buffer yet:
+            # they read any allocated slot, all masked
+            slots = [p.slot if p.context and p.slot < self.kv.n_slots else -1 for p in plans]
+            first = next(s for s in slots if s >= 0)
+            slots = [first + b if s < 0 else s for b, s in enumerate(slots)]
+            view = SlotView(len(plans), S_pad, start=slots[0])
+            if slots != list(range(slots[0], slots[0] + len(slots))) or \
+                    slots[-1] >= self.kv.n_slots:
+                slots = [s if s < self.kv.n_slots else first for s in slots]
+                view = SlotView(len(plans), S_pad, index=torch.tensor(slots, device=self.device))
+            mask = torch.zeros(len(plans), S_pad, dtype=torch.bool)
+            for row, p in zip(mask, plans, strict=True):
+                for b, e in p.context:
+                    row[b:e] = True
+            whole = len(plans) == 1 and S_pad == S and bool(mask.all())
+            result = view, None if whole else mask.to(self.device)
+        self._ctx_cache[is_refresh] = (key, result)
+        return result
 
-    def _layers_for(self, T: int, key_mask: Tensor | None, ctx: KV | None) -> Any:
+    def _layers_for(self, T: int, key_mask: Tensor | None, ctx: SlotView | None) -> Any:
         """Eager for a first encode (no context, any length) and long windows; steps and
         refreshes against cached K/V (bucketed shapes) compiled and/or CUDA-graphed."""
         if ctx is None or T > STATIC_MAX_TOKENS:
             return self._run_layers
         if not self._graphs_on or key_mask is None:
             return self._static_layers
-        return lambda idx, pos, km, c: self._graph_for(idx, pos, km, c)(idx, pos, km, c)
+        return self._graphed
 
-    def _graph_for(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV) -> _GraphedLayers:
-        shape = (*idx.shape, ctx[0][0].shape[2])  # (B, T, S)
+    def _graphed(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: SlotView) -> Any:
+        if ctx.index is None and ctx.start:  # one graph per shape: other views as gathers
+            ctx = ctx._replace(index=torch.arange(ctx.start, ctx.start + ctx.B, device=idx.device))
+        return self._graph_for(idx, pos, key_mask, ctx)(idx, pos, key_mask, ctx)
+
+    def _graph_for(self, idx: Tensor, pos: Tensor, key_mask: Tensor,
+                   ctx: SlotView) -> _GraphedLayers:
+        if self._graphs_generation != self.kv.generation:  # the slots moved: graphs read them
+            self._graphs.clear()
+            self._graphs_generation = self.kv.generation
+        shape = (*idx.shape, ctx.S, ctx.index is None)  # (B, T, S, a view of slots 0..B-1)
         graph = self._graphs.get(shape)
         if graph is None:
-            log.info("capturing a CUDA graph for the step shape (B, T, S) = %s", shape)
+            log.info("capturing a CUDA graph for the step shape (B, T, S, view) = %s", shape)
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = self._graphs[shape] = _GraphedLayers(self._static_layers, idx, pos,
                                                          key_mask, ctx, pool)
-            while len(self._graphs) > MAX_GRAPHS:  # each holds static copies of its context
+            while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(shape)
         return graph
 
     def _run_layers(self, idx: Tensor, pos: Tensor, key_mask: Tensor | None,
-                    ctx: KV | None, block: Any = None) -> tuple[Tensor, KV]:
+                    ctx: SlotView | None, block: Any = None) -> tuple[Tensor, KV]:
         """The transformer body of `Transformer.forward`, with RoPE tables built once.
 
         `block` runs one layer: compiled per layer (all layers share one compiled graph, so
@@ -768,7 +780,7 @@ class DiffusionEngine:
         m = self.model
         B, T = idx.shape
         cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
-        S = 0 if ctx is None else ctx[0][0].shape[2]
+        S = 0 if ctx is None else ctx.S
         rows, mask, is_causal = None, None, False  # rows carry their own masks
         if self._row_attention and key_mask is not None and block is _block_call:
             rows = m.row_keys(key_mask, S)
@@ -778,7 +790,7 @@ class DiffusionEngine:
         kv: KV = []
         for i, layer in enumerate(m.layers):
             x, layer_kv = block(layer, x, cos, sin, mask, is_causal,
-                                None if ctx is None else ctx[i], rows)
+                                None if ctx is None else self.kv.layer(i, ctx), rows)
             kv.append(layer_kv)
         return x, kv
 
@@ -873,9 +885,9 @@ def _draft_tensor(drafts: list[list[int] | None], L: int, device: torch.device) 
     return torch.tensor(rows, device=device)
 
 
-def _padding_plan(i: int, pad_id: int) -> _Plan:
+def _padding_plan(pad_id: int) -> _Plan:
     """A row that only keeps a compiled/graphed batch at a power-of-two size; nothing is read."""
-    return _Plan([pad_id], 0, [], ("padding", i), [], False)
+    return _Plan([pad_id], 0, -1, [], [], False)
 
 
 def _next_pow2(n: int) -> int:
@@ -890,13 +902,17 @@ def _block_call(layer: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | 
 
 
 class _GraphedLayers:
-    """`_run_layers` for one (B, T, S) shape captured as a CUDA graph; inputs are copied into
-    static buffers and the outputs are overwritten by the next replay."""
+    """`_run_layers` for one (B, T, S) shape and slot view captured as a CUDA graph: the graph
+    reads the K/V slots in place; the window's inputs (and a gather's slot index) are copied
+    into static buffers, and the outputs are overwritten by the next replay."""
 
-    def __init__(self, fn: Any, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV,
+    def __init__(self, fn: Any, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: SlotView,
                  pool: Any = None):
         self.idx, self.pos, self.key_mask = idx.clone(), pos.clone(), key_mask.clone()
-        self.ctx = [(k.clone(), v.clone()) for k, v in ctx]
+        self.ctx = ctx if ctx.index is None else ctx._replace(index=ctx.index.clone())
+        self._capture(fn, pool)
+
+    def _capture(self, fn: Any, pool: Any) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -907,17 +923,13 @@ class _GraphedLayers:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
             self.out = fn(self.idx, self.pos, self.key_mask, self.ctx)
-        self._copied_ctx: KV | None = None  # the context now in the static buffers
 
-    def __call__(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: KV) -> Any:
+    def __call__(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: SlotView) -> Any:
         self.idx.copy_(idx)
         self.pos.copy_(pos)
         self.key_mask.copy_(key_mask)
-        if ctx is not self._copied_ctx:  # the engine reuses a context object until it changes
-            for (sk, sv), (k, v) in zip(self.ctx, ctx, strict=True):
-                sk.copy_(k)
-                sv.copy_(v)
-            self._copied_ctx = ctx
+        if ctx.index is not None:
+            self.ctx.index.copy_(ctx.index)
         self.graph.replay()
         return self.out
 

@@ -1,18 +1,21 @@
-"""K/V bookkeeping for the engine: per-row segments, padded batch contexts, per-session reuse.
+"""K/V bookkeeping for the engine: preallocated slots for the rows in flight, per-session reuse.
 
-A row's context is a list of K/V *segments* (views, RoPE already applied, so their order along
-the key axis does not matter): the frozen prompt, the cached part of the reply before the
-active window and, for the dual cache, the suffix after it. Rows of a batch have contexts of
-different lengths; `build_context` pads them into one tensor per layer with a key mask, and the
-engine rebuilds it only when a row's segments change (block starts, refreshes, rows joining).
+Every row in flight owns a *slot* of `KVSlots`: per layer a (nkv, cap, hd) buffer in which
+position p of its sequence sits in column p (RoPE applied). Forwards write their K/V in place,
+and a forward's context is a view of the slot buffers (or one gather, for rows whose slots are
+not adjacent) plus a key mask of the columns each row may see, so nothing is concatenated or
+copied per step: the copies that rebuilt padded contexts took ~40% of a 16-session step's GPU
+time (docs/benchmarks.md, "Where the time goes"). Between turns a session's prompt K/V are kept
+in `SessionCache` (owned copies: a slot goes to the next row once its reply ends).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from llm.model import LayerKV
@@ -29,64 +32,83 @@ def kv_slice(kv: KV, start: int, end: int | None = None) -> KV:
     return [(k[:, :, start:end], v[:, :, start:end]) for k, v in kv]
 
 
-def kv_cat(parts: list[KV]) -> KV | None:
-    """Concatenate segments along positions; empty segments are skipped, one is returned as is."""
-    parts = [p for p in parts if kv_len(p) > 0]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    n_layers = len(parts[0])
-    return [
-        (torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2))
-        for i in range(n_layers)
-    ]
-
-
-def kv_clone(kv: KV | None) -> KV:
-    """Owned, compact copies (a view would keep a whole batch's forward output alive)."""
-    return [] if not kv else [(k.clone(), v.clone()) for k, v in kv]
-
-
 def kv_bytes(kv: KV | None) -> int:
     return 0 if not kv else sum(k.nbytes + v.nbytes for k, v in kv)
 
 
-def build_context(
-    segments: list[list[KV]], bucket: int = 1
-) -> tuple[KV | None, Tensor | None, list[int]]:
-    """Rows' context segments -> padded context (B, nkv, S, hd) per layer, key mask, lengths.
+class SlotView(NamedTuple):
+    """The context of a batch of B rows: slot columns [0, S) of slots `start..start+B-1` (a
+    view), or of the slots in `index` (B,) (a gather) when they are not adjacent."""
 
-    The key mask (B, S) is None when every row has the same length and no bucket padding is
-    needed (SDPA's unmasked path, identical to a solo forward). Row i's keys sit in columns
-    [0, S_i); the rest is zero padding that the mask hides.
+    B: int
+    S: int
+    start: int = -1
+    index: Tensor | None = None
+
+
+class KVSlots:
+    """Preallocated K/V of the rows in flight, written in place: per layer (slots, nkv, cap, hd).
+
+    Buffers are allocated at the first write, with the shape and dtype of the model's K/V, and
+    double their slot count when more rows are in flight than they hold (`generation` counts
+    the reallocations: a captured CUDA graph holds the old addresses).
     """
-    rows = [kv_cat(s) for s in segments]
-    lengths = [kv_len(r) for r in rows]
-    S = max(lengths)
-    S_pad = -(-S // bucket) * bucket if S else 0
-    if len(rows) == 1 and S_pad == S:
-        return rows[0], None, lengths
-    if S_pad == 0:
-        return None, None, lengths
-    ref = next(r for r in rows if r is not None)
-    B, n_layers = len(rows), len(ref)
-    k0 = ref[0][0]
-    ctx: KV = []
-    for i in range(n_layers):
-        k = k0.new_zeros(B, k0.shape[1], S_pad, k0.shape[3])  # (B, nkv, S, hd)
-        v = torch.zeros_like(k)
-        for b, r in enumerate(rows):
-            if r is not None:
-                k[b, :, : lengths[b]] = r[i][0][0]
-                v[b, :, : lengths[b]] = r[i][1][0]
-        ctx.append((k, v))
-    if all(n == S_pad for n in lengths):
-        return ctx, None, lengths
-    mask = torch.arange(S_pad, device=k0.device)[None, :] < torch.tensor(
-        lengths, device=k0.device
-    )[:, None]  # (B, S)
-    return ctx, mask, lengths
+
+    def __init__(self, cap: int):
+        self.cap = cap  # positions per slot: a row's prompt and reply must fit
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.generation = 0
+        self._free: list[int] = []  # a heap: the lowest free slot goes first
+        self._issued = 0
+
+    def acquire(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._issued += 1
+        return self._issued - 1
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    def write(self, slot: int, start: int, kv: KV) -> None:
+        """K/V (1, nkv, n, hd) per layer into the slot's columns [start, start + n)."""
+        n = kv_len(kv)
+        if n == 0:
+            return
+        if start + n > self.cap:
+            raise ValueError(f"positions up to {start + n} exceed the K/V capacity {self.cap}")
+        self._reserve(slot + 1, kv)
+        for (bk, bv), (k, v) in zip(zip(self.k, self.v, strict=True), kv, strict=True):
+            bk[slot, :, start:start + n] = k[0]
+            bv[slot, :, start:start + n] = v[0]
+
+    def read(self, slot: int, end: int) -> KV:
+        """Owned copies of the slot's columns [0, end), (1, nkv, end, hd) per layer."""
+        return [(k[slot:slot + 1, :, :end].clone(), v[slot:slot + 1, :, :end].clone())
+                for k, v in zip(self.k, self.v, strict=True)]
+
+    def layer(self, i: int, view: SlotView) -> LayerKV:
+        """Layer i's context (B, nkv, S, hd) for `view`."""
+        k, v = self.k[i][:, :, :view.S], self.v[i][:, :, :view.S]
+        if view.index is None:
+            return k[view.start:view.start + view.B], v[view.start:view.start + view.B]
+        return k.index_select(0, view.index), v.index_select(0, view.index)
+
+    def _reserve(self, n_slots: int, like: KV) -> None:
+        if n_slots <= self.n_slots:
+            return
+        size = 1 << (n_slots - 1).bit_length()
+        old_k, old_v = self.k, self.v
+        self.k = [k.new_zeros(size, k.shape[1], self.cap, k.shape[3]) for k, _ in like]
+        self.v = [v.new_zeros(size, v.shape[1], self.cap, v.shape[3]) for _, v in like]
+        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+            new[: old.shape[0]] = old
+        self.generation += 1
 
 
 @dataclass

@@ -55,6 +55,9 @@ class EngineSettings(BaseModel):
     # little once the reply starts); False recomputes the whole sequence like the reference
     freeze_prompt: bool = True
     max_batch: int = Field(16, ge=1)  # requests stepped together in one forward
+    # K/V positions held per request in flight (prompt + reply must fit; 0 = the model's
+    # max_seq_len). The engine preallocates them per batch row and writes K/V in place
+    kv_tokens: int = Field(0, ge=0)
     # conversation K/V kept between turns so a new turn encodes only its new text
     session_cache_count: int = Field(32, ge=0)
     session_cache_mb: int = Field(512, ge=0)

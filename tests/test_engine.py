@@ -13,6 +13,7 @@ from llm.engine import (
     DiffusionEngine,
     EngineStream,
     _DiffusionRow,
+    _GraphedLayers,
     _Request,
     _SpanWriter,
     for_engine,
@@ -433,6 +434,89 @@ def test_session_cache_is_lru_bounded_by_count_and_bytes():
     assert len(cache) == 2 and cache.take("a") is None  # least recently used went first
     cache.put("big", entry(40))  # larger than the whole budget: not kept
     assert cache.take("big") is None and cache.take("c") is not None
+
+
+def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing():
+    from llm.kvcache import KVSlots, SlotView
+
+    slots = KVSlots(cap=16)
+    a, b = slots.acquire(), slots.acquire()
+    kv = [(torch.arange(12.0).view(1, 1, 3, 4), -torch.arange(12.0).view(1, 1, 3, 4))]
+    slots.write(b, 5, kv)
+    assert (slots.n_slots, slots.generation) == (2, 1)
+    c = slots.acquire()
+    slots.write(c, 0, kv)  # a third row: the buffers double, slot b keeps its columns
+    assert (slots.n_slots, slots.generation) == (4, 2)
+    assert torch.equal(slots.read(b, 8)[0][0][:, :, 5:8], kv[0][0])
+    slots.release(a)
+    assert slots.acquire() == a  # the lowest free slot, so solo rows stay in slot 0
+    k, v = slots.layer(0, SlotView(2, 8, start=1))  # slots 1..2: a view, no copy
+    assert k.data_ptr() == slots.k[0][1].data_ptr() and torch.equal(v[0, :, 5:8], kv[0][1][0])
+    k, _ = slots.layer(0, SlotView(2, 8, index=torch.tensor([2, 1])))  # a gather
+    assert torch.equal(k[1], slots.layer(0, SlotView(1, 8, start=1))[0][0])
+    with pytest.raises(ValueError, match="capacity 16"):
+        slots.write(a, 14, kv)
+
+
+class _ReplayOnCPU(_GraphedLayers):
+    """A CUDA graph's inputs and outputs on the CPU: the same static buffers, with a replay that
+    runs the captured function on them, so the engine's graph plumbing runs without a GPU."""
+
+    def _capture(self, fn, pool):
+        self.pool, self.out = None, None
+
+        def replay():
+            self.out = fn(self.idx, self.pos, self.key_mask, self.ctx)
+
+        self.graph = type("Graph", (), {"replay": staticmethod(replay)})
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
+    """Rows leave and join so that a group's slots are not adjacent (its context is gathered);
+    every reply still equals its solo reply, and freed slots are reused. With `graphs`, the
+    CUDA-graph path's static inputs (a gather's slot index copied in at every replay) run."""
+    monkeypatch.setattr("llm.engine._GraphedLayers", _ReplayOnCPU)
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=32, block_length=8)
+    eng = make_engine(tok, decode=decode, cache="dual")
+    eng._graphs_on, eng._bucket = graphs, 128 if graphs else 1
+    try:
+        texts = PROMPTS * 2
+        solo = [run(eng, t)[0] for t in texts]
+        views, context = [], eng._context
+
+        def record(plans, refresh):
+            ctx = context(plans, refresh)
+            views.append(ctx[0])
+            return ctx
+
+        eng._context = record
+        short = DecodeSettings(**{**decode, "max_new_tokens": 4})
+        streams = [eng.stream(msgs(t), decode=short if i % 2 else None)
+                   for i, t in enumerate(texts)]
+        for st in streams[1::2]:
+            list(st)  # the short rows end and free slots 1, 3, 5, 7
+        streams[1::2] = [eng.stream(msgs(t)) for t in texts[1::2]]  # they join into those
+        got = [[t for s in st for t in s.token_ids] for st in streams]
+        assert got == solo
+        assert any(v is not None and v.index is not None for v in views)  # gathered contexts
+        assert eng.kv.n_slots == 8  # the buffers grew to the 8 rows in flight, and no further
+        # graphs per (B, T, S, whether the context is a view of slots 0..B-1)
+        assert not graphs or {k[-1] for k in eng._graphs} == {True, False}
+    finally:
+        eng.close()
+
+
+def test_a_request_beyond_the_kv_capacity_is_refused_and_the_engine_goes_on(tok):
+    eng = make_engine(tok, decode=dict(max_new_tokens=8), kv_tokens=24)
+    try:
+        too_long = eng.stream(msgs(PROMPTS[3]))
+        with pytest.raises(ValueError, match="K/V capacity 24"):
+            list(too_long)
+        ids, _, stream = run(eng, "Hi")
+        assert stream.stats.finish_reason in ("eot", "length") and len(ids) <= 24
+    finally:
+        eng.close()
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
