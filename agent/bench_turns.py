@@ -1,10 +1,11 @@
 """`diffvoice bench-turns`: how the end-of-turn model scores finished and unfinished turns.
 
-LiveKit's local end-of-turn model (`session.turn_detector`, "v1-mini") hears the last 1.2 s of
-the caller's audio; the session asks it once its VAD has counted 200 ms of silence
-(`MIN_SILENCE_DURATION_MS`) and, below `session.turn_end_threshold`, holds the turn open for up
-to `session.max_endpointing_delay_s`. A threshold trades two errors: a finished turn held open
-(the caller waits) and an unfinished one let through (the agent cuts in at a pause).
+The session's end-of-turn model (`session.turn_detector`) is asked once its VAD has counted
+200 ms of silence (`MIN_SILENCE_DURATION_MS`) and, below `session.turn_end_threshold`, holds the
+turn open for up to `session.max_endpointing_delay_s`: LiveKit's local "v1-mini" hears the last
+1.2 s of the caller's audio; ours ("text", `agent/turn_detector.py`) reads the deployment's
+Whisper transcript of the audio so far. A threshold trades two errors: a finished turn held
+open (the caller waits) and an unfinished one let through (the agent cuts in at a pause).
 
 This command measures both for the configured voice and VAD. Turns (the bench's 24 built-in
 ones and 22 more) are spoken by the Piper voice; each is also cut off mid-sentence twice, after
@@ -22,7 +23,8 @@ JSON keys: `machine`, `settings` (`turn_detector`, `threshold` in use, `vad`, `n
 `conditions` {"digital" | "noise": {`auc`, `thresholds`: [{`threshold`, `complete_held`,
 `cut_through`}], `complete`, `cut`: {`n`, `median`}}}, `clips` [{`text`, `kind` ("complete",
 "prefix" or "cut"), `words`, `condition`, `p_end` (null when the VAD never ended the clip's
-speech), `silence_s` (the VAD's silence before it asked, from the last loud sample)}].
+speech), `silence_s` (the VAD's silence before it asked, from the last loud sample),
+`transcript` (what the text detector read; null for v1-mini)}].
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +153,35 @@ async def vad_asks_at(vad: Any, clip: np.ndarray) -> int | None:
     return asked
 
 
-async def score(settings: Settings, items: list[dict[str, Any]],
-                noise_dbfs: float) -> list[dict[str, Any]]:
-    """Each clip's p(end) where the session would ask, over digital silence and a noise floor."""
+def audio_scorer() -> Callable[[np.ndarray], tuple[float, str | None]]:
+    """LiveKit's v1-mini: p(end) from the last 1.2 s of the audio heard so far."""
     from livekit.local_inference import EOT, EOT_MAX_SAMPLES
 
+    model = EOT()
+    return lambda heard: (float(model.predict(np.ascontiguousarray(heard[-EOT_MAX_SAMPLES:]))),
+                          None)
+
+
+def text_scorer(settings: Settings,
+                detector: Any) -> Callable[[np.ndarray], tuple[float, str | None]]:
+    """Our text detector: p(end) of the deployment's Whisper transcript of the audio so far."""
+    from audio.asr import load_whisper, transcribe
+
+    whisper = load_whisper(settings.asr)
+
+    def p_end(heard: np.ndarray) -> tuple[float, str | None]:
+        text = transcribe(whisper, heard.astype(np.float32) / 32768.0, settings.asr)
+        return detector.scorer.p_end([{"role": "user", "content": text}]), text
+
+    return p_end
+
+
+async def score(settings: Settings, items: list[dict[str, Any]], noise_dbfs: float,
+                p_end_of: Callable[[np.ndarray], tuple[float, str | None]]) -> list[dict[str, Any]]:
+    """Each clip's p(end) where the session would ask, over digital silence and a noise floor."""
     from audio.plugins import build_vad
 
-    vad, model = build_vad(settings), EOT()
+    vad = build_vad(settings)
     rows = []
     for seed, item in enumerate(items):
         pcm = item.pop("pcm")
@@ -166,12 +190,12 @@ async def score(settings: Settings, items: list[dict[str, Any]],
         for condition, dbfs in (("digital", None), ("noise", noise_dbfs)):
             heard = MicNoise(dbfs, seed).add(clip)
             at = await vad_asks_at(vad, heard)
-            p_end = silence_s = None
+            p_end = silence_s = transcript = None
             if at is not None:
-                window = np.ascontiguousarray(heard[:at][-EOT_MAX_SAMPLES:])
-                p_end = float(await asyncio.to_thread(model.predict, window))
+                p_end, transcript = await asyncio.to_thread(p_end_of, heard[:at])
                 silence_s = round((at - last_loud) / MIC_RATE, 3)
-            rows.append({**item, "condition": condition, "p_end": p_end, "silence_s": silence_s})
+            rows.append({**item, "condition": condition, "p_end": p_end, "silence_s": silence_s,
+                         "transcript": transcript})
     return rows
 
 
@@ -222,10 +246,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     detector = load_turn_detector(settings.session)
     items = clips(settings, args.turns)  # Piper synthesis (cached), before the loop runs
+    text = settings.session.turn_detector == "text"
+    p_end_of = text_scorer(settings, detector) if text else audio_scorer()
 
     async def main() -> tuple[list[dict[str, Any]], float]:
         in_use = await detector.unlikely_threshold(LanguageCode(settings.asr.language))
-        return await score(settings, items, args.noise_dbfs), float(in_use)
+        return await score(settings, items, args.noise_dbfs, p_end_of), float(in_use)
 
     rows, in_use = asyncio.run(main())
     summary = summarise(rows, in_use)

@@ -67,13 +67,18 @@ class VoiceAgent(Agent):
 
 
 def load_turn_detector(session: SessionSettings) -> Any | None:
-    """LiveKit's offline end-of-turn model, its version named so no env switches it to a cloud
-    model; None when turns end on VAD silence alone."""
+    """The end-of-turn model: ours on the words, or LiveKit's offline one on the audio (its
+    version named so no env switches it to a cloud model); None when turns end on VAD silence
+    alone."""
     if session.turn_detector == "vad":
         return None
+    threshold = session.turn_end_threshold
+    if session.turn_detector == "text":
+        from agent.turn_detector import TextTurnDetector
+
+        return TextTurnDetector.load(session.text_turn_model, threshold)
     from livekit.agents import inference
 
-    threshold = session.turn_end_threshold
     return inference.TurnDetector(
         version=session.turn_detector,
         unlikely_threshold=NOT_GIVEN if threshold is None else threshold)
@@ -150,6 +155,10 @@ def build_session(
         aec_warmup_duration=s.aec_warmup_s or None,
         user_away_timeout=s.user_away_timeout_s,
     )
+    prefetch = getattr(models.turn_detector, "prefetch", None)
+    if prefetch is not None:  # the text detector scores the words while the caller speaks
+        session.on("user_input_transcribed",
+                   lambda ev: ev.transcript and prefetch(session.history, ev.transcript))
     agent = VoiceAgent(instructions=settings.llm.system_prompt)
     return session, agent
 

@@ -37,11 +37,16 @@ class Section(BaseModel):
 class SessionSettings(Section):
     """The AgentSession every transport shares: turn taking, interruptions, greeting."""
 
-    # LiveKit's offline end-of-turn model ("v1-mini", runs in-process); "vad" = silence only
-    turn_detector: Literal["v1-mini", "vad"] = "v1-mini"
+    # LiveKit's offline end-of-turn model ("v1-mini": the last 1.2 s of audio, in-process);
+    # "text": the caller's words scored by `text_turn_model` (agent/turn_detector.py);
+    # "vad" = silence only
+    turn_detector: Literal["v1-mini", "text", "vad"] = "v1-mini"
+    # the causal model the "text" detector asks whether the caller's words end the turn
+    text_turn_model: str = "dv-small-ar"
     # end-of-turn probability under which the detector holds the turn open (up to the max delay
-    # below); None = the model's calibrated value (v1-mini, English: 0.36). Lower ends turns
-    # sooner after complete questions it scores low, at the cost of cutting in on pauses
+    # below); None = the model's calibrated value (v1-mini, English: 0.36; text: see
+    # agent/turn_detector.py). Lower ends turns sooner after complete questions it scores low,
+    # at the cost of cutting in on pauses
     turn_end_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     # silence after speech before the turn may end; LiveKit's streaming default is 0.3-2.5 s
     min_endpointing_delay_s: float = Field(0.3, ge=0.0)

@@ -54,3 +54,18 @@ def test_bench_turns_command_scores_real_turns(tmp_path, capsys):
         rows = condition["thresholds"]
         held = [r["complete_held"] for r in rows]
         assert held == sorted(held)  # a higher threshold holds at least as many turns
+
+
+def test_bench_turns_scores_the_text_detector_on_whisper_transcripts(tmp_path, capsys):
+    out = tmp_path / "turns.json"
+    rc = main(["bench-turns", "--turns", "1", "--json", str(out),
+               "--set", 'session.turn_detector="text"'])
+    assert rc == 0, capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["turn_detector"] == "text"
+    scored = [c for c in report["clips"] if c["p_end"] is not None]
+    assert scored and all(c["transcript"] for c in scored)
+    # "Hi there, how are you doing today?" heard whole ends the turn; its first words do not
+    complete = [c["p_end"] for c in scored if c["kind"] == "complete"]
+    shortest = [c["p_end"] for c in scored if c["words"] == min(x["words"] for x in scored)]
+    assert min(complete) > max(shortest)

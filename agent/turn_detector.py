@@ -1,0 +1,170 @@
+"""End of turn from the words: a LiveKit turn detector scored by our own causal language model.
+
+LiveKit's `v1-mini` model hears only the last 1.2 s of audio. On Piper-spoken turns over a
+microphone's noise floor it let 91% of sentences cut off mid-way through at its threshold in
+use (docs/benchmarks.md, "End-of-turn threshold"): a caller who pauses mid-sentence is answered
+there. Words say more: "I went to the" is unfinished however it is spoken.
+
+`TextTurnDetector` asks the shipped autoregressive model (`dv-small-ar`, trained on the same
+chit-chat conversations as `dv-small`) how likely the caller's words end an utterance: the
+conversation so far is rendered with the roles swapped, so the caller's words are the reply
+the model was trained to score, its trailing punctuation (Whisper's guess) stripped, and
+
+    p(end) = p(end-of-turn or eos | words) + sum over . ? ! of p(mark | words)
+
+from one forward: the words either stop here or finish a sentence with their next token.
+LiveKit holds the turn open (up to `session.max_endpointing_delay_s`) while p(end) is below
+the threshold. It implements LiveKit's text turn-detector protocol (`predict_end_of_turn` on the
+chat context, as its own text end-of-utterance models do); scoring runs in one worker thread,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from llm.model import Transformer
+from llm.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+# p(end) under which the turn is held open: on 46 Piper-spoken turns and 184 cut-offs of them,
+# transcribed by the deployment's Whisper, 0.15 holds 7% of the complete turns and lets 35-37%
+# of the cut-off ones through, most of them complete sentences themselves ("It is raining
+# outside"); v1-mini lets 64-91% through at 0.25 (docs/benchmarks.md, "End of turn from the
+# words")
+DEFAULT_THRESHOLD = 0.15
+SENTENCE_MARKS = (".", "?", "!")
+HISTORY_MESSAGES = 4  # earlier messages kept as context (LiveKit's text models keep 6 turns)
+CACHED_SCORES = 32
+_TRAILING = re.compile(r"[\s.?!,;:…]+$")
+Message = dict[str, str]
+
+
+class EndOfTurnScorer:
+    """p(the last message ends its speaker's turn) from a causal LM and its tokenizer."""
+
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer):
+        if not model.cfg.causal:
+            raise ValueError("the text turn detector needs a causal (autoregressive) model, "
+                             "e.g. dv-small-ar")
+        self.model, self.tok = model.eval(), tokenizer
+        marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
+        self.end_ids = sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
+        self.max_tokens = model.cfg.max_seq_len
+
+    def p_end(self, messages: list[Message]) -> float:
+        """messages: [{role: user|assistant, content}], the last one the speaker's words so far."""
+        ids = self.ids(messages)
+        return self.p_end_ids(ids) if ids else 1.0
+
+    def ids(self, messages: list[Message]) -> tuple[int, ...]:
+        """The tokens scored for `messages` (empty when the last one has no words)."""
+        *history, last = messages[-(HISTORY_MESSAGES + 1):]
+        words = _TRAILING.sub("", last["content"].strip())
+        if not words:
+            return ()
+        swap = {"user": "assistant", "assistant": "user"}
+        context = [{"role": swap[m["role"]], "content": m["content"]} for m in history]
+        ids = self.tok.encode_chat(context, add_generation_prompt=True) + self.tok.encode(words)
+        return tuple(ids[-self.max_tokens:])
+
+    def p_end_ids(self, ids: tuple[int, ...]) -> float:
+        with torch.inference_mode():
+            logits, _ = self.model(torch.tensor([ids], device=self.device))
+        probs = torch.softmax(logits[0, -1].float(), dim=-1)
+        return float(probs[self.end_ids].sum())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class TextTurnDetector:
+    """LiveKit's text turn-detector protocol (`livekit.agents.voice.turn._TurnDetector`)."""
+
+    def __init__(self, scorer: EndOfTurnScorer, *, name: str, threshold: float | None = None):
+        self.scorer, self._name = scorer, name
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-detector")
+        # scores by the tokens scored: a transcript prefetched while the caller spoke is
+        # answered at once when the session asks (the event loop's thread only)
+        self._scores: collections.OrderedDict[tuple[int, ...], Future[float]] = \
+            collections.OrderedDict()
+        self._prefetched: Future[float] | None = None
+
+    @classmethod
+    def load(cls, model: str, threshold: float | None = None) -> TextTurnDetector:
+        from llm.checkpoints import load_checkpoint, resolve_model_path
+
+        loaded = load_checkpoint(resolve_model_path(model), device="cpu", dtype=torch.float32)
+        return cls(EndOfTurnScorer(loaded.model, loaded.tokenizer), name=model,
+                   threshold=threshold)
+
+    @property
+    def model(self) -> str:
+        return self._name
+
+    @property
+    def provider(self) -> str:
+        return "diffvoice"
+
+    async def unlikely_threshold(self, language: Any) -> float | None:
+        return self.threshold
+
+    async def supports_language(self, language: Any) -> bool:
+        return language is None or str(language).lower().startswith("en")
+
+    async def predict_end_of_turn(
+        self, chat_ctx: Any, *, timeout: float | None = None  # noqa: ASYNC109 (the protocol's)
+    ) -> float:
+        messages = chat_messages(chat_ctx)
+        if not messages or messages[-1]["role"] != "user":
+            return 1.0
+        ids = self.scorer.ids(messages)
+        if not ids:
+            return 1.0
+        ready = ids in self._scores and self._scores[ids].done()
+        future = self._score(ids)
+        if future is self._prefetched:
+            self._prefetched = None  # asked for now: no later prefetch may cancel it
+        p = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        log.debug("p(end of turn) %.3f, %s", p, "prefetched" if ready else "scored when asked")
+        return p
+
+    def prefetch(self, chat_ctx: Any, words: str) -> None:
+        """Start scoring the caller's words so far (an interim or preflight transcript) after
+        `chat_ctx`, so the session's question at the end of the turn finds it done. A newer
+        prefetch replaces one still waiting for the worker."""
+        ids = self.scorer.ids([*chat_messages(chat_ctx), {"role": "user", "content": words}])
+        if not ids or ids in self._scores:
+            return
+        if self._prefetched is not None and self._prefetched.cancel():
+            self._scores = collections.OrderedDict(
+                (k, f) for k, f in self._scores.items() if f is not self._prefetched)
+        self._prefetched = self._score(ids)
+
+    def _score(self, ids: tuple[int, ...]) -> Future[float]:
+        future = self._scores.get(ids)
+        if future is None:
+            future = self._scores[ids] = self._pool.submit(self.scorer.p_end_ids, ids)
+            while len(self._scores) > CACHED_SCORES:
+                self._scores.popitem(last=False)
+        self._scores.move_to_end(ids)
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def chat_messages(chat_ctx: Any) -> list[Message]:
+    """A LiveKit chat context's user and assistant messages as [{role, content}]."""
+    return [{"role": item.role, "content": item.text_content or ""} for item in chat_ctx.items
+            if getattr(item, "role", None) in ("user", "assistant")]

@@ -1,0 +1,112 @@
+"""The text end-of-turn detector: the shipped dv-small-ar scores finished words above the same
+words cut off, it speaks LiveKit's turn-detector protocol, and a real AgentSession holds an
+unfinished turn open on it (scripted STT, LLM and TTS: the timing is the session's)."""
+
+from __future__ import annotations
+
+import pytest
+from agent_fakes import FakeEngine, FakeSTT, FakeTTS
+from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
+from livekit.agents import llm
+from livekit.plugins import silero
+from speech_samples import spoken
+from voice_harness import Caller
+
+from agent.session import Models, load_turn_detector
+from agent.settings import load_settings
+from agent.turn_detector import DEFAULT_THRESHOLD, EndOfTurnScorer, TextTurnDetector
+
+THRESHOLD = 0.15
+FINISHED_AND_CUT = [
+    ("How do I make a cup of tea?", "How do I make a"),
+    ("I just got back from a long walk.", "I just got back from a"),
+    ("Could you help me plan my weekend?", "Could you help me plan my"),
+    ("I have a meeting tomorrow morning.", "I have a meeting tomorrow and"),
+]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    detector = TextTurnDetector.load("dv-small-ar", threshold=THRESHOLD)
+    yield detector
+    detector.close()
+
+
+def p_end(detector: TextTurnDetector, words: str) -> float:
+    return detector.scorer.p_end([{"role": "assistant", "content": "Hi! How can I help?"},
+                                  {"role": "user", "content": words}])
+
+
+@pytest.mark.parametrize(("finished", "cut"), FINISHED_AND_CUT)
+def test_finished_words_score_above_the_threshold_and_cut_ones_below(detector, finished, cut):
+    assert p_end(detector, cut) < THRESHOLD < p_end(detector, finished)
+
+
+def test_whisper_punctuation_does_not_decide(detector):
+    assert p_end(detector, "How do I make a cup of tea") == p_end(detector, "How do I make a cup "
+                                                                            "of tea?")
+    assert p_end(detector, "How do I make a.") == p_end(detector, "How do I make a")
+
+
+async def test_the_livekit_protocol_on_a_chat_context(detector):
+    ctx = llm.ChatContext()
+    ctx.add_message(role="system", content="You are a friendly voice assistant.")
+    ctx.add_message(role="assistant", content="Hi! How can I help?")
+    ctx.add_message(role="user", content="I went to the")
+    assert await detector.predict_end_of_turn(ctx) < await detector.unlikely_threshold("en")
+    assert await detector.predict_end_of_turn(llm.ChatContext()) == 1.0  # nothing said yet
+    assert await detector.supports_language("en") and await detector.supports_language(None)
+    assert not await detector.supports_language("fr")
+    assert (detector.model, detector.provider) == ("dv-small-ar", "diffvoice")
+
+
+def test_settings_choose_it_and_a_diffusion_model_is_refused():
+    session = load_settings(overrides=['session.turn_detector="text"']).session
+    loaded = load_turn_detector(session.model_copy(update={"turn_end_threshold": None}))
+    try:
+        assert isinstance(loaded, TextTurnDetector) and loaded.threshold == DEFAULT_THRESHOLD
+    finally:
+        loaded.close()
+    tok = tiny_diffvoice_tokenizer()
+    with pytest.raises(ValueError, match="causal"):
+        EndOfTurnScorer(tiny_model(tok.vocab_size), tok)
+
+
+@pytest.mark.slow
+async def test_the_session_holds_unfinished_words_open(detector):
+    """The same audio twice; the transcript decides: a finished question is answered after the
+    short endpointing delay, unfinished words only after the long one."""
+    settings = load_settings(overrides=[
+        'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
+        "session.min_endpointing_delay_s=0.3", "session.max_endpointing_delay_s=1.5"])
+    vad = silero.VAD.load(min_silence_duration=0.3)
+    latency = {}
+    for words in ("How do I make a cup of tea?", "How do I make a"):
+        models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
+                        tts=FakeTTS(), vad=vad, turn_detector=detector)
+        async with Caller(settings, models) as caller:
+            caller.say(spoken("How do I make a cup of tea?"))
+            await caller.wait_for(lambda c=caller: c.heard, within=10)
+        latency[words] = caller.heard[0][0] - caller.last_speech_end
+    finished, unfinished = latency.values()
+    assert finished < 1.2 and unfinished > finished + 0.6, latency
+
+
+async def test_prefetched_words_are_answered_from_their_score(detector):
+    import threading
+
+    ctx = llm.ChatContext()
+    ctx.add_message(role="assistant", content="Hi! How can I help?")
+    busy = threading.Event()
+    detector._pool.submit(busy.wait, 10)  # the worker is busy: prefetches wait
+    detector.prefetch(ctx, "How do I make")
+    first = detector._prefetched
+    detector.prefetch(ctx, "How do I make a cup of tea?")  # replaces the one still waiting
+    busy.set()
+    assert first.cancelled() and len([f for f in detector._scores.values() if f is first]) == 0
+    asked = ctx.copy()
+    asked.add_message(role="user", content="How do I make a cup of tea?")
+    cached = len(detector._scores)
+    assert await detector.predict_end_of_turn(asked) == p_end(detector, "How do I make a cup of "
+                                                                        "tea?")
+    assert len(detector._scores) == cached  # answered by the prefetched score
