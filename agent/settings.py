@@ -37,10 +37,10 @@ class Section(BaseModel):
 class SessionSettings(Section):
     """The AgentSession every transport shares: turn taking, interruptions, greeting."""
 
-    # LiveKit's offline end-of-turn model ("v1-mini": the last 1.2 s of audio, in-process);
     # "text": the caller's words scored by `text_turn_model` (agent/turn_detector.py);
+    # "v1-mini": LiveKit's offline end-of-turn model on the last 1.2 s of audio (in-process);
     # "vad" = silence only
-    turn_detector: Literal["v1-mini", "text", "vad"] = "v1-mini"
+    turn_detector: Literal["v1-mini", "text", "vad"] = "text"
     # the causal model the "text" detector asks whether the caller's words end the turn
     text_turn_model: str = "dv-small-ar"
     # end-of-turn probability under which the detector holds the turn open (up to the max delay

@@ -1,5 +1,6 @@
 """`diffvoice bench-turns`: cut points, the separation measure, and the command on real models
-(Piper speaks, the session's Silero VAD finds the moment to ask, LiveKit's v1-mini scores)."""
+(Piper speaks, the session's Silero VAD finds the moment to ask; LiveKit's v1-mini scores the
+audio, or our text detector Whisper's transcript of it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from agent import bench_turns as bt
 from agent.cli import main
 from agent.clients import MIC_RATE
+from agent.turn_detector import DEFAULT_THRESHOLD
 
 
 def test_cut_words_keep_some_words_and_never_all():
@@ -36,12 +38,14 @@ def test_auc_counts_how_often_complete_scores_above_cut():
 
 def test_bench_turns_command_scores_real_turns(tmp_path, capsys):
     out = tmp_path / "turns.json"
-    rc = main(["bench-turns", "--turns", "2", "--json", str(out)])
+    rc = main(["bench-turns", "--turns", "2", "--json", str(out), "--config",
+               "bench-endpoint-audio"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "ROC AUC" in printed and "<- in use" in printed
     report = json.loads(out.read_text())
-    assert report["settings"]["threshold"] == 0.25  # configs/default.toml
+    assert report["settings"] == {**report["settings"], "turn_detector": "v1-mini",
+                                  "threshold": 0.25}  # configs/bench-endpoint-audio
     clips = report["clips"]
     assert {c["kind"] for c in clips} == {"complete", "prefix", "cut"}
     assert {c["condition"] for c in clips} == {"digital", "noise"}
@@ -58,11 +62,11 @@ def test_bench_turns_command_scores_real_turns(tmp_path, capsys):
 
 def test_bench_turns_scores_the_text_detector_on_whisper_transcripts(tmp_path, capsys):
     out = tmp_path / "turns.json"
-    rc = main(["bench-turns", "--turns", "1", "--json", str(out),
-               "--set", 'session.turn_detector="text"'])
+    rc = main(["bench-turns", "--turns", "1", "--json", str(out)])  # the deployment's detector
     assert rc == 0, capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["settings"]["turn_detector"] == "text"
+    assert report["settings"]["threshold"] == DEFAULT_THRESHOLD
     scored = [c for c in report["clips"] if c["p_end"] is not None]
     assert scored and all(c["transcript"] for c in scored)
     # "Hi there, how are you doing today?" heard whole ends the turn; its first words do not

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import real_parts
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
-from livekit.agents import APIConnectionError, inference
+from livekit.agents import APIConnectionError
 from livekit.plugins import silero
 from speech_samples import spoken
 from voice_harness import Caller
@@ -24,6 +24,7 @@ from agent.session import (
     turn_handling,
 )
 from agent.settings import Settings, load_settings
+from agent.turn_detector import TextTurnDetector
 from llm.sentences import sentence_cuts
 
 # fixtures with the real models, shared by the modules that need them
@@ -207,7 +208,7 @@ async def test_preemptive_draft_replayed_by_plugin_when_context_repeats():
     assert plugin.draft_stats.reused == 1
 
 
-# ---- the real parts: DiffusionLLM on the engine, Whisper, Piper, Silero, LiveKit's turn model --
+# ---- the real parts: DiffusionLLM on the engine, Whisper, Piper, Silero, the text turn model ---
 async def test_text_mode_through_the_real_engine(real_settings, real_models):
     session, agent = build_session(real_settings, real_models, session_id="text-1")
     async with session:
@@ -222,7 +223,7 @@ async def test_text_mode_through_the_real_engine(real_settings, real_models):
 
 @pytest.mark.slow
 async def test_spoken_turn_with_the_real_models(real_settings, real_models):
-    assert isinstance(real_models.turn_detector, inference.TurnDetector)
+    assert isinstance(real_models.turn_detector, TextTurnDetector)  # the deployment's
     async with Caller(real_settings, real_models, session_id="voice-1") as caller:
         caller.say(spoken(QUESTION))
         await caller.wait_for(lambda: caller.messages("assistant"), within=30)
