@@ -157,8 +157,8 @@ def build_session(
     )
     prefetch = getattr(models.turn_detector, "prefetch", None)
     if prefetch is not None:  # the text detector scores the words while the caller speaks
-        session.on("user_input_transcribed",
-                   lambda ev: ev.transcript and prefetch(session.history, ev.transcript))
+        session.on("user_input_transcribed", lambda ev: ev.transcript and prefetch(
+            session.history, ev.transcript, caller=id(session)))
     agent = VoiceAgent(instructions=settings.llm.system_prompt)
     return session, agent
 

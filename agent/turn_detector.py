@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import re
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -98,7 +99,9 @@ class TextTurnDetector:
         # answered at once when the session asks (the event loop's thread only)
         self._scores: collections.OrderedDict[tuple[int, ...], Future[float]] = \
             collections.OrderedDict()
-        self._prefetched: Future[float] | None = None
+        # each caller's prefetch still waiting for the worker (replaced by their next one)
+        self._prefetched: collections.OrderedDict[Hashable, Future[float]] = \
+            collections.OrderedDict()
 
     @classmethod
     def load(cls, model: str, threshold: float | None = None) -> TextTurnDetector:
@@ -133,23 +136,27 @@ class TextTurnDetector:
             return 1.0
         ready = ids in self._scores and self._scores[ids].done()
         future = self._score(ids)
-        if future is self._prefetched:
-            self._prefetched = None  # asked for now: no later prefetch may cancel it
+        for caller, waiting in list(self._prefetched.items()):
+            if waiting is future:  # asked for now: no later prefetch may cancel it
+                del self._prefetched[caller]
         p = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         log.debug("p(end of turn) %.3f, %s", p, "prefetched" if ready else "scored when asked")
         return p
 
-    def prefetch(self, chat_ctx: Any, words: str) -> None:
+    def prefetch(self, chat_ctx: Any, words: str, caller: Hashable = None) -> None:
         """Start scoring the caller's words so far (an interim or preflight transcript) after
-        `chat_ctx`, so the session's question at the end of the turn finds it done. A newer
-        prefetch replaces one still waiting for the worker."""
+        `chat_ctx`, so the session's question at the end of the turn finds it done. A caller's
+        newer prefetch replaces their one still waiting for the worker."""
         ids = self.scorer.ids([*chat_messages(chat_ctx), {"role": "user", "content": words}])
         if not ids or ids in self._scores:
             return
-        if self._prefetched is not None and self._prefetched.cancel():
+        stale = self._prefetched.pop(caller, None)
+        if stale is not None and stale.cancel():
             self._scores = collections.OrderedDict(
-                (k, f) for k, f in self._scores.items() if f is not self._prefetched)
-        self._prefetched = self._score(ids)
+                (k, f) for k, f in self._scores.items() if f is not stale)
+        self._prefetched[caller] = self._score(ids)
+        while len(self._prefetched) > CACHED_SCORES:  # callers long gone
+            self._prefetched.popitem(last=False)
 
     def _score(self, ids: tuple[int, ...]) -> Future[float]:
         future = self._scores.get(ids)

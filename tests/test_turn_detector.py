@@ -99,11 +99,13 @@ async def test_prefetched_words_are_answered_from_their_score(detector):
     ctx.add_message(role="assistant", content="Hi! How can I help?")
     busy = threading.Event()
     detector._pool.submit(busy.wait, 10)  # the worker is busy: prefetches wait
-    detector.prefetch(ctx, "How do I make")
-    first = detector._prefetched
-    detector.prefetch(ctx, "How do I make a cup of tea?")  # replaces the one still waiting
+    detector.prefetch(ctx, "How do I make", caller="a")
+    first = detector._prefetched["a"]
+    detector.prefetch(ctx, "My sister and I went to", caller="b")  # another caller's: both wait
+    detector.prefetch(ctx, "How do I make a cup of tea?", caller="a")  # replaces a's waiting one
     busy.set()
     assert first.cancelled() and len([f for f in detector._scores.values() if f is first]) == 0
+    assert not detector._prefetched["b"].cancelled()
     asked = ctx.copy()
     asked.add_message(role="user", content="How do I make a cup of tea?")
     cached = len(detector._scores)
