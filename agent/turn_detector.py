@@ -99,9 +99,9 @@ class TextTurnDetector:
         # answered at once when the session asks (the event loop's thread only)
         self._scores: collections.OrderedDict[tuple[int, ...], Future[float]] = \
             collections.OrderedDict()
-        # each caller's prefetch still waiting for the worker (replaced by their next one)
-        self._prefetched: collections.OrderedDict[Hashable, Future[float]] = \
-            collections.OrderedDict()
+        # each caller's last prefetch (tokens, score): replaced by their next one while waiting
+        self._prefetched: collections.OrderedDict[
+            Hashable, tuple[tuple[int, ...], Future[float]]] = collections.OrderedDict()
 
     @classmethod
     def load(cls, model: str, threshold: float | None = None) -> TextTurnDetector:
@@ -136,8 +136,8 @@ class TextTurnDetector:
             return 1.0
         ready = ids in self._scores and self._scores[ids].done()
         future = self._score(ids)
-        for caller, waiting in list(self._prefetched.items()):
-            if waiting is future:  # asked for now: no later prefetch may cancel it
+        for caller, (prefetched, _) in list(self._prefetched.items()):
+            if prefetched == ids:  # asked for now: no later prefetch may cancel it
                 del self._prefetched[caller]
         p = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         log.debug("p(end of turn) %.3f, %s", p, "prefetched" if ready else "scored when asked")
@@ -150,11 +150,10 @@ class TextTurnDetector:
         ids = self.scorer.ids([*chat_messages(chat_ctx), {"role": "user", "content": words}])
         if not ids or ids in self._scores:
             return
-        stale = self._prefetched.pop(caller, None)
-        if stale is not None and stale.cancel():
-            self._scores = collections.OrderedDict(
-                (k, f) for k, f in self._scores.items() if f is not stale)
-        self._prefetched[caller] = self._score(ids)
+        stale_ids, stale = self._prefetched.pop(caller, ((), None))
+        if stale is not None and stale.cancel() and self._scores.get(stale_ids) is stale:
+            del self._scores[stale_ids]
+        self._prefetched[caller] = ids, self._score(ids)
         while len(self._prefetched) > CACHED_SCORES:  # callers long gone
             self._prefetched.popitem(last=False)
 

@@ -100,12 +100,12 @@ async def test_prefetched_words_are_answered_from_their_score(detector):
     busy = threading.Event()
     detector._pool.submit(busy.wait, 10)  # the worker is busy: prefetches wait
     detector.prefetch(ctx, "How do I make", caller="a")
-    first = detector._prefetched["a"]
+    _, first = detector._prefetched["a"]
     detector.prefetch(ctx, "My sister and I went to", caller="b")  # another caller's: both wait
     detector.prefetch(ctx, "How do I make a cup of tea?", caller="a")  # replaces a's waiting one
     busy.set()
     assert first.cancelled() and len([f for f in detector._scores.values() if f is first]) == 0
-    assert not detector._prefetched["b"].cancelled()
+    assert not detector._prefetched["b"][1].cancelled()
     asked = ctx.copy()
     asked.add_message(role="user", content="How do I make a cup of tea?")
     cached = len(detector._scores)
