@@ -155,10 +155,9 @@ def build_session(
         aec_warmup_duration=s.aec_warmup_s or None,
         user_away_timeout=s.user_away_timeout_s,
     )
-    prefetch = getattr(models.turn_detector, "prefetch", None)
-    if prefetch is not None:  # the text detector scores the words while the caller speaks
-        session.on("user_input_transcribed", lambda ev: ev.transcript and prefetch(
-            session.history, ev.transcript, caller=id(session)))
+    follow = getattr(models.turn_detector, "follow", None)
+    if follow is not None:  # the text detector scores the words while the caller speaks
+        follow(session)
     agent = VoiceAgent(instructions=settings.llm.system_prompt)
     return session, agent
 

@@ -157,6 +157,25 @@ class TextTurnDetector:
         while len(self._prefetched) > CACHED_SCORES:  # callers long gone
             self._prefetched.popitem(last=False)
 
+    def follow(self, session: Any) -> None:
+        """Prefetch a LiveKit session's turn as it will be asked about: the turn's final
+        transcripts so far (LiveKit joins them when a caller resumes after a held pause), then
+        the newest interim or preflight one."""
+        finals: list[str] = []
+
+        def transcribed(ev: Any) -> None:
+            if ev.transcript:
+                self.prefetch(session.history, " ".join([*finals, ev.transcript]), id(session))
+                if ev.is_final:
+                    finals.append(ev.transcript)
+
+        def added(ev: Any) -> None:
+            if getattr(ev.item, "role", None) == "user":  # the turn was committed
+                finals.clear()
+
+        session.on("user_input_transcribed", transcribed)
+        session.on("conversation_item_added", added)
+
     def _score(self, ids: tuple[int, ...]) -> Future[float]:
         future = self._scores.get(ids)
         if future is None:

@@ -14,7 +14,12 @@ from voice_harness import Caller
 
 from agent.session import Models, load_turn_detector
 from agent.settings import load_settings
-from agent.turn_detector import DEFAULT_THRESHOLD, EndOfTurnScorer, TextTurnDetector
+from agent.turn_detector import (
+    DEFAULT_THRESHOLD,
+    EndOfTurnScorer,
+    TextTurnDetector,
+    chat_messages,
+)
 
 THRESHOLD = 0.15
 FINISHED_AND_CUT = [
@@ -112,3 +117,33 @@ async def test_prefetched_words_are_answered_from_their_score(detector):
     assert await detector.predict_end_of_turn(asked) == p_end(detector, "How do I make a cup of "
                                                                         "tea?")
     assert len(detector._scores) == cached  # answered by the prefetched score
+
+
+async def test_a_turn_resumed_after_a_pause_is_prefetched_as_livekit_asks(detector):
+    """A held pause, then more words: LiveKit asks about both final transcripts joined."""
+    from types import SimpleNamespace as Ev
+
+    class Session:
+        def __init__(self):
+            self.history, self.handlers = llm.ChatContext(), {}
+
+        def on(self, name, fn):
+            self.handlers[name] = fn
+
+    def prefetched(*messages: str) -> bool:
+        history = chat_messages(session.history)
+        asked = [*history, *({"role": "user", "content": m} for m in messages)]
+        return detector.scorer.ids(asked) in detector._scores
+
+    session = Session()
+    session.history.add_message(role="assistant", content="Hi! How can I help?")
+    detector.follow(session)
+    emit = session.handlers["user_input_transcribed"]
+    emit(Ev(transcript="Can you tell me", is_final=True))
+    emit(Ev(transcript="how far away the sun", is_final=False))
+    emit(Ev(transcript="how far away the sun is?", is_final=True))
+    assert prefetched("Can you tell me how far away the sun is?")
+    session.handlers["conversation_item_added"](Ev(item=Ev(role="user")))  # committed
+    emit(Ev(transcript="Thanks a lot!", is_final=False))  # the next turn starts afresh
+    assert prefetched("Thanks a lot!")
+    assert not prefetched("Can you tell me how far away the sun is? Thanks a lot!")
