@@ -43,6 +43,7 @@ import numpy as np
 from agent import bench_report as report
 from agent.clients import MIC_RATE, InProcessCaller, TwilioBenchCaller, WebRTCCaller
 from agent.settings import BenchSettings, Settings, load_settings
+from audio.settings import TtsSettings
 from audio.speech_eval import MicNoise
 
 HELP = "measure end-to-end turn latency at the client (WebRTC, Twilio, in-process), with breakdown"
@@ -77,6 +78,9 @@ BUILTIN_TURNS = (
     "Okay, goodbye for now.",
 )
 LEAD_SILENCE_S = 0.2  # before each utterance, so the VAD sees a clean onset
+# TtsSettings that change a synthesised text's audio, besides the voice and its speed
+SPEECH_FIELDS = {"config_path", "noise_scale", "noise_w_scale", "lead_in_ms",
+                 "max_sentence_chars"}
 QUIET_POLL_S = 0.05
 
 
@@ -111,18 +115,26 @@ def spoken(text: str, settings: Settings) -> np.ndarray:
     """`text` spoken by the configured Piper voice at MIC_RATE, cached as a WAV."""
     from audio.codecs import read_wav, resample, write_wav
 
-    tts = settings.tts
-    key = hashlib.sha1(f"{text}|{tts.voice_path}|{tts.length_scale}".encode()).hexdigest()[:16]
-    path = Path(settings.bench.cache_dir) / f"{key}.wav"
+    path = Path(settings.bench.cache_dir) / f"{speech_key(text, settings.tts)}.wav"
     if not path.is_file():
         from audio.tts import synthesize
 
-        pcm, rate = synthesize(text, tts)
+        pcm, rate = synthesize(text, settings.tts)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_wav(path, resample(pcm, rate, MIC_RATE), MIC_RATE)
     pcm, rate = read_wav(path)
     lead = np.zeros(int(LEAD_SILENCE_S * MIC_RATE), dtype=np.int16)
     return np.concatenate([lead, resample(pcm, rate, MIC_RATE)])
+
+
+def speech_key(text: str, tts: TtsSettings) -> str:
+    """The cache name of `text` spoken with `tts`: every setting that changes the audio is in
+    it (those left at their defaults are not spelled out, so the cached files of default
+    settings keep their names)."""
+    changed = tts.model_dump(exclude_defaults=True, include=SPEECH_FIELDS)
+    spec = f"{text}|{tts.voice_path}|{tts.length_scale}" + "".join(
+        f"|{k}={v}" for k, v in sorted(changed.items()))
+    return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
 
 def stretch_pause(pcm: np.ndarray, pause_ms: int, level: int) -> np.ndarray:

@@ -182,3 +182,14 @@ def test_bench_command_end_to_end(transport, tmp_path, capsys):
     assert rc == 0, printed
     assert "p50=" in printed and "transport/playout" in printed
     _check_report(out, transport, 3)
+
+
+def test_spoken_turns_are_cached_per_synthesis_setting():
+    from audio.settings import TtsSettings
+
+    default = bench.speech_key("Hello there.", TtsSettings())
+    assert default == bench.speech_key("Hello there.", TtsSettings(clause_split_chars=80))
+    others = {bench.speech_key("Hello there.", TtsSettings(**change))
+              for change in ({"noise_scale": 0.0}, {"noise_w_scale": 0.0}, {"lead_in_ms": None},
+                             {"length_scale": 1.2}, {"max_sentence_chars": 40})}
+    assert len(others) == 5 and default not in others
