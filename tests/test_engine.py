@@ -471,6 +471,27 @@ class _ReplayOnCPU(_GraphedLayers):
         self.graph = type("Graph", (), {"replay": staticmethod(replay)})
 
 
+def scattered_replies(eng: DiffusionEngine, decode: dict) -> tuple[list, list, list]:
+    """Every prompt twice, solo; then batched so that rows leave early and others join into
+    their slots (a group's slots are then not adjacent). Returns (solo, batched, contexts)."""
+    texts = PROMPTS * 2
+    solo = [run(eng, t)[0] for t in texts]
+    views, context = [], eng._context
+
+    def record(plans, refresh):
+        ctx = context(plans, refresh)
+        views.append(ctx[0])
+        return ctx
+
+    eng._context = record
+    short = DecodeSettings(**{**decode, "max_new_tokens": 4})
+    streams = [eng.stream(msgs(t), decode=short if i % 2 else None) for i, t in enumerate(texts)]
+    for st in streams[1::2]:
+        list(st)  # the short rows end and free slots 1, 3, 5, 7
+    streams[1::2] = [eng.stream(msgs(t)) for t in texts[1::2]]  # they join into those
+    return solo, [[t for s in st for t in s.token_ids] for st in streams], views
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
     """Rows leave and join so that a group's slots are not adjacent (its context is gathered);
@@ -481,23 +502,7 @@ def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
     eng = make_engine(tok, decode=decode, cache="dual")
     eng._graphs_on, eng._bucket = graphs, 128 if graphs else 1
     try:
-        texts = PROMPTS * 2
-        solo = [run(eng, t)[0] for t in texts]
-        views, context = [], eng._context
-
-        def record(plans, refresh):
-            ctx = context(plans, refresh)
-            views.append(ctx[0])
-            return ctx
-
-        eng._context = record
-        short = DecodeSettings(**{**decode, "max_new_tokens": 4})
-        streams = [eng.stream(msgs(t), decode=short if i % 2 else None)
-                   for i, t in enumerate(texts)]
-        for st in streams[1::2]:
-            list(st)  # the short rows end and free slots 1, 3, 5, 7
-        streams[1::2] = [eng.stream(msgs(t)) for t in texts[1::2]]  # they join into those
-        got = [[t for s in st for t in s.token_ids] for st in streams]
+        solo, got, views = scattered_replies(eng, decode)
         assert got == solo
         assert any(v is not None and v.index is not None for v in views)  # gathered contexts
         assert eng.kv.n_slots == 8  # the buffers grew to the 8 rows in flight, and no further
@@ -505,6 +510,22 @@ def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
         assert not graphs or {k[-1] for k in eng._graphs} == {True, False}
     finally:
         eng.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_over_scattered_slots_give_the_eager_tokens(tok):
+    decode = dict(strategy="fixed", max_new_tokens=32, block_length=8, steps_per_block=4)
+    model = tiny_model(tok.vocab_size).cuda()
+    replies = []
+    for graphs in (False, True):
+        eng = make_engine(tok, model, decode=decode, cache="dual", cuda_graphs=graphs)
+        try:
+            solo, got, views = scattered_replies(eng, decode)
+            assert any(v is not None and v.index is not None for v in views)
+            replies.append((solo, got))
+        finally:
+            eng.close()
+    assert replies[0] == replies[1]
 
 
 def test_a_request_beyond_the_kv_capacity_is_refused_and_the_engine_goes_on(tok):
