@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from llm.model import Transformer
+from llm.model import Transformer, quantize_int8
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,11 @@ class TextTurnDetector:
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
         loaded = load_checkpoint(resolve_model_path(model), device="cpu", dtype=torch.float32)
-        return cls(EndOfTurnScorer(loaded.model, loaded.tokenizer), name=model,
-                   threshold=threshold)
+        # int8 projections, as the engine's on the CPU: a score takes 6-11 ms on one core
+        # instead of 14-26 ms in fp32, and bench-turns reads the same (AUC 0.84 / 0.85; at
+        # 0.15 one cut-off clip of 184 more let through in digital silence)
+        scorer = EndOfTurnScorer(quantize_int8(loaded.model), loaded.tokenizer)
+        return cls(scorer, name=model, threshold=threshold)
 
     @property
     def model(self) -> str:
