@@ -719,16 +719,17 @@ class DiffusionEngine:
         result: tuple[SlotView | None, Tensor | None] = (None, None)
         if S:
             S_pad = -(-S // self._bucket) * self._bucket
-            # rows without a context (padding, first encodes) may not have a slot buffer yet:
-            # they read any allocated slot, all masked
-            slots = [p.slot if p.context and p.slot < self.kv.n_slots else -1 for p in plans]
-            first = next(s for s in slots if s >= 0)
-            slots = [first + b if s < 0 else s for b, s in enumerate(slots)]
-            view = SlotView(len(plans), S_pad, start=slots[0])
-            if slots != list(range(slots[0], slots[0] + len(slots))) or \
-                    slots[-1] >= self.kv.n_slots:
-                slots = [s if s < self.kv.n_slots else first for s in slots]
-                view = SlotView(len(plans), S_pad, index=torch.tensor(slots, device=self.device))
+            # rows without a context (padding, first encodes) may have no slot buffer yet and
+            # read any allocated slot, all masked: the one that keeps the run of slots a view
+            B, n = len(plans), self.kv.n_slots
+            real = {b: p.slot for b, p in enumerate(plans) if p.context and p.slot < n}
+            b0, s0 = next(iter(real.items()))
+            start = s0 - b0
+            if start >= 0 and start + B <= n and all(s == start + b for b, s in real.items()):
+                view = SlotView(B, S_pad, start=start)
+            else:
+                index = [real.get(b, s0) for b in range(B)]
+                view = SlotView(B, S_pad, index=torch.tensor(index, device=self.device))
             mask = torch.zeros(len(plans), S_pad, dtype=torch.bool)
             for row, p in zip(mask, plans, strict=True):
                 for b, e in p.context:
