@@ -79,8 +79,21 @@ class GenerationStats:
 _END = object()
 WINDOW_BUCKET = 16  # compiled/graphed forwards pad their token count to a multiple of this
 STATIC_MAX_TOKENS = 256  # longer forwards (prompt encodes) run eager: compute-bound anyway
-# captured step graphs kept (LRU); they share one memory pool and read the K/V slots in place
-MAX_GRAPHS = 8
+# captured step graphs kept (LRU); they share one memory pool and read the K/V slots in place.
+# Each holds its outputs (hidden states and the window's K/V: ~40 MB for one LLaDA-8B row of 80
+# tokens, 16x that for 16 rows), so they are bounded by count and by those bytes
+MAX_GRAPHS = 64
+MAX_GRAPH_BYTES = 4 << 30
+# the warm-up's caller (`DiffusionEngine.warm_up`): turns of varied lengths, so that the new
+# tokens of each turn, and with them the shapes of its first refresh, vary as a caller's do
+WARMUP_SESSION = "engine-warmup"
+WARMUP_LINES = (
+    "Hello there, how are you doing today?",
+    "Okay.",
+    "Tell me a little more about that, and what you would do next if you were me.",
+    "What is a good way to spend a quiet weekend at home when the weather turns cold and wet?",
+    "Thanks, that helps.",
+)
 
 
 class EngineStream:
@@ -504,6 +517,7 @@ class DiffusionEngine:
         self._row_attention = self.device.type == "cpu"
         self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
         self._graphs_generation = 0
+        self.graph_captures = 0  # step graphs captured so far (a new one stalls its step)
         self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len))
         # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
         self._static_layers = self._run_layers
@@ -528,10 +542,15 @@ class DiffusionEngine:
         if llm.model.startswith(RANDOM_PREFIX):
             model, tok = random_named(llm.model, torch.device(llm.device), engine_dtype(llm))
             log.info("%s: random weights, %.1fB parameters", llm.model, model.num_params() / 1e9)
-            return cls(for_engine(model, llm), tok, llm)
-        loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
-                                 dtype=engine_dtype(llm))
-        return cls(for_engine(loaded.model, llm), loaded.tokenizer, llm)
+        else:
+            loaded = load_checkpoint(resolve_model_path(llm.model), device=llm.device,
+                                     dtype=engine_dtype(llm))
+            model, tok = loaded.model, loaded.tokenizer
+        engine = cls(for_engine(model, llm), tok, llm)
+        es = llm.engine
+        if es.warmup_tokens and (es.compile or engine._graphs_on):
+            engine.warm_up(es.warmup_tokens)
+        return engine
 
     @property
     def accepts_drafts(self) -> bool:
@@ -565,6 +584,28 @@ class DiffusionEngine:
         text = "".join(span.text for span in stream)
         assert stream.stats is not None
         return text, stream.stats
+
+    def warm_up(self, tokens: int) -> list[Message]:
+        """Converse with itself (`WARMUP_LINES`, the deployment's decode settings) until the
+        prompt would pass `tokens`, so the compilations and step graphs of a solo conversation
+        up to that length exist before the first caller (`EngineSettings.warmup_tokens`).
+        Returns the conversation it held."""
+        t0, captures = time.perf_counter(), self.graph_captures
+        limit = min(tokens, self.kv.cap) - self.settings.decode.max_new_tokens
+        messages: list[Message] = [{"role": "system", "content": self.settings.system_prompt}]
+        turns = 0
+        while True:
+            messages.append({"role": "user", "content": WARMUP_LINES[turns % len(WARMUP_LINES)]})
+            if len(self.tokenizer.encode_chat(messages)) > limit:
+                break
+            reply, _ = self.generate(messages, session_id=WARMUP_SESSION)
+            messages.append({"role": "assistant", "content": reply})
+            turns += 1
+        self.sessions.take(WARMUP_SESSION)
+        self.step_log.clear()
+        log.info("engine warm-up: %d turns up to %d tokens, %d step graphs captured, %.1f s",
+                 turns, tokens, self.graph_captures - captures, time.perf_counter() - t0)
+        return messages[:-1]
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -765,7 +806,10 @@ class DiffusionEngine:
             pool = next(iter(self._graphs.values())).pool if self._graphs else None
             graph = self._graphs[shape] = _GraphedLayers(self._static_layers, idx, pos,
                                                          key_mask, ctx, pool)
-            while len(self._graphs) > MAX_GRAPHS:
+            self.graph_captures += 1
+            while len(self._graphs) > 1 and (
+                    len(self._graphs) > MAX_GRAPHS
+                    or sum(g.nbytes for g in self._graphs.values()) > MAX_GRAPH_BYTES):
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(shape)
         return graph
@@ -924,6 +968,14 @@ class _GraphedLayers:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
             self.out = fn(self.idx, self.pos, self.key_mask, self.ctx)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its outputs hold (the rest of its memory is the shared pool's)."""
+        if self.out is None:
+            return 0
+        hidden, kv = self.out
+        return hidden.nbytes + sum(k.nbytes + v.nbytes for k, v in kv)
 
     def __call__(self, idx: Tensor, pos: Tensor, key_mask: Tensor, ctx: SlotView) -> Any:
         self.idx.copy_(idx)

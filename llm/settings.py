@@ -72,6 +72,12 @@ class EngineSettings(BaseModel):
     compile: bool = False
     cuda_graphs: bool = False
     context_bucket: int = Field(128, ge=1)
+    # with compile or cuda_graphs: at load, the engine converses with itself (the deployment's
+    # decode settings, a growing conversation) until its prompt reaches this many tokens, so the
+    # compilations and graphs of a solo conversation up to that length exist before the first
+    # caller; met mid-turn they cost 0.8-5.8 s on an H100 (docs/benchmarks.md, "GPU" under
+    # "End-to-end turn latency"). 0: none; batched shapes are captured when first met
+    warmup_tokens: int = Field(0, ge=0)
 
 
 class LLMSettings(BaseModel):

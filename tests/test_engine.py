@@ -512,6 +512,31 @@ def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
         eng.close()
 
 
+def test_a_warmed_up_engine_meets_its_rehearsed_shapes_without_capturing(tok, monkeypatch):
+    monkeypatch.setattr("llm.engine._GraphedLayers", _ReplayOnCPU)
+    decode = dict(strategy="fixed", max_new_tokens=16, block_length=8, steps_per_block=4)
+    engines = [make_engine(tok, decode=decode, cache="dual") for _ in range(2)]
+    for e in engines:
+        e._graphs_on, e._bucket = True, 128  # what `cuda_graphs` selects on a GPU
+    warm, cold = engines
+    try:
+        conversation = warm.warm_up(300)
+        captured = warm.graph_captures
+        turns = sum(m["role"] == "assistant" for m in conversation)
+        assert turns >= 3 and captured > 0 and len(warm.sessions) == 0 and not warm.step_log
+        assert len(tok.encode_chat(conversation)) > 128  # contexts of two buckets
+        for n in range(1, len(conversation)):  # the same conversation, from a caller
+            if conversation[n]["role"] == "user":
+                text, _ = warm.generate(conversation[:n + 1], session_id="caller")
+                assert text == conversation[n + 1]["content"]
+        assert warm.graph_captures == captured
+        # the warm-up leaves no trace in what a caller gets
+        assert run(warm, PROMPTS[1])[0] == run(cold, PROMPTS[1])[0]
+    finally:
+        for e in engines:
+            e.close()
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_over_scattered_slots_give_the_eager_tokens(tok):
     decode = dict(strategy="fixed", max_new_tokens=32, block_length=8, steps_per_block=4)
