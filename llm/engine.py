@@ -42,7 +42,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from llm.kvcache import KV, KVSlots, SessionCache, SessionEntry, SlotView, common_prefix
+from llm.kvcache import (
+    KV,
+    KVSlots,
+    SessionCache,
+    SessionEntry,
+    SlotView,
+    SlotWrite,
+    common_prefix,
+    kv_len,
+)
 from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
@@ -392,14 +401,15 @@ class _DiffusionRow(_Row):
                          [(0, ws), (self.be, self.live_end)], out, False)
         return _Plan(self.tokens[ws:self.canvas_end], ws, self.slot, [(0, ws)], out, False)
 
-    def absorb(self, plan: _Plan, kv: KV) -> None:
-        """Keep a refresh's K/V from the frozen columns on: the prompt part is frozen once, the
-        reply part is live until the next refresh."""
+    def absorb(self, plan: _Plan) -> int:
+        """A refresh's K/V are kept from the frozen columns on (returned: the first kept
+        position): the prompt part is frozen once, the reply part is live until the next
+        refresh."""
         lo = max(plan.start, self.F)
-        self.eng.kv.write(self.slot, lo, _kv_slice(kv, lo - plan.start))
         if self.eng.settings.engine.freeze_prompt:
             self.F = max(self.F, self.P)
         self.live_end = plan.start + len(plan.ids)
+        return lo
 
     def block_view(self) -> tuple[list[int], int, float]:
         """Active block tokens, how many to commit now, and the confidence threshold."""
@@ -458,9 +468,9 @@ class _ARRow(_Row):
         a = self.F if self.n == 0 else self.n
         return _Plan(self.tokens[a:], a, self.slot, [(0, a)], [len(self.tokens)], True)
 
-    def absorb(self, plan: _Plan, kv: KV) -> None:
-        self.eng.kv.write(self.slot, plan.start, kv)
+    def absorb(self, plan: _Plan) -> int:
         self.n = plan.start + len(plan.ids)
+        return plan.start
 
     def block_view(self) -> tuple[list[int], int, float]:
         return [self.eng.tokenizer.mask_id], 1, float("inf")
@@ -676,18 +686,26 @@ class DiffusionEngine:
                 plans = [r.plan(is_refresh) for r in group]
                 blocks = self._blocks(group)  # uploaded before the forward: no sync behind it
                 events = self._events()
-                logits, kvs = self._forward(plans, is_refresh)
+                logits, kv = self._forward(plans, is_refresh)
                 if events:
                     events[1].record()
-                for r, p, kv in zip(group, plans, kvs, strict=True):
-                    r.nfe += 1
-                    if p.keep_kv:
-                        r.absorb(p, kv)
+                self._absorb(group, plans, kv)
                 self._decide(group, logits, blocks)  # synchronises: the events are done
                 gpu = events[0].elapsed_time(events[1]) / 1e3 if events else None
                 encode = any(p.start == 0 for p in plans)
                 self.step_log.append(StepRecord(is_refresh, len(group),
                                                 time.perf_counter() - t0, gpu, encode))
+
+    def _absorb(self, group: list[_Row], plans: list[_Plan], kv: KV) -> None:
+        """Each row's bookkeeping of a forward, and the K/V it keeps copied into the slots in
+        one indexed copy per layer (`kv`: (B, nkv, T, hd) per layer, rows left-padded)."""
+        T, writes = kv_len(kv), []
+        for b, (r, p) in enumerate(zip(group, plans, strict=True)):
+            r.nfe += 1
+            if p.keep_kv:
+                lo, end = r.absorb(p), p.start + len(p.ids)
+                writes.append(SlotWrite(b, T - (end - lo), r.slot, lo, end - lo))
+        self.kv.write_rows(kv, writes)
 
     def _events(self) -> tuple[Any, Any] | None:
         """On CUDA, a started pair of events to time a forward on the GPU's clock."""
@@ -699,10 +717,10 @@ class DiffusionEngine:
 
     # --- one forward for a group of rows ----------------------------------------------------
 
-    def _forward(self, plans: list[_Plan], is_refresh: bool) -> tuple[Tensor, list[KV]]:
+    def _forward(self, plans: list[_Plan], is_refresh: bool) -> tuple[Tensor, KV]:
         """Left-padded batch forward; returns logits (N, V) of every plan's out_positions in
-        order, and each row's K/V of its own tokens (views, overwritten by the next replay of a
-        CUDA graph: `absorb` copies what it keeps into the slots at once)."""
+        order, and the K/V of the window per layer, (B, nkv, T, hd), each row's tokens last
+        (overwritten by the next replay of a CUDA graph: `_absorb` copies them at once)."""
         n_rows = len(plans)
         if self._bucket > 1 and max(len(p.ids) for p in plans) <= STATIC_MAX_TOKENS:
             plans = plans + [_padding_plan(self.tokenizer.pad_id)
@@ -723,9 +741,7 @@ class DiffusionEngine:
         hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
-        kvs = [[(k[b:b + 1, :, T - n:], v[b:b + 1, :, T - n:]) for k, v in kv]
-               for b, n in enumerate(lens[:n_rows])]
-        return logits, kvs
+        return logits, kv
 
     def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:
         B = len(plans)

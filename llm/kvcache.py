@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from llm.model import LayerKV
@@ -34,6 +35,17 @@ def kv_slice(kv: KV, start: int, end: int | None = None) -> KV:
 
 def kv_bytes(kv: KV | None) -> int:
     return 0 if not kv else sum(k.nbytes + v.nbytes for k, v in kv)
+
+
+class SlotWrite(NamedTuple):
+    """Row `row`'s K/V at [src, src + n) of a forward's tokens go to `slot`'s columns
+    [col, col + n)."""
+
+    row: int
+    src: int
+    slot: int
+    col: int
+    n: int
 
 
 class SlotView(NamedTuple):
@@ -77,15 +89,33 @@ class KVSlots:
 
     def write(self, slot: int, start: int, kv: KV) -> None:
         """K/V (1, nkv, n, hd) per layer into the slot's columns [start, start + n)."""
-        n = kv_len(kv)
-        if n == 0:
+        self.write_rows(kv, [SlotWrite(0, 0, slot, start, kv_len(kv))])
+
+    def write_rows(self, kv: KV, writes: list[SlotWrite]) -> None:
+        """Several rows of a forward's K/V (B, nkv, T, hd) per layer into their slots, one
+        indexed copy per layer for all of them (a copy per row and layer cost 1,024 kernels
+        per 16-row refresh of LLaDA-8B)."""
+        writes = [w for w in writes if w.n > 0]
+        if not writes:
             return
-        if start + n > self.cap:
-            raise ValueError(f"positions up to {start + n} exceed the K/V capacity {self.cap}")
-        self._reserve(slot + 1, kv)
+        end = max(w.col + w.n for w in writes)
+        if end > self.cap:
+            raise ValueError(f"positions up to {end} exceed the K/V capacity {self.cap}")
+        self._reserve(max(w.slot for w in writes) + 1, kv)
+        if len(writes) == 1:  # one contiguous run: a plain slice copy
+            w = writes[0]
+            for (bk, bv), (k, v) in zip(zip(self.k, self.v, strict=True), kv, strict=True):
+                bk[w.slot, :, w.col:w.col + w.n] = k[w.row, :, w.src:w.src + w.n]
+                bv[w.slot, :, w.col:w.col + w.n] = v[w.row, :, w.src:w.src + w.n]
+            return
+        dev = self.k[0].device
+        idx = torch.tensor([(w.row, w.src + i, w.slot, w.col + i) for w in writes
+                            for i in range(w.n)], pin_memory=dev.type == "cuda")
+        # pinned and asynchronous: the forward before it is still running on the GPU
+        row, src, slot, col = idx.to(dev, non_blocking=True).T.unbind(0)
         for (bk, bv), (k, v) in zip(zip(self.k, self.v, strict=True), kv, strict=True):
-            bk[slot, :, start:start + n] = k[0]
-            bv[slot, :, start:start + n] = v[0]
+            bk[slot, :, col] = k[row, :, src]  # (N, nkv, hd)
+            bv[slot, :, col] = v[row, :, src]
 
     def read(self, slot: int, end: int) -> KV:
         """Owned copies of the slot's columns [0, end), (1, nkv, end, hd) per layer."""
@@ -116,6 +146,9 @@ class SessionEntry:
     ids: tuple[int, ...]  # the tokens whose K/V are kept
     kv: KV  # (1, nkv, len(ids), hd) per layer
 
+    def __post_init__(self) -> None:
+        self.nbytes = kv_bytes(self.kv)
+
 
 class SessionCache:
     """LRU of conversations' K/V, bounded by count and bytes.
@@ -127,22 +160,25 @@ class SessionCache:
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()
+        # kept up to date: summing every entry's layers at each put took ~0.4 ms with 32 kept
+        # sessions of 32 layers, paid by every ending row one after another
+        self.total_bytes = 0
 
     def take(self, session_id: str | None) -> SessionEntry | None:
-        if session_id is None:
-            return None
-        return self._entries.pop(session_id, None)
+        entry = None if session_id is None else self._entries.pop(session_id, None)
+        if entry is not None:
+            self.total_bytes -= entry.nbytes
+        return entry
 
     def put(self, session_id: str | None, entry: SessionEntry) -> None:
-        if session_id is None or self.max_entries == 0 or kv_bytes(entry.kv) > self.max_bytes:
+        if session_id is None or self.max_entries == 0 or entry.nbytes > self.max_bytes:
             return
+        self.take(session_id)
         self._entries[session_id] = entry
-        self._entries.move_to_end(session_id)
-        while len(self._entries) > self.max_entries or self.total_bytes() > self.max_bytes:
-            self._entries.popitem(last=False)
-
-    def total_bytes(self) -> int:
-        return sum(kv_bytes(e.kv) for e in self._entries.values())
+        self.total_bytes += entry.nbytes
+        while len(self._entries) > self.max_entries or self.total_bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.total_bytes -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -184,8 +184,8 @@ def test_cached_window_reproduces_the_full_forward(tok, cache, shift, freeze):
             for block in range(2):
                 row.block = block
                 plan = row.plan(refresh=True)
-                full, kvs = eng._forward([plan], True)
-                row.absorb(plan, kvs[0])
+                full, kv = eng._forward([plan], True)
+                eng._absorb([row], [plan], kv)
                 window, _ = eng._forward([row.plan(refresh=False)], False)
                 torch.testing.assert_close(window, full, rtol=1e-4, atol=1e-4)
                 row.tokens[row.bs:row.be] = [5] * (row.be - row.bs)  # commit the block
@@ -434,6 +434,25 @@ def test_session_cache_is_lru_bounded_by_count_and_bytes():
     assert len(cache) == 2 and cache.take("a") is None  # least recently used went first
     cache.put("big", entry(40))  # larger than the whole budget: not kept
     assert cache.take("big") is None and cache.take("c") is not None
+
+
+def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
+    from llm.kvcache import KVSlots, SlotWrite, kv_slice
+
+    torch.manual_seed(0)
+    kv = [(torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)) for _ in range(2)]  # B=3, T=6
+    writes = [SlotWrite(0, 2, 3, 10, 4), SlotWrite(2, 5, 0, 0, 1), SlotWrite(1, 0, 1, 7, 0)]
+    together, alone = KVSlots(cap=16), KVSlots(cap=16)
+    together.write_rows(kv, writes)
+    for w in writes:
+        rows = [(k[w.row:w.row + 1], v[w.row:w.row + 1]) for k, v in kv]
+        alone.write(w.slot, w.col, kv_slice(rows, w.src, w.src + w.n))
+    assert together.n_slots == alone.n_slots == 4
+    for a, b in zip(together.k + together.v, alone.k + alone.v, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(together.k[1][3, :, 10:14], kv[1][0][0, :, 2:6])
+    with pytest.raises(ValueError, match="capacity 16"):
+        together.write_rows(kv, [SlotWrite(0, 0, 0, 14, 3), SlotWrite(1, 0, 1, 0, 3)])
 
 
 def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing():
