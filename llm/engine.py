@@ -52,7 +52,6 @@ from llm.kvcache import (
     common_prefix,
     kv_len,
 )
-from llm.kvcache import kv_slice as _kv_slice
 from llm.model import Transformer, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
@@ -277,9 +276,8 @@ class _Row:
             raise ValueError(f"prompt of {self.P} tokens leaves no room for a reply "
                              f"(K/V capacity {eng.kv.cap} positions)")
         self.reused = 0 if entry is None else min(common_prefix(entry.ids, req.ids), self.P - 1)
-        self.slot = eng.kv.acquire()  # released when the reply ends
-        if self.reused:
-            eng.kv.write(self.slot, 0, _kv_slice(entry.kv, 0, self.reused))
+        # a kept conversation's slot already holds its K/V; given back or kept when it ends
+        self.slot = eng.kv.acquire() if entry is None else entry.slot
         self.F = self.reused  # positions [0, F) have frozen K/V
         self.nfe, self.ttfs = 0, None
         self.finished = False
@@ -308,15 +306,18 @@ class _Row:
             finish_reason=reason, draft_tokens=len(self.seed),
             draft_kept=sum(a == b for a, b in zip(reply, self.seed, strict=False)),
         )
-        entry = self.session_entry()
-        self.eng.kv.release(self.slot)
-        if entry is not None:
+        kept = self.kept_ids() if error is None else None
+        if kept is None:
+            self.eng.kv.release(self.slot)
+        else:
+            entry = SessionEntry(kept, self.slot, self.eng.kv.slot_bytes)
             self.eng.sessions.put(self.req.session_id, entry)
         self.stream._push(error if error is not None else _END)
         if error is not None:
             self.stream._push(_END)
 
-    def session_entry(self) -> SessionEntry | None:
+    def kept_ids(self) -> tuple[int, ...] | None:
+        """The tokens whose K/V the slot holds from column 0 for a next turn, or None."""
         raise NotImplementedError
 
     def block_draft(self) -> list[int] | None:
@@ -447,10 +448,8 @@ class _DiffusionRow(_Row):
     def reply(self) -> list[int]:
         return self.tokens[self.P:self.P + self.final]
 
-    def session_entry(self) -> SessionEntry | None:
-        if max(self.F, self.live_end) < self.P:
-            return None
-        return SessionEntry(tuple(self.req.ids), self.eng.kv.read(self.slot, self.P))
+    def kept_ids(self) -> tuple[int, ...] | None:
+        return tuple(self.req.ids) if max(self.F, self.live_end) >= self.P else None
 
 
 class _ARRow(_Row):
@@ -494,10 +493,8 @@ class _ARRow(_Row):
     def reply(self) -> list[int]:
         return self.tokens[self.P:]
 
-    def session_entry(self) -> SessionEntry | None:
-        if not self.n:
-            return None
-        return SessionEntry(tuple(self.tokens[: self.n]), self.eng.kv.read(self.slot, self.n))
+    def kept_ids(self) -> tuple[int, ...] | None:
+        return tuple(self.tokens[: self.n]) if self.n else None
 
 
 class DiffusionEngine:
@@ -519,7 +516,9 @@ class DiffusionEngine:
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.device)
         es = self.settings.engine
-        self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20)
+        self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len))
+        self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20,
+                                     release=self.kv.release)
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
         self._bucket = es.context_bucket if es.compile or self._graphs_on else 1
         # eager CPU forwards attend row by row in a padded batch, so a batched reply is the
@@ -528,7 +527,6 @@ class DiffusionEngine:
         self._graphs: collections.OrderedDict[tuple, _GraphedLayers] = collections.OrderedDict()
         self._graphs_generation = 0
         self.graph_captures = 0  # step graphs captured so far (a new one stalls its step)
-        self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len))
         # forwards against cached K/V are compiled: their shapes are bucketed (see _forward)
         self._static_layers = self._run_layers
         if es.compile:
@@ -611,7 +609,7 @@ class DiffusionEngine:
             reply, _ = self.generate(messages, session_id=WARMUP_SESSION)
             messages.append({"role": "assistant", "content": reply})
             turns += 1
-        self.sessions.take(WARMUP_SESSION)
+        self.sessions.drop(WARMUP_SESSION)
         self.step_log.clear()
         log.info("engine warm-up: %d turns up to %d tokens, %d step graphs captured, %.1f s",
                  turns, tokens, self.graph_captures - captures, time.perf_counter() - t0)
@@ -664,6 +662,8 @@ class DiffusionEngine:
         try:
             return cls(self, req, entry)
         except ValueError as e:
+            if entry is not None:
+                self.kv.release(entry.slot)
             _end_unstarted(req, "error", e)
             return None
 

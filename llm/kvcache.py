@@ -5,14 +5,15 @@ position p of its sequence sits in column p (RoPE applied). Forwards write their
 and a forward's context is a view of the slot buffers (or one gather, for rows whose slots are
 not adjacent) plus a key mask of the columns each row may see, so nothing is concatenated or
 copied per step: the copies that rebuilt padded contexts took ~40% of a 16-session step's GPU
-time (docs/benchmarks.md, "Where the time goes"). Between turns a session's prompt K/V are kept
-in `SessionCache` (owned copies: a slot goes to the next row once its reply ends).
+time (docs/benchmarks.md, "Where the time goes"). Between turns a session keeps its slot
+(`SessionCache`), and its next turn continues in it.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -117,10 +118,10 @@ class KVSlots:
             bk[slot, :, col] = k[row, :, src]  # (N, nkv, hd)
             bv[slot, :, col] = v[row, :, src]
 
-    def read(self, slot: int, end: int) -> KV:
-        """Owned copies of the slot's columns [0, end), (1, nkv, end, hd) per layer."""
-        return [(k[slot:slot + 1, :, :end].clone(), v[slot:slot + 1, :, :end].clone())
-                for k, v in zip(self.k, self.v, strict=True)]
+    @property
+    def slot_bytes(self) -> int:
+        """The K/V bytes of one slot, every layer."""
+        return sum(k[0].nbytes + v[0].nbytes for k, v in zip(self.k, self.v, strict=True))
 
     def layer(self, i: int, view: SlotView) -> LayerKV:
         """Layer i's context (B, nkv, S, hd) for `view`."""
@@ -143,25 +144,27 @@ class KVSlots:
 
 @dataclass
 class SessionEntry:
-    ids: tuple[int, ...]  # the tokens whose K/V are kept
-    kv: KV  # (1, nkv, len(ids), hd) per layer
+    """A conversation kept between turns: its slot holds the K/V of `ids` in columns
+    [0, len(ids)), untouched until its next turn takes the slot back."""
 
-    def __post_init__(self) -> None:
-        self.nbytes = kv_bytes(self.kv)
+    ids: tuple[int, ...]
+    slot: int
+    nbytes: int  # the slot's K/V bytes: what keeping it costs
 
 
 class SessionCache:
-    """LRU of conversations' K/V, bounded by count and bytes.
+    """LRU of conversations kept in their K/V slots, bounded by count and bytes.
 
-    A turn takes its session's entry out (so two requests of one session never share buffers)
-    and puts the new one back when it finishes.
+    A turn takes its session's entry out (so two requests of one session never share a slot)
+    and puts the new one back when it finishes; an entry that is evicted, replaced or refused
+    gives its slot back through `release`. Keeping the K/V where they were computed spares a
+    copy out at the end of every turn and a copy in at the start of the next (2 x 302 MB and
+    128 kernels per LLaDA-8B row of 576 positions).
     """
 
-    def __init__(self, max_entries: int, max_bytes: int):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
+    def __init__(self, max_entries: int, max_bytes: int, release: Callable[[int], None]):
+        self.max_entries, self.max_bytes, self._release = max_entries, max_bytes, release
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()
-        # kept up to date: summing every entry's layers at each put took ~0.4 ms with 32 kept
-        # sessions of 32 layers, paid by every ending row one after another
         self.total_bytes = 0
 
     def take(self, session_id: str | None) -> SessionEntry | None:
@@ -170,15 +173,22 @@ class SessionCache:
             self.total_bytes -= entry.nbytes
         return entry
 
+    def drop(self, session_id: str | None) -> None:
+        entry = self.take(session_id)
+        if entry is not None:
+            self._release(entry.slot)
+
     def put(self, session_id: str | None, entry: SessionEntry) -> None:
         if session_id is None or self.max_entries == 0 or entry.nbytes > self.max_bytes:
+            self._release(entry.slot)
             return
-        self.take(session_id)
+        self.drop(session_id)
         self._entries[session_id] = entry
         self.total_bytes += entry.nbytes
         while len(self._entries) > self.max_entries or self.total_bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.total_bytes -= old.nbytes
+            self._release(old.slot)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -345,11 +345,14 @@ def test_conversation_reuse_encodes_only_new_tokens(tok):
     try:
         first = msgs(PROMPTS[0])
         reply, stats = eng.generate(first, session_id="s")
+        kept = eng.sessions._entries["s"].slot  # the conversation stays in its K/V slot
         second = [*first, {"role": "assistant", "content": reply}, *msgs(PROMPTS[2])]
         _, stats2 = eng.generate(second, session_id="s")
         assert stats2.cached_prompt_tokens == stats.prompt_tokens
+        assert eng.sessions._entries["s"].slot == kept  # the next turn continued in it
         _, stats3 = eng.generate(second, session_id="other")
         assert stats3.cached_prompt_tokens == 0
+        assert eng.sessions._entries["other"].slot != kept and len(eng.sessions) == 2
     finally:
         eng.close()
 
@@ -421,19 +424,22 @@ def test_cuda_graph_steps_give_the_eager_tokens(tok):
     assert replies[0] == replies[1] == replies[2]
 
 
-def test_session_cache_is_lru_bounded_by_count_and_bytes():
-    from llm.kvcache import SessionCache, SessionEntry, kv_bytes
+def test_session_cache_is_lru_bounded_by_count_and_bytes_and_gives_slots_back():
+    from llm.kvcache import SessionCache, SessionEntry
 
-    def entry(n: int) -> SessionEntry:
-        return SessionEntry(tuple(range(n)), [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))])
-
-    one = kv_bytes(entry(10).kv)
-    cache = SessionCache(max_entries=2, max_bytes=3 * one)
-    for sid in "abc":
-        cache.put(sid, entry(10))
+    released: list[int] = []
+    cache = SessionCache(max_entries=2, max_bytes=30, release=released.append)
+    for slot, sid in enumerate("abc"):
+        cache.put(sid, SessionEntry((1, 2), slot, nbytes=10))
     assert len(cache) == 2 and cache.take("a") is None  # least recently used went first
-    cache.put("big", entry(40))  # larger than the whole budget: not kept
-    assert cache.take("big") is None and cache.take("c") is not None
+    assert released == [0]  # and its slot with it
+    cache.put("big", SessionEntry((1,), 7, nbytes=40))  # larger than the whole budget
+    assert cache.take("big") is None and released == [0, 7]
+    cache.put("c", SessionEntry((1, 2, 3), 9, nbytes=10))  # a newer turn replaces the entry
+    assert released == [0, 7, 2] and cache.take("c").slot == 9
+    assert cache.total_bytes == 10  # "b" alone
+    cache.drop("b")
+    assert released == [0, 7, 2, 1] and len(cache) == 0 and cache.total_bytes == 0
 
 
 def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
@@ -466,7 +472,7 @@ def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing()
     c = slots.acquire()
     slots.write(c, 0, kv)  # a third row: the buffers double, slot b keeps its columns
     assert (slots.n_slots, slots.generation) == (4, 2)
-    assert torch.equal(slots.read(b, 8)[0][0][:, :, 5:8], kv[0][0])
+    assert torch.equal(slots.k[0][b, :, 5:8], kv[0][0][0])
     slots.release(a)
     assert slots.acquire() == a  # the lowest free slot, so solo rows stay in slot 0
     k, v = slots.layer(0, SlotView(2, 8, start=1))  # slots 1..2: a view, no copy
