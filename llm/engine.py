@@ -732,7 +732,10 @@ class DiffusionEngine:
             T = -(-T // WINDOW_BUCKET) * WINDOW_BUCKET  # few static shapes for graphs/compile
         idx, pos, window_keys = self._window_tensors(plans, T)
         key_mask = None
-        if ctx_keys is not None or not bool(window_keys.all()) or self._bucket > 1:
+        # static shapes (compiled/graphed steps) take a mask whatever it holds; a first encode
+        # (eager) without padding takes none, so SDPA runs its flash kernels on it
+        if ctx_keys is not None or not bool(window_keys.all()) or (
+                self._bucket > 1 and ctx is not None):
             if ctx_keys is None:
                 S = 0 if ctx is None else ctx.S
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
