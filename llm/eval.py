@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, load_split, load_tokenizer
-from llm.engine import DiffusionEngine, for_engine
+from llm.engine import DiffusionEngine, engine_quantize, for_engine
 from llm.sampler import generate_few_step, generate_threshold, repeat_bans, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
@@ -150,7 +150,7 @@ def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
     if given.get("model") is None:
         given["model"] = settings.llm.model
     given["decode"] = settings.llm.decode
-    given["quantize"] = settings.llm.quantize
+    given["quantize"] = engine_quantize(settings.llm)  # `auto` resolved on this CPU
     return EvalConfig.model_validate(given)
 
 

@@ -94,8 +94,10 @@ class LLMSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # int8: on the CPU, every projection with int8 weights (a scale per output channel) and
     # activations quantized per token, multiplied exactly in int32 (`llm.model.Int8Linear`);
-    # the rest of the model in fp32. none: `dtype` throughout
-    quantize: Literal["none", "int8"] = "none"
+    # the rest of the model in fp32. none: `dtype` throughout. auto: int8 on CPUs with int8
+    # dot-product instructions (AVX-512 VNNI, AMX), none elsewhere: without them torch's int32
+    # products are ~7x slower than fp32 (docs/benchmarks.md, "int8 projections")
+    quantize: Literal["auto", "none", "int8"] = "auto"
     # the engine's CPU threads; 0 = half the cores (at least one). Its thread pool waits for its
     # slowest thread at every operation, so a pool spread over cores that Whisper, Piper and
     # the VAD also use slows to a crawl under their load (2 cores: ~3.5x slower replies with

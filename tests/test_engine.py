@@ -236,6 +236,20 @@ def test_int8_projections_batch_like_solo_and_stay_close_to_fp32(tok):
         for_engine(model, LLMSettings(quantize="int8", device="cuda"))
 
 
+@pytest.mark.parametrize("int8_cpu", [True, False])
+def test_auto_quantize_takes_int8_only_where_the_cpu_multiplies_it(monkeypatch, int8_cpu):
+    from llm.engine import engine_dtype, engine_quantize
+
+    monkeypatch.setattr("llm.engine.cpu_has_int8", lambda: int8_cpu)
+    monkeypatch.setattr("llm.engine.cpu_has_bf16", lambda: False)
+    cpu = LLMSettings()  # quantize = "auto"
+    assert engine_quantize(cpu) == ("int8" if int8_cpu else "none")
+    assert engine_dtype(cpu) == torch.float32
+    assert isinstance(for_engine(tiny_model(64), cpu).lm_head, Int8Linear) == int8_cpu
+    assert engine_quantize(LLMSettings(device="cuda")) == "none"
+    assert engine_quantize(LLMSettings(quantize="int8")) == "int8"  # as asked, fast or not
+
+
 # seeds whose bf16 replies differed in a padded batch before attention ran row by row
 @pytest.mark.parametrize(("causal", "seed"), [(False, 7), (True, 5)])
 def test_bf16_on_cpu_batched_equals_solo(tok, causal, seed):
