@@ -29,15 +29,6 @@ def kv_len(kv: KV | None) -> int:
     return 0 if not kv else kv[0][0].shape[2]
 
 
-def kv_slice(kv: KV, start: int, end: int | None = None) -> KV:
-    """Positions [start, end) of every layer, as views."""
-    return [(k[:, :, start:end], v[:, :, start:end]) for k, v in kv]
-
-
-def kv_bytes(kv: KV | None) -> int:
-    return 0 if not kv else sum(k.nbytes + v.nbytes for k, v in kv)
-
-
 class SlotWrite(NamedTuple):
     """Row `row`'s K/V at [src, src + n) of a forward's tokens go to `slot`'s columns
     [col, col + n)."""

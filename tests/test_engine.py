@@ -457,7 +457,7 @@ def test_session_cache_is_lru_bounded_by_count_and_bytes_and_gives_slots_back():
 
 
 def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
-    from llm.kvcache import KVSlots, SlotWrite, kv_slice
+    from llm.kvcache import KVSlots, SlotWrite
 
     torch.manual_seed(0)
     kv = [(torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)) for _ in range(2)]  # B=3, T=6
@@ -465,8 +465,9 @@ def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
     together, alone = KVSlots(cap=16), KVSlots(cap=16)
     together.write_rows(kv, writes)
     for w in writes:
-        rows = [(k[w.row:w.row + 1], v[w.row:w.row + 1]) for k, v in kv]
-        alone.write(w.slot, w.col, kv_slice(rows, w.src, w.src + w.n))
+        cut = slice(w.src, w.src + w.n)
+        alone.write(w.slot, w.col, [(k[w.row:w.row + 1, :, cut], v[w.row:w.row + 1, :, cut])
+                                    for k, v in kv])
     assert together.n_slots == alone.n_slots == 4
     for a, b in zip(together.k + together.v, alone.k + alone.v, strict=True):
         assert torch.equal(a, b)
