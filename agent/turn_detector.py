@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from llm.engine import cpu_has_int8
-from llm.model import Transformer, quantize_int8
+from llm.model import Transformer, pack_fp32, quantize_int8
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ class TextTurnDetector:
         # int8 projections where the CPU multiplies int8 natively, as the engine's: a score
         # takes 6-11 ms on a Zen 4 core instead of 14-26 ms in fp32, and bench-turns reads the
         # same (AUC 0.84 / 0.85; at 0.15 one cut-off clip of 184 more let through in digital
-        # silence); without those instructions int8 is the slower one (`cpu_has_int8`)
-        net = quantize_int8(loaded.model) if cpu_has_int8() else loaded.model
+        # silence); without those instructions int8 is the slower one (`cpu_has_int8`), and
+        # fp32 runs with its projections prepacked for oneDNN, as the engine's
+        net = quantize_int8(loaded.model) if cpu_has_int8() else pack_fp32(loaded.model)
         scorer = EndOfTurnScorer(net, loaded.tokenizer)
         return cls(scorer, name=model, threshold=threshold)
 

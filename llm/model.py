@@ -222,19 +222,48 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+class PackedLinear(nn.Module):
+    """An fp32 Linear for CPU inference with its weight prepacked in oneDNN's blocked layout.
+
+    On an AVX2 core (Zen 3) dv-small's projections over 9 rows take 5.1 ms per forward this way
+    against 9.0 ms through MKL's sgemm (its output head 0.7 against 2.3 ms), and a row's result
+    is bitwise the same whatever rows sit beside it, which MKL's is not (1 row against 9).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float().contiguous()
+        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(w, None))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach()
+                             .float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [],
+                                                  "")
+
+
 def quantize_int8(model: Transformer) -> Transformer:
     """The fused inference layout with every Linear an `Int8Linear`, in place (CPU only)."""
-    model.fuse()
-    _to_int8(model)
+    _replace_linears(model.fuse(), Int8Linear)
     return model
 
 
-def _to_int8(module: nn.Module) -> None:
+def pack_fp32(model: Transformer) -> Transformer:
+    """The fused inference layout with every Linear a `PackedLinear`, in place (fp32 CPU;
+    plain Linears where this torch has no oneDNN)."""
+    model.fuse()
+    if torch.backends.mkldnn.is_available():
+        _replace_linears(model, PackedLinear)
+    return model
+
+
+def _replace_linears(module: nn.Module, cls: type[nn.Module]) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, cls(child))
         else:
-            _to_int8(child)
+            _replace_linears(child, cls)
 
 
 class Block(nn.Module):
@@ -289,12 +318,13 @@ class Transformer(nn.Module):
         return self
 
     def num_params(self) -> int:
-        """Trained weights, whatever their storage: an `Int8Linear` counts its int8 matrix, and
-        a quantized output head tied to the embedding counts once."""
+        """Trained weights, whatever their storage: an `Int8Linear` or `PackedLinear` counts its
+        matrix, and an output head tied to the embedding counts once."""
         n = sum(p.numel() for p in self.parameters())
         for name, m in self.named_modules():
-            if isinstance(m, Int8Linear) and not (name == "lm_head" and self.cfg.tie_embeddings):
-                n += m.weight_t.numel()
+            if isinstance(m, Int8Linear | PackedLinear) and not (
+                    name == "lm_head" and self.cfg.tie_embeddings):
+                n += m.in_features * m.out_features
         return n
 
     def forward(

@@ -236,6 +236,23 @@ def test_int8_projections_batch_like_solo_and_stay_close_to_fp32(tok):
         for_engine(model, LLMSettings(quantize="int8", device="cuda"))
 
 
+def test_packed_fp32_projections_match_linear_and_ignore_the_rows_beside():
+    from llm.model import PackedLinear, pack_fp32
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 17, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-5)
+        for b, t in ((0, 0), (1, 5), (2, 16)):  # one row alone is bitwise that row in a batch
+            assert torch.equal(packed(x[b:b + 1, t:t + 1]), packed(x)[b:b + 1, t:t + 1])
+    model = tiny_model(512)
+    n = model.num_params()
+    pack_fp32(model)
+    assert isinstance(model.layers[0].attn.wqkv, PackedLinear) and model.num_params() == n
+
+
 @pytest.mark.parametrize("int8_cpu", [True, False])
 def test_auto_quantize_takes_int8_only_where_the_cpu_multiplies_it(monkeypatch, int8_cpu):
     from llm.engine import engine_dtype, engine_quantize
@@ -245,7 +262,12 @@ def test_auto_quantize_takes_int8_only_where_the_cpu_multiplies_it(monkeypatch, 
     cpu = LLMSettings()  # quantize = "auto"
     assert engine_quantize(cpu) == ("int8" if int8_cpu else "none")
     assert engine_dtype(cpu) == torch.float32
-    assert isinstance(for_engine(tiny_model(64), cpu).lm_head, Int8Linear) == int8_cpu
+    from llm.model import PackedLinear
+
+    head = type(for_engine(tiny_model(64), cpu).lm_head)
+    assert head is (Int8Linear if int8_cpu else PackedLinear)  # fp32: prepacked for oneDNN
+    ar_head = type(for_engine(tiny_model(64, causal=True), cpu).lm_head)
+    assert ar_head is (Int8Linear if int8_cpu else torch.nn.Linear)  # one-row forwards: MKL
     assert engine_quantize(LLMSettings(device="cuda")) == "none"
     assert engine_quantize(LLMSettings(quantize="int8")) == "int8"  # as asked, fast or not
 
