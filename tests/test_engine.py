@@ -600,6 +600,24 @@ def test_a_warmed_up_engine_meets_its_rehearsed_shapes_without_capturing(tok, mo
 
 
 @pytest.mark.gpu
+def test_a_warmed_up_cuda_engine_captures_no_graph_for_its_rehearsed_conversation(tok):
+    decode = dict(strategy="fixed", max_new_tokens=16, block_length=8, steps_per_block=4)
+    eng = make_engine(tok, tiny_model(tok.vocab_size).cuda(), decode=decode, cache="dual",
+                      cuda_graphs=True)
+    try:
+        conversation = eng.warm_up(300)
+        captured = eng.graph_captures
+        assert captured > 0
+        for n in range(1, len(conversation)):
+            if conversation[n]["role"] == "user":
+                text, _ = eng.generate(conversation[:n + 1], session_id="caller")
+                assert text == conversation[n + 1]["content"]
+        assert eng.graph_captures == captured
+    finally:
+        eng.close()
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_over_scattered_slots_give_the_eager_tokens(tok):
     decode = dict(strategy="fixed", max_new_tokens=32, block_length=8, steps_per_block=4)
     model = tiny_model(tok.vocab_size).cuda()
