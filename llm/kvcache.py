@@ -79,10 +79,6 @@ class KVSlots:
     def n_slots(self) -> int:
         return self.k[0].shape[0] if self.k else 0
 
-    def write(self, slot: int, start: int, kv: KV) -> None:
-        """K/V (1, nkv, n, hd) per layer into the slot's columns [start, start + n)."""
-        self.write_rows(kv, [SlotWrite(0, 0, slot, start, kv_len(kv))])
-
     def write_rows(self, kv: KV, writes: list[SlotWrite]) -> None:
         """Several rows of a forward's K/V (B, nkv, T, hd) per layer into their slots, one
         indexed copy per layer for all of them (a copy per row and layer cost 1,024 kernels

@@ -486,10 +486,8 @@ def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
     writes = [SlotWrite(0, 2, 3, 10, 4), SlotWrite(2, 5, 0, 0, 1), SlotWrite(1, 0, 1, 7, 0)]
     together, alone = KVSlots(cap=16), KVSlots(cap=16)
     together.write_rows(kv, writes)
-    for w in writes:
-        cut = slice(w.src, w.src + w.n)
-        alone.write(w.slot, w.col, [(k[w.row:w.row + 1, :, cut], v[w.row:w.row + 1, :, cut])
-                                    for k, v in kv])
+    for w in writes:  # one write at a time: a plain slice copy instead of an indexed one
+        alone.write_rows(kv, [w])
     assert together.n_slots == alone.n_slots == 4
     for a, b in zip(together.k + together.v, alone.k + alone.v, strict=True):
         assert torch.equal(a, b)
@@ -499,15 +497,16 @@ def test_kv_slots_write_several_rows_of_a_forward_at_once_as_row_by_row():
 
 
 def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing():
-    from llm.kvcache import KVSlots, SlotView
+    from llm.kvcache import KVSlots, SlotView, SlotWrite
 
     slots = KVSlots(cap=16)
     a, b = slots.acquire(), slots.acquire()
     kv = [(torch.arange(12.0).view(1, 1, 3, 4), -torch.arange(12.0).view(1, 1, 3, 4))]
-    slots.write(b, 5, kv)
+    slots.write_rows(kv, [SlotWrite(0, 0, b, 5, 3)])
     assert (slots.n_slots, slots.generation) == (2, 1)
     c = slots.acquire()
-    slots.write(c, 0, kv)  # a third row: the buffers double, slot b keeps its columns
+    # a third row: the buffers double, slot b keeps its columns
+    slots.write_rows(kv, [SlotWrite(0, 0, c, 0, 3)])
     assert (slots.n_slots, slots.generation) == (4, 2)
     assert torch.equal(slots.k[0][b, :, 5:8], kv[0][0][0])
     slots.release(a)
@@ -517,7 +516,7 @@ def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing()
     k, _ = slots.layer(0, SlotView(2, 8, index=torch.tensor([2, 1])))  # a gather
     assert torch.equal(k[1], slots.layer(0, SlotView(1, 8, start=1))[0][0])
     with pytest.raises(ValueError, match="capacity 16"):
-        slots.write(a, 14, kv)
+        slots.write_rows(kv, [SlotWrite(0, 0, a, 14, 3)])
 
 
 class _ReplayOnCPU(_GraphedLayers):
