@@ -109,11 +109,10 @@ class TextTurnDetector:
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
         loaded = load_checkpoint(resolve_model_path(model), device="cpu", dtype=torch.float32)
-        # int8 projections where the CPU multiplies int8 natively, as the engine's: a score
-        # takes 6-11 ms on a Zen 4 core instead of 14-26 ms in fp32, and bench-turns reads the
-        # same (AUC 0.84 / 0.85; at 0.15 one cut-off clip of 184 more let through in digital
-        # silence); without those instructions int8 is the slower one (`cpu_has_int8`), and
-        # fp32 runs with its projections prepacked for oneDNN, as the engine's
+        # int8 projections where they are the fast choice, as the engine's (`cpu_has_int8`):
+        # a score takes 6-11 ms on a Zen 4 core instead of 14-26 ms in fp32, and bench-turns
+        # reads the same (AUC 0.84 / 0.85; at 0.15 one cut-off clip of 184 more let through
+        # in digital silence); elsewhere fp32, its projections prepacked for oneDNN
         net = quantize_int8(loaded.model) if cpu_has_int8() else pack_fp32(loaded.model)
         scorer = EndOfTurnScorer(net, loaded.tokenizer)
         return cls(scorer, name=model, threshold=threshold)

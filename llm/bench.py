@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from llm.engine import DiffusionEngine, engine_dtype, for_engine
-from llm.model import Transformer
+from llm.model import Transformer, weight_bytes
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.shapes import SHAPES, random_model, random_word, word_tokenizer
@@ -366,9 +366,7 @@ def benchmark(opts: dict, llm: LLMSettings, *, force_random: bool = False,
             opts["profile"].write_text(profile_turns(engine, dm.tokenizer, opts, decode))
     finally:
         engine.close()
-    # int8 projections (`llm.quantize`) are buffers: their bytes are read every step too
-    param_bytes = sum(t.numel() * t.element_size()
-                      for t in [*dm.model.parameters(), *dm.model.buffers()])
+    param_bytes = weight_bytes(dm.model)  # int8 projections (`llm.quantize`) included
     model_info = dict(name=dm.name, random_weights=dm.random, shape=opts["shape"],
                       params=dm.model.num_params(),
                       param_bytes=param_bytes, dtype=str(next(dm.model.parameters()).dtype),

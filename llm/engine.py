@@ -52,7 +52,7 @@ from llm.kvcache import (
     common_prefix,
     kv_len,
 )
-from llm.model import Transformer, pack_fp32, quantize_int8, rope_cos_sin
+from llm.model import Transformer, cpu_has_vnni, pack_fp32, quantize_int8, rope_cos_sin
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
@@ -1051,11 +1051,11 @@ def engine_dtype(llm: LLMSettings) -> torch.dtype:
 
 
 def cpu_has_int8() -> bool:
-    """Whether this CPU multiplies int8 natively (AVX-512 VNNI, AMX: torch's feature probes).
-    On a Zen 3 core (AVX2) `torch._int_mm` took 6.3 ms for 32x512x512, 7.4x slower per
-    denoising step than fp32; on a Zen 4 core (AVX-512 VNNI) 1.3x faster than bf16."""
-    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    """Whether int8 projections are the fast choice on this CPU: torch has fbgemm's int8
+    kernels (x86, AVX2 and up) or the CPU has AVX-512 VNNI or AMX. Elsewhere (ARM builds)
+    `torch._int_mm` is all there is, and on a Zen 3 core it took 6.3 ms for 32x512x512, 7.4x
+    slower per denoising step than fp32."""
+    return "fbgemm" in torch.backends.quantized.supported_engines or cpu_has_vnni()
 
 
 def cpu_has_bf16() -> bool:

@@ -16,6 +16,7 @@ full-sequence forward.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -193,33 +194,74 @@ def _fused(parts: list[nn.Linear]) -> nn.Linear:
 
 class Int8Linear(nn.Module):
     """A Linear for CPU inference with int8 weights (one scale per output channel) and
-    activations quantized per token at every call: an exact int32 matmul (`torch._int_mm`)
-    between them, rescaled in fp32.
+    activations quantized per token at every call, multiplied exactly in int32 and rescaled
+    in fp32.
 
-    Per-token scales keep each row's numbers independent of the rows and padding beside it
-    (a batched reply stays its solo reply); the int32 accumulation is exact, so no blocking
-    order of the kernel changes a bit either.
+    The kernel is fbgemm's where torch has it (x86: AVX2 and up), else `torch._int_mm`. Each
+    row is divided by its absolute maximum and quantized with one fixed scale, so its numbers
+    never depend on the rows and padding beside it, and int32 sums are exact: a batched reply
+    stays its solo reply bit for bit. Without VNNI, fbgemm's AVX2 kernel adds pairs of
+    products into saturating int16, so activations get 7 bits there instead of 8.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()  # (N, K)
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t()
-                             .contiguous())  # (K, N)
+        w_int8 = torch.round(w / scale[:, None]).to(torch.int8)
         self.register_buffer("scale", scale)  # (N,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach()
                              .float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _fbgemm_prepack(w_int8, scale)
+        self.levels = 127 if self.packed is None or cpu_has_vnni() else 63  # per sign
+        if self.packed is None:
+            self.register_buffer("weight_t", w_int8.t().contiguous())  # (K, N)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).float()  # (M, K)
-        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
-        xq = torch.round(rows / x_scale).to(torch.int8)
-        y = torch._int_mm(xq, self.weight_t).float() * x_scale * self.scale  # (M, N)
+        absmax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (M, 1)
+        if self.packed is not None:  # uint8 around a zero point: levels + 1
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                rows / absmax, 1 / self.levels, self.levels + 1, self.packed) * absmax
+        else:
+            x_scale = absmax / self.levels
+            xq = torch.round(rows / x_scale).to(torch.int8)
+            y = torch._int_mm(xq, self.weight_t).float() * x_scale * self.scale  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes a forward reads for its weights: parameters, buffers, and the int8 weights
+    that `Int8Linear` holds in fbgemm's packed form (neither parameter nor buffer)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    packed = sum(m.out_features * m.in_features for m in model.modules()
+                 if isinstance(m, Int8Linear) and m.packed is not None)
+    return packed + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _fbgemm_prepack(w_int8: Tensor, scale: Tensor) -> object | None:
+    """fbgemm's packed form of int8 weights (N, K), or None where torch has no fbgemm."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    with warnings.catch_warnings():  # quantized tensors: fbgemm's weight format, packed once
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(
+            w_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def cpu_has_vnni() -> bool:
+    """AVX-512 VNNI or AMX (torch's feature probes): int8 products summed without saturation."""
+    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 class PackedLinear(nn.Module):

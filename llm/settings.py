@@ -93,10 +93,11 @@ class LLMSettings(BaseModel):
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # int8: on the CPU, every projection with int8 weights (a scale per output channel) and
-    # activations quantized per token, multiplied exactly in int32 (`llm.model.Int8Linear`);
-    # the rest of the model in fp32. none: `dtype` throughout. auto: int8 on CPUs with int8
-    # dot-product instructions (AVX-512 VNNI, AMX), none elsewhere: without them torch's int32
-    # products are ~7x slower than fp32 (docs/benchmarks.md, "int8 projections")
+    # activations quantized per token, multiplied exactly in int32 (`llm.model.Int8Linear`:
+    # fbgemm's kernels on x86); the rest of the model in fp32. none: `dtype` throughout. auto:
+    # int8 where torch has fbgemm (x86) or the CPU has AVX-512 VNNI or AMX, none elsewhere
+    # (ARM builds: `torch._int_mm` only, slower than fp32; docs/benchmarks.md, "int8
+    # projections")
     quantize: Literal["auto", "none", "int8"] = "auto"
     # the engine's CPU threads; 0 = half the cores (at least one). Its thread pool waits for its
     # slowest thread at every operation, so a pool spread over cores that Whisper, Piper and

@@ -18,7 +18,7 @@ from llm.engine import (
     _SpanWriter,
     for_engine,
 )
-from llm.model import Int8Linear, quantize_int8
+from llm.model import Int8Linear, quantize_int8, weight_bytes
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
 
@@ -251,6 +251,27 @@ def test_packed_fp32_projections_match_linear_and_ignore_the_rows_beside():
     n = model.num_params()
     pack_fp32(model)
     assert isinstance(model.layers[0].attn.wqkv, PackedLinear) and model.num_params() == n
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_int8_linear_rows_are_independent_with_either_kernel(monkeypatch, kernel):
+    import llm.model as model_mod
+
+    if kernel == "int_mm":  # what a torch without fbgemm (ARM) runs
+        monkeypatch.setattr(model_mod, "_fbgemm_prepack", lambda w, s: None)
+    elif "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no fbgemm")
+    lin = torch.nn.Linear(96, 160)
+    x = torch.randn(7, 96)
+    x[:, 3] *= 20  # an outlier channel, as after RMSNorm
+    q = Int8Linear(lin)
+    assert (q.packed is None) == (kernel == "int_mm")
+    with torch.inference_mode():
+        y, ref = q(x), lin(x)
+        alone = torch.cat([q(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(alone, y)  # bit for bit, whatever the rows beside it
+    assert (y - ref).norm() / ref.norm() < 0.05
+    assert weight_bytes(q) == 96 * 160 + q.scale.nbytes + q.bias.nbytes
 
 
 @pytest.mark.parametrize("int8_cpu", [True, False])
@@ -743,7 +764,7 @@ def test_cpu_dtype_and_threads_follow_the_machine(monkeypatch):
     from llm.engine import engine_dtype
     from llm.settings import engine_threads
 
-    cpu = LLMSettings(device="cpu")
+    cpu = LLMSettings(device="cpu", quantize="none")
     monkeypatch.setattr(engine_mod, "cpu_has_bf16", lambda: True)
     assert engine_dtype(cpu) == torch.bfloat16
     monkeypatch.setattr(engine_mod, "cpu_has_bf16", lambda: False)
