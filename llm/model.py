@@ -90,12 +90,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """pos (B, T) integer positions -> cos, sin (B, 1, T, head_dim) in fp32."""
+    """pos (B, T) integer positions -> cos, sin (B, T, 1, head_dim) in fp32."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
     )
     freqs = pos.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # (B, T, 1, hd)
     return emb.cos(), emb.sin()
 
 
@@ -117,7 +117,6 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.wqkv: nn.Linear | None = None  # q, k, v in one matmul after `fuse()`
-        self.splits = [cfg.d_model, kv_dim, kv_dim]
 
     def fuse(self) -> None:
         """Replace wq, wk, wv by one projection (inference only; see `Transformer.fuse`)."""
@@ -125,21 +124,22 @@ class Attention(nn.Module):
             self.wqkv = _fused([self.wq, self.wk, self.wv])
             del self.wq, self.wk, self.wv
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor) -> Tensor:
+        """q, k and v side by side, (B, T, (n_heads + 2 n_kv_heads) head_dim)."""
         if self.wqkv is not None:
-            return self.wqkv(x).split(self.splits, dim=-1)
-        return self.wq(x), self.wk(x), self.wv(x)
+            return self.wqkv(x)
+        return torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
         context: LayerKV | None, rows: list[RowKeys] | None = None,
     ) -> tuple[Tensor, LayerKV]:
         B, T, C = x.shape
-        q, k, v = self.project(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nqk = self.n_heads, self.n_heads + self.n_kv_heads
+        qkv = self.project(x).view(B, T, nqk + self.n_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k in one pass: (B, T, nqk, hd)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
+        k, v = qk[:, :, nh:].transpose(1, 2), qkv[:, :, nqk:].transpose(1, 2)  # (B, nkv, T, hd)
         new_kv = (k, v)
         if context is not None:
             k = torch.cat([context[0], k], dim=2)  # (B, nkv, S+T, hd)
