@@ -52,7 +52,15 @@ from llm.kvcache import (
     common_prefix,
     kv_len,
 )
-from llm.model import Transformer, cpu_has_vnni, pack_fp32, quantize_int8, rope_cos_sin
+from llm.model import (
+    Transformer,
+    cpu_has,
+    cpu_has_vnni,
+    has_fbgemm,
+    pack_fp32,
+    quantize_int8,
+    rope_cos_sin,
+)
 from llm.sampler import defer_ends, propose, repeat_bans, spread_picks, top_picks
 from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
@@ -1053,12 +1061,11 @@ def engine_dtype(llm: LLMSettings) -> torch.dtype:
 def cpu_has_int8() -> bool:
     """Whether int8 projections are the fast choice on this CPU: torch has fbgemm's int8
     kernels (x86, AVX2 and up) or the CPU has AVX-512 VNNI or AMX. Elsewhere (ARM builds)
-    `torch._int_mm` is all there is, and on a Zen 3 core it took 6.3 ms for 32x512x512, 7.4x
-    slower per denoising step than fp32."""
-    return "fbgemm" in torch.backends.quantized.supported_engines or cpu_has_vnni()
+    `torch._int_mm` is all there is, and without a fast kernel it is the slower one (on a
+    Zen 3 core: 6.3 ms for 32x512x512, a denoising step 7.4x slower than fp32)."""
+    return has_fbgemm() or cpu_has_vnni()
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (torch's own feature probe)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -15,6 +15,7 @@ full-sequence forward.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -244,7 +245,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def _fbgemm_prepack(w_int8: Tensor, scale: Tensor) -> object | None:
     """fbgemm's packed form of int8 weights (N, K), or None where torch has no fbgemm."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    if not has_fbgemm():
         return None
     with warnings.catch_warnings():  # quantized tensors: fbgemm's weight format, packed once
         warnings.simplefilter("ignore", UserWarning)
@@ -258,10 +259,20 @@ def _fbgemm_prepack(w_int8: Tensor, scale: Tensor) -> object | None:
         torch.backends.quantized.engine = engine
 
 
-def cpu_has_vnni() -> bool:
-    """AVX-512 VNNI or AMX (torch's feature probes): int8 products summed without saturation."""
-    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
+def has_fbgemm() -> bool:
+    """Whether this torch carries fbgemm's int8 kernels (its x86 builds)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def cpu_has(*probes: str) -> bool:
+    """Whether any of torch's CPU feature probes (`torch.cpu._is_*_supported`) answers yes."""
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cpu_has_vnni() -> bool:
+    """AVX-512 VNNI or AMX: int8 products summed without saturation."""
+    return cpu_has("_is_vnni_supported", "_is_amx_tile_supported")
 
 
 class PackedLinear(nn.Module):
