@@ -88,11 +88,10 @@ def load_models(settings: Settings) -> Models:
     """Load the engine and the speech models. Blocking, and on the main thread: LiveKit plugins
     (Silero) register themselves on import and refuse any other thread."""
     from audio.plugins import build_stt, build_tts, build_vad
-    from llm.engine import DiffusionEngine
+    from llm.engine_process import start_engine
 
-    engine = DiffusionEngine.from_settings(settings.llm)
     return Models(
-        engine=engine,
+        engine=start_engine(settings.llm),
         stt=build_stt(settings),
         tts=build_tts(settings),
         vad=build_vad(settings),

@@ -80,6 +80,10 @@ class EngineSettings(BaseModel):
     # caller; met mid-turn they cost 0.8-5.8 s on an H100 (docs/benchmarks.md, "GPU" under
     # "End-to-end turn latency"). 0: none; batched shapes are captured when first met
     warmup_tokens: int = Field(0, ge=0)
+    # run the engine in a process of its own (`llm.engine_process`): in the voice agent's
+    # process the event loop's Python work holds the GIL in bursts, and each of a step's
+    # hundreds of small torch calls then waits for it (a 2-core Zen 3: cached steps 3x slower)
+    process: bool = False
 
 
 class LLMSettings(BaseModel):
