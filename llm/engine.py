@@ -141,6 +141,14 @@ class EngineStream:
             except RuntimeError:  # the consumer's loop has closed
                 pass
 
+    def end(self, stats: GenerationStats | None, error: BaseException | None = None) -> None:
+        """The producer's last word: the reply's stats, then the error that iterating raises,
+        if any, then the end."""
+        self.stats = stats
+        if error is not None:
+            self._push(error)
+        self._push(_END)
+
     def _pop_locked(self) -> CommittedSpan:
         item = self._items.popleft()
         if item is _END:
@@ -308,7 +316,7 @@ class _Row:
         self.finished = True
         if error is None:
             self.emit(reply, block_done=True, finished=True)
-        self.stream.stats = GenerationStats(
+        stats = GenerationStats(
             prompt_tokens=self.P, cached_prompt_tokens=self.reused, reply_tokens=len(reply),
             nfe=self.nfe, ttfs_s=self.ttfs, total_s=time.perf_counter() - self.req.t_submit,
             finish_reason=reason, draft_tokens=len(self.seed),
@@ -320,9 +328,7 @@ class _Row:
         else:
             entry = SessionEntry(kept, self.slot, self.eng.kv.slot_bytes)
             self.eng.sessions.put(self.req.session_id, entry)
-        self.stream._push(error if error is not None else _END)
-        if error is not None:
-            self.stream._push(_END)
+        self.stream.end(stats, error)
 
     def kept_ids(self) -> tuple[int, ...] | None:
         """The tokens whose K/V the slot holds from column 0 for a next turn, or None."""
@@ -1016,11 +1022,8 @@ class _GraphedLayers:
 
 def _end_unstarted(req: _Request, reason: str, error: Exception | None = None) -> None:
     """Finish a request that never joined the batch."""
-    req.stream.stats = GenerationStats(len(req.ids), 0, 0, 0, None,
-                                       time.perf_counter() - req.t_submit, reason)
-    if error is not None:
-        req.stream._push(error)
-    req.stream._push(_END)
+    req.stream.end(GenerationStats(len(req.ids), 0, 0, 0, None,
+                                   time.perf_counter() - req.t_submit, reason), error)
 
 
 def for_engine(model: Transformer, llm: LLMSettings) -> Transformer:

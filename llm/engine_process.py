@@ -20,10 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from llm.engine import _END, DiffusionEngine, EngineStream, Message
+from llm.engine import DiffusionEngine, EngineStream, Message
 from llm.settings import DecodeSettings, LLMSettings
-
-log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # loading (and warming up) the model in the child
 
@@ -38,9 +36,9 @@ class _RemoteStream(EngineStream):
         self._on_cancel = on_cancel
 
     def cancel(self) -> None:
-        if not self.cancelled:
-            super().cancel()
+        if not self.cancelled and self.stats is None:  # nothing to stop once it has ended
             self._on_cancel()
+        super().cancel()
 
 
 class ProcessEngine:
@@ -119,17 +117,15 @@ class ProcessEngine:
             if kind == "span":
                 stream._push(item)
             elif kind == "end":
-                stream.stats = item
-                stream._push(_END)
+                stream.end(item)
             else:  # "error": the row's stats and what its stream raised in the child
-                stream.stats, error = item
-                stream._push(error)
+                stream.end(*item)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
-            stream._push(error)
+            stream.end(None, error)
 
 
 def start_engine(llm: LLMSettings) -> DiffusionEngine | ProcessEngine:
