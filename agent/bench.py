@@ -285,6 +285,19 @@ async def _wait_quiet(caller: Any, bench: BenchSettings) -> None:
         await asyncio.sleep(QUIET_POLL_S)
 
 
+async def _wait_greeting(caller: Any, bench: BenchSettings) -> None:
+    """On a fresh connection to a running server: until its session has started (the first
+    agent state arrives once media flows) and any greeting has been spoken; the first turn
+    spoken sooner would talk over the greeting and be measured as a cut-in."""
+    deadline = time.monotonic() + bench.reply_timeout_s
+    while not any(e["type"] == "agent_state" for e in caller.events):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server's session did not start in {bench.reply_timeout_s} s")
+        await asyncio.sleep(QUIET_POLL_S)
+    await asyncio.sleep(bench.settle_s)  # a greeting is being synthesised meanwhile
+    await _wait_quiet(caller, bench)
+
+
 def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
     heard = " ".join(e["text"] for e in events if e["type"] == "user_transcript" and e["final"])
     reply = "".join(e["text"] for e in events if e["type"] == "agent_text")
@@ -338,7 +351,8 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
         c = caller(ci)
         try:
             await c.connect()
-            await _wait_quiet(c, bench)  # a server's greeting, if it has one
+            # a server of our own speaks no greeting; another one may, once its session starts
+            await (_wait_quiet(c, bench) if same_clock else _wait_greeting(c, bench))
             for ti, utt in enumerate(conv):
                 rec = await measure_turn(c, utt, bench, same_clock=same_clock)
                 cold = first_is_cold and ci == 0 and ti == 0

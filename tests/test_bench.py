@@ -100,6 +100,36 @@ async def test_an_agent_heard_before_the_last_word_is_a_cut_in():
     assert s["cut_in_turns"] == 1 and s["dropped_turns"] == 1 and s["warm"]["n"] == 0
 
 
+async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
+    import asyncio
+    import time
+
+    from agent.settings import BenchSettings
+
+    caller = _Caller(None, 0.0)
+
+    async def server() -> None:  # media flows, the session starts, then it greets
+        await asyncio.sleep(0.1)
+        caller.events.append({"type": "agent_state", "state": "listening"})
+        await asyncio.sleep(0.1)
+        caller.events.append({"type": "agent_state", "state": "speaking"})
+        for _ in range(5):
+            caller.heard.add(time.monotonic(), np.full(480, 4000, np.int16), 48000)
+            await asyncio.sleep(0.04)
+        caller.events.append({"type": "agent_state", "state": "listening"})
+
+    b = BenchSettings(settle_s=0.15, reply_timeout_s=2.0)
+    task = asyncio.create_task(server())
+    t0 = time.monotonic()
+    await bench._wait_greeting(caller, b)
+    greeted = caller.heard.chunks[-1][0]
+    assert task.done() and time.monotonic() >= greeted + b.settle_s
+    assert time.monotonic() - t0 < 1.0
+    silent = _Caller(None, 0.0)  # a server whose session never starts
+    with pytest.raises(TimeoutError):
+        await bench._wait_greeting(silent, BenchSettings(settle_s=0.0, reply_timeout_s=0.1))
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
