@@ -82,6 +82,7 @@ class AsrStats:
     speculative_discarded: int = 0
     plain_finals: int = 0
     interim_decodes: int = 0
+    unsure_decodes: int = 0  # interims and speculations whose fitted decode failed its checks
     chunks: int = 0
 
 
@@ -106,11 +107,14 @@ def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
     return _load(path, settings.device, settings.compute_type, threads)
 
 
-def _decode_window(model, audio: np.ndarray, settings: AsrSettings) -> str:
-    """One <= 30 s window -> text; blocking (segments decode lazily while iterated)."""
+def _decode_window(model, audio: np.ndarray, settings: AsrSettings, retry: bool = True,
+                   ) -> str | None:
+    """One <= 30 s window -> text; blocking (segments decode lazily while iterated). A fitted
+    window's decode that fails the quality checks is redone over Whisper's 30 s, or, without
+    `retry`, answered with None: the caller decides whether that slower decode is worth it."""
     if settings.min_window_s < WHISPER_WINDOW_S:
         text = _decode_fitted(model, audio, settings)
-        if text is not None:
+        if text is not None or not retry:
             return text
     segments, _ = model.transcribe(
         audio, language=settings.language, beam_size=settings.beam_size, vad_filter=False,
@@ -177,16 +181,22 @@ def quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
     return lo + int(np.argmin(energy)) * WINDOW
 
 
-def transcribe(model, audio: np.ndarray, settings: AsrSettings) -> str:
+def transcribe(model, audio: np.ndarray, settings: AsrSettings, retry: bool = True) -> str | None:
     """16 kHz float32 audio of any length -> text; blocking. Past `max_chunk_s` the audio is
-    decoded in pieces cut at quiet moments (Whisper's window is 30 s)."""
+    decoded in pieces cut at quiet moments (Whisper's window is 30 s). Without `retry`, None
+    when a piece's fitted decode is unsure (see `_decode_window`)."""
     limit = int(settings.max_chunk_s * SAMPLE_RATE)
-    texts, start = [], 0
+    pieces, start = [], 0
     while len(audio) - start > limit:
         cut = quietest_cut(audio, start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE), start + limit)
-        texts.append(_decode_window(model, audio[start:cut], settings))
+        pieces.append((start, cut))
         start = cut
-    texts.append(_decode_window(model, audio[start:], settings))
+    texts = []
+    for a, b in [*pieces, (start, len(audio))]:
+        text = _decode_window(model, audio[a:b], settings, retry)
+        if text is None:
+            return None
+        texts.append(text)
     return " ".join(t for t in texts if t)
 
 
@@ -320,11 +330,16 @@ class StreamingRecognizer:
     def _audio(self, start: int, end: int) -> np.ndarray:
         return self._buf[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
 
-    async def _decode(self, start: int, end: int) -> str:
+    async def _decode(self, start: int, end: int, retry: bool = True) -> str | None:
+        """The audio [start, end) -> text. Interims and speculations pass `retry` False: a
+        fragment cut at a pause often fails the fitted decode's checks, and redoing it over 30 s
+        (~4x the time) would hold the model while the turn's final waits for it."""
         audio = self._audio(start, end)
         t0 = time.perf_counter()
-        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings)
+        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings, retry)
         self._decode_s = time.perf_counter() - t0
+        if text is None:
+            self.stats.unsure_decodes += 1
         return text
 
     async def _drive(self) -> None:
@@ -392,7 +407,7 @@ class StreamingRecognizer:
             utt.deferred_pause = at
             return
         end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
-        task = asyncio.get_running_loop().create_task(self._decode(utt.start, end))
+        task = asyncio.get_running_loop().create_task(self._decode(utt.start, end, retry=False))
         self._tasks.add(task)  # held until done even when discarded
         task.add_done_callback(self._speculation_done)
         self._speculating = task
@@ -417,13 +432,15 @@ class StreamingRecognizer:
         if utt is None:
             return
         self._utt = None  # in-flight interims of this utterance are dropped from here on
-        # not discarded: no speech since its pause began, so it covers the whole utterance
-        if utt.speculation is not None:
-            text, speculative = await utt.speculation, True
+        # not discarded: no speech since its pause began, so it covers the whole utterance;
+        # None: its decode was unsure, and the final is decoded again with the full checks
+        text = None if utt.speculation is None else await utt.speculation
+        speculative = text is not None
+        if speculative:
             self.stats.speculative_reused += 1
         else:
             end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
-            text, speculative = await self._decode(utt.start, end), False
+            text = await self._decode(utt.start, end)
             self.stats.plain_finals += 1
         self._utt = utt  # for the event's start time
         if text:
@@ -465,7 +482,7 @@ class StreamingRecognizer:
         task.add_done_callback(self._tasks.discard)
 
     async def _interim(self, utt: _Utterance, end: int) -> None:
-        text = await self._decode(utt.start, end)
+        text = await self._decode(utt.start, end, retry=False)
         self.stats.interim_decodes += 1
-        if self._utt is utt and utt.agreement.update(text):
+        if text is not None and self._utt is utt and utt.agreement.update(text):
             self._emit("interim", utt.agreement.text, end)

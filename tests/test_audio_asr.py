@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from audio import asr
 from audio.asr import (
     AsrEvent,
     LocalAgreement,
@@ -114,6 +115,17 @@ def test_a_fitted_window_that_loops_falls_back_to_the_full_one(whisper):
     for text in ["Okay.", "Do you have any hobbies?", "How do I make a cup of tea?"]:
         heard = transcribe(whisper, pad(spoken_16k(text), 0.1, 0.2), tight)
         assert word_error_rate([text], [heard]) <= 0.2 and not repeats_itself(heard)
+
+
+def test_an_unsure_fitted_decode_is_redone_only_when_asked(whisper, monkeypatch):
+    audio = pad(spoken_16k("Do you like music?"), 0.1, 0.2)
+    assert transcribe(whisper, audio, ASR, retry=False) == "Do you like music?"
+    monkeypatch.setattr(asr, "_decode_fitted", lambda *a: None)  # as a cut-off fragment fails
+    full = whisper.transcribe
+    calls = []
+    monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: calls.append(1) or full(*a, **k))
+    assert transcribe(whisper, audio, ASR, retry=False) is None and not calls
+    assert transcribe(whisper, audio, ASR) == "Do you like music?" and calls
 
 
 def test_repeats_itself():
@@ -270,6 +282,20 @@ async def test_without_speculation_the_final_is_decoded_after_the_end(whisper):
     finals = [e for e in events if e.kind == "final"]
     assert len(finals) == 1 and not finals[0].speculative
     assert rec.stats.plain_finals == 1 and rec.stats.speculative_reused == 0
+
+
+async def test_an_unsure_speculation_is_decoded_again_at_the_end(whisper, monkeypatch):
+    # interims and the speculative final skip the 30 s redo of an unsure decode (it held the
+    # model for ~1 s after a fragment cut at a mid-sentence pause); the final still gets it
+    monkeypatch.setattr(asr, "_decode_fitted", lambda *a: None)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, pad(trimmed(SENTENCES[3]), 0.3, 1.0), realtime=True)
+    finals = [e for e in events if e.kind == "final"]
+    assert "preflight" not in kinds(events) and "interim" not in kinds(events)
+    assert len(finals) == 1 and not finals[0].speculative
+    assert rec.stats.unsure_decodes >= 1 and rec.stats.plain_finals == 1
+    assert rec.stats.speculative_reused == 0
+    assert word_error_rate([SENTENCES[3]], [finals[0].text]) <= 0.15
 
 
 # -- bad input -------------------------------------------------------------------------------
