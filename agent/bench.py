@@ -390,7 +390,13 @@ def caller_factory(settings: Settings, models: Any, server: Any, url: str | None
 
 
 async def start_server(settings: Settings, models: Any) -> tuple[Any, str | None]:
-    """The transport's server in this process: (server, caller URL); (None, None) in-process."""
+    """The transport's server (WebRTC's in a process of its own unless
+    `bench.server_process` is off): (server, caller URL); (None, None) in-process."""
+    if settings.bench.transport == "webrtc" and settings.bench.server_process:
+        from agent.bench_server import ServerProcess
+
+        child = ServerProcess(settings)
+        return child, await child.start()
     if settings.bench.transport == "webrtc":
         from agent.serve import BrowserServer
 
@@ -486,7 +492,7 @@ def run_one(settings: Settings, args: argparse.Namespace, name: str, progress: A
             convs: list[Conversation]) -> dict[str, Any]:
     """Load this config's models (main thread: LiveKit plugins insist), bench, free them."""
     models = None
-    if args.url is None or settings.bench.transport == "inprocess":
+    if needs_models(settings, args.url):
         from agent.session import load_models
 
         models = load_models(settings)
@@ -497,6 +503,14 @@ def run_one(settings: Settings, args: argparse.Namespace, name: str, progress: A
         close = getattr(models.engine, "close", None) if models is not None else None
         if close is not None:
             close()
+
+
+def needs_models(settings: Settings, url: str | None) -> bool:
+    """Whether the models run in the bench's process (its server, or no transport)."""
+    transport = settings.bench.transport
+    if transport == "webrtc":
+        return url is None and not settings.bench.server_process
+    return True
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

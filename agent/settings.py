@@ -157,6 +157,10 @@ class BenchSettings(Section):
     # (20 ms each). aiortc's default is 4; a browser's adaptive buffer sits near 1-2 on a clean
     # network, so the default measures a conservative caller
     caller_jitter_prefetch_frames: int = Field(4, ge=1, le=8)
+    # the self-started WebRTC server runs in a process of its own, as a deployed one does; false:
+    # in the bench's process, where the simulated caller's Python work (Opus, RTP, its
+    # microphone) holds the GIL the server's event loop and engine wait for (docs/benchmarks.md)
+    server_process: bool = True
     cache_dir: str = ".cache/bench-speech"  # synthesised built-in turns, one WAV each
     out_dir: str = "runs/bench"  # bench.json, bench.png, bench.html
 

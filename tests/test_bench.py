@@ -223,3 +223,14 @@ def test_spoken_turns_are_cached_per_synthesis_setting():
               for change in ({"noise_scale": 0.0}, {"noise_w_scale": 0.0}, {"lead_in_ms": None},
                              {"length_scale": 1.2}, {"max_sentence_chars": 40})}
     assert len(others) == 5 and default not in others
+
+
+async def test_a_server_process_that_cannot_load_its_models_says_why(tmp_path):
+    from agent.bench_server import ServerProcess, ServerProcessError
+    from agent.settings import load_settings
+
+    settings = load_settings(None, [f'llm.model="{tmp_path / "missing"}"'])
+    child = ServerProcess(settings)
+    with pytest.raises(ServerProcessError, match="missing"):
+        await child.start()
+    assert not child._proc.is_alive()
