@@ -83,8 +83,7 @@ def _serve(settings: Settings, conn: Connection) -> None:
     try:
         models = load_models(settings)
     except Exception as e:
-        logging.getLogger(__name__).exception("loading the models failed")
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        _failed(conn, "loading the models", e)
         return
     try:
         asyncio.run(_run(settings, models, conn))
@@ -94,11 +93,20 @@ def _serve(settings: Settings, conn: Connection) -> None:
             close()
 
 
+def _failed(conn: Connection, what: str, e: Exception) -> None:
+    logging.getLogger(__name__).exception("%s failed", what)
+    conn.send(("error", f"{what} failed: {type(e).__name__}: {e}"))
+
+
 async def _run(settings: Settings, models: Any, conn: Connection) -> None:
     from agent.serve import BrowserServer
 
     web = BrowserServer(settings, models)
-    await web.start()
+    try:
+        await web.start()
+    except OSError as e:  # e.g. the port is taken
+        _failed(conn, "listening", e)
+        return
     try:
         conn.send(("ready", web.signalling.port))
         await asyncio.to_thread(_until_stop, conn)

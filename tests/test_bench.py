@@ -225,12 +225,23 @@ def test_spoken_turns_are_cached_per_synthesis_setting():
     assert len(others) == 5 and default not in others
 
 
-async def test_a_server_process_that_cannot_load_its_models_says_why(tmp_path):
+async def test_a_server_process_that_cannot_start_says_why(tmp_path):
+    import socket
+
     from agent.bench_server import ServerProcess, ServerProcessError
     from agent.settings import load_settings
 
     settings = load_settings(None, [f'llm.model="{tmp_path / "missing"}"'])
     child = ServerProcess(settings)
-    with pytest.raises(ServerProcessError, match="missing"):
+    with pytest.raises(ServerProcessError, match="loading the models failed.*missing"):
         await child.start()
     assert not child._proc.is_alive()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = ServerProcess(load_settings(None, ["server.host=\"127.0.0.1\"",
+                                                  f"server.port={port}"]))
+        with pytest.raises(ServerProcessError, match="listening failed"):
+            await busy.start()
+    assert not busy._proc.is_alive()
