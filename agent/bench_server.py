@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from agent.settings import Settings
+from llm.settings import LOG_FORMAT
 
 START_TIMEOUT_S = 600.0  # loading (and warming up) the models in the child
 STOP_TIMEOUT_S = 30.0
@@ -76,8 +77,7 @@ class ServerProcess:
 def _serve(settings: Settings, conn: Connection) -> None:
     """The child: load the models (its main thread: LiveKit plugins insist), serve until told
     to stop or the parent is gone."""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     from agent.session import load_models
 
     try:

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from agent.settings import DEFAULT_CONFIG, load_settings
+from llm.settings import LOG_FORMAT
 
 COMMANDS: dict[str, str] = {
     "serve": "agent.serve",
@@ -71,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
         print(f"diffvoice: bad settings: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     return int(module.run(args, settings) or 0)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llm.engine import DiffusionEngine, EngineStream, Message
-from llm.settings import DecodeSettings, LLMSettings
+from llm.settings import LOG_FORMAT, DecodeSettings, LLMSettings
 
 START_TIMEOUT_S = 600.0  # loading (and warming up) the model in the child
 
@@ -135,8 +135,7 @@ def start_engine(llm: LLMSettings) -> DiffusionEngine | ProcessEngine:
 
 def _serve(llm: LLMSettings, requests: Any, replies: Any) -> None:
     """The child: load the engine, then run requests until told to stop."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         engine = DiffusionEngine.from_settings(llm)
     except Exception as e:  # the parent reports it

@@ -8,6 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# the log lines of the CLI and of every process it spawns (engine, bench server)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 class DecodeSettings(BaseModel):
     """How a reply is denoised. The voice agent uses confidence-threshold parallel decoding."""
