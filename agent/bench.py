@@ -500,9 +500,8 @@ def run_one(settings: Settings, args: argparse.Namespace, name: str, progress: A
         return asyncio.run(run_config(settings, models, args.url, convs, args.sessions, name,
                                       progress))
     finally:
-        close = getattr(models.engine, "close", None) if models is not None else None
-        if close is not None:
-            close()
+        if models is not None:
+            models.close()
 
 
 def needs_models(settings: Settings, url: str | None) -> bool:

@@ -88,9 +88,7 @@ def _serve(settings: Settings, conn: Connection) -> None:
     try:
         asyncio.run(_run(settings, models, conn))
     finally:
-        close = getattr(models.engine, "close", None)
-        if close is not None:
-            close()
+        models.close()
 
 
 def _failed(conn: Connection, what: str, e: Exception) -> None:

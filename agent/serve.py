@@ -88,7 +88,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(serve(settings, models))
     finally:
-        close = getattr(models.engine, "close", None)
-        if close is not None:
-            close()
+        models.close()
     return 0

@@ -42,6 +42,12 @@ class Models:
     turn_detector: Any | None  # LiveKit's turn detector, or None to end turns on silence
     model_name: str = "diffvoice"
 
+    def close(self) -> None:
+        """Stop the engine's worker (thread or process); engines without one need nothing."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
 
 def ends_sentence(chunk: Any) -> bool:
     """Whether an LLM chunk's text ends a sentence (where the engine cuts its spans)."""
