@@ -49,27 +49,47 @@ class Models:
             close()
 
 
+def _text(chunk: Any) -> str | None:
+    return chunk if isinstance(chunk, str) else getattr(chunk.delta, "content", None)
+
+
 def ends_sentence(chunk: Any) -> bool:
     """Whether an LLM chunk's text ends a sentence (where the engine cuts its spans)."""
-    text = chunk if isinstance(chunk, str) else getattr(chunk.delta, "content", None)
+    text = _text(chunk)
     return bool(text) and sentences.ends_sentence(text)
+
+
+def split_at_sentence_end(chunk: Any) -> list[Any]:
+    """The chunk as (text up to its last sentence end, the rest) when a sentence ends inside it,
+    else [chunk]. The engine cuts spans at sentence ends, but a block that ends after the first
+    words of the next sentence ("I like that book. What") is released whole."""
+    text = _text(chunk)
+    cuts = sentences.sentence_cuts(text) if text else []
+    if not cuts or not text[cuts[-1]:].strip():
+        return [chunk]
+    if isinstance(chunk, str):
+        return [text[: cuts[-1]], text[cuts[-1]:]]
+    return [chunk.model_copy(update={"delta": chunk.delta.model_copy(update={"content": part})})
+            for part in (text[: cuts[-1]], text[cuts[-1]:])]
 
 
 class VoiceAgent(Agent):
     """The agent of every session: its reply is spoken sentence by sentence as committed.
 
-    The engine releases text only once it is final, cut at sentence ends, so a chunk that ends
-    a sentence is followed by a flush: TTS speaks it now instead of holding it until the next
-    sentence starts (LiveKit's sentence splitter only releases a sentence when it sees the next
-    one, which for a diffusion reply can be several denoising steps later)."""
+    The engine releases text only once it is final, cut at sentence ends (or at a block's end),
+    so text that ends a sentence is followed by a flush: TTS speaks it now instead of holding it
+    until the next sentence has grown (LiveKit's sentence splitter only releases a sentence when
+    it sees enough of the next one, which for a diffusion reply can be several denoising steps
+    later)."""
 
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
     ) -> AsyncIterator[llm.ChatChunk | str | FlushSentinel]:
         async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
-            yield chunk
-            if ends_sentence(chunk):
-                yield FlushSentinel()
+            for part in split_at_sentence_end(chunk):
+                yield part
+                if ends_sentence(part):
+                    yield FlushSentinel()
 
 
 def load_turn_detector(session: SessionSettings) -> Any | None:

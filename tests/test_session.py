@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import real_parts
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
-from livekit.agents import APIConnectionError
+from livekit.agents import APIConnectionError, llm
 from livekit.plugins import silero
 from speech_samples import spoken
 from voice_harness import Caller
@@ -21,6 +21,7 @@ from agent.session import (
     build_session,
     ends_sentence,
     load_turn_detector,
+    split_at_sentence_end,
     turn_handling,
 )
 from agent.settings import Settings, load_settings
@@ -114,6 +115,36 @@ async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad
     assert tts.texts[:2] == [first.strip(), second]  # synthesised one sentence at a time
     reply = caller.messages("assistant")[0]
     assert reply.text_content.replace("  ", " ").strip() == (first + second).strip()
+
+
+@pytest.mark.slow
+async def test_a_sentence_inside_a_span_is_spoken_before_the_next_span(vad):
+    # a block released whole ends with the next sentence's first word: the finished sentence
+    # must not wait for that next sentence to grow
+    first, second = "It is sunny today. Bring", " a hat with you."
+    engine = FakeEngine(reply=[first, second], step_s=0.3, steps_per_span=4)
+    tts = FakeTTS()
+    models = _models(engine, vad, FakeSTT([QUESTION]), tts)
+    async with Caller(_settings(), models) as caller:
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.messages("assistant"), within=15)
+    (stream,) = engine.streams
+    assert caller.heard and caller.heard[0][0] < stream.released_at[1]
+    assert tts.texts[:2] == ["It is sunny today.", "Bring a hat with you."]
+
+
+def test_a_chunk_is_split_after_its_last_sentence_end():
+    delta = llm.ChoiceDelta(role="assistant", content="Yes. I like that book. What")
+    head, tail = split_at_sentence_end(llm.ChatChunk(id="r", delta=delta))
+    assert (head.id, head.delta.content, tail.delta.content) == (
+        "r", "Yes. I like that book.", " What")
+    assert ends_sentence(head) and not ends_sentence(tail)
+    assert split_at_sentence_end("It is 3.5 degrees. Or") == ["It is 3.5 degrees.", " Or"]
+    for whole in ("Fine. ", "It is 3.5 degrees", ""):
+        assert split_at_sentence_end(whole) == [whole]
+    usage = llm.ChatChunk(id="r", usage=llm.CompletionUsage(
+        completion_tokens=1, prompt_tokens=1, total_tokens=2))
+    assert split_at_sentence_end(usage) == [usage]
 
 
 def test_only_text_that_closes_a_sentence_is_flushed():
