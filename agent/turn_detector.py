@@ -27,12 +27,12 @@ import logging
 import re
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from llm.engine import cpu_has_int8
-from llm.model import Transformer, pack_fp32, quantize_int8
+from llm.model import LayerKV, Transformer, pack_fp32, quantize_int8
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,27 @@ DEFAULT_THRESHOLD = 0.15
 SENTENCE_MARKS = (".", "?", "!")
 HISTORY_MESSAGES = 4  # earlier messages kept as context (LiveKit's text models keep 6 turns)
 CACHED_SCORES = 32
+CACHED_CONTEXTS = 8  # conversations whose context K/V are kept (~1 MB each)
 _TRAILING = re.compile(r"[\s.?!,;:…]+$")
 Message = dict[str, str]
 
 
+class Scored(NamedTuple):
+    """What one score reads: the conversation before the caller's words (rendered with the
+    roles swapped, up to the reply prompt) and the words. Scores are keyed by it."""
+
+    context: tuple[int, ...]
+    words: tuple[int, ...]
+
+
 class EndOfTurnScorer:
-    """p(the last message ends its speaker's turn) from a causal LM and its tokenizer."""
+    """p(the last message ends its speaker's turn) from a causal LM and its tokenizer.
+
+    The context's K/V are kept (a few conversations' worth): every interim, preflight and final
+    transcript of a turn shares its context, so a score encodes only the caller's words (on a
+    Zen 3 core, 8 words after 53 tokens of conversation: 14 ms instead of 39 ms). Words are
+    always scored against a context encoded on its own, so a score never depends on which
+    scores came before it."""
 
     def __init__(self, model: Transformer, tokenizer: ChatTokenizer):
         if not model.cfg.causal:
@@ -61,28 +76,50 @@ class EndOfTurnScorer:
         marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
         self.end_ids = sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
         self.max_tokens = model.cfg.max_seq_len
+        # context tokens -> their K/V per layer; used by the scoring thread only
+        self._contexts: collections.OrderedDict[tuple[int, ...], list[LayerKV]] = \
+            collections.OrderedDict()
 
     def p_end(self, messages: list[Message]) -> float:
         """messages: [{role: user|assistant, content}], the last one the speaker's words so far."""
-        ids = self.ids(messages)
-        return self.p_end_ids(ids) if ids else 1.0
+        scored = self.scored(messages)
+        return 1.0 if scored is None else self.p_end_scored(scored)
 
-    def ids(self, messages: list[Message]) -> tuple[int, ...]:
-        """The tokens scored for `messages` (empty when the last one has no words)."""
+    def scored(self, messages: list[Message]) -> Scored | None:
+        """The tokens scored for `messages` (None when the last one has no words)."""
         *history, last = messages[-(HISTORY_MESSAGES + 1):]
-        words = _TRAILING.sub("", last["content"].strip())
+        words = self.tok.encode(_TRAILING.sub("", last["content"].strip()))
         if not words:
-            return ()
+            return None
         swap = {"user": "assistant", "assistant": "user"}
         context = [{"role": swap[m["role"]], "content": m["content"]} for m in history]
-        ids = self.tok.encode_chat(context, add_generation_prompt=True) + self.tok.encode(words)
-        return tuple(ids[-self.max_tokens:])
+        context_ids = self.tok.encode_chat(context, add_generation_prompt=True)
+        keep = max(0, self.max_tokens - len(words))
+        return Scored(tuple(context_ids[-keep:] if keep else ()),
+                      tuple(words[-self.max_tokens:]))
 
-    def p_end_ids(self, ids: tuple[int, ...]) -> float:
+    def p_end_scored(self, scored: Scored) -> float:
+        """Blocking: one forward over the words against the context's (kept) K/V."""
+        S = len(scored.context)
         with torch.inference_mode():
-            logits, _ = self.model(torch.tensor([ids], device=self.device))
+            words = torch.tensor([scored.words], device=self.device)
+            pos = torch.arange(S, S + words.shape[1], device=self.device)[None]
+            logits, _ = self.model(words, pos, context=self._context_kv(scored.context))
         probs = torch.softmax(logits[0, -1].float(), dim=-1)
         return float(probs[self.end_ids].sum())
+
+    def _context_kv(self, context: tuple[int, ...]) -> list[LayerKV] | None:
+        if not context:
+            return None
+        kv = self._contexts.get(context)
+        if kv is None:
+            ids = torch.tensor([context], device=self.device)
+            _, kv = self.model(ids, return_kv=True)
+            self._contexts[context] = kv
+            while len(self._contexts) > CACHED_CONTEXTS:
+                self._contexts.popitem(last=False)
+        self._contexts.move_to_end(context)
+        return kv
 
     @property
     def device(self) -> torch.device:
@@ -98,11 +135,11 @@ class TextTurnDetector:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-detector")
         # scores by the tokens scored: a transcript prefetched while the caller spoke is
         # answered at once when the session asks (the event loop's thread only)
-        self._scores: collections.OrderedDict[tuple[int, ...], Future[float]] = \
+        self._scores: collections.OrderedDict[Scored, Future[float]] = \
             collections.OrderedDict()
         # each caller's last prefetch (tokens, score): replaced by their next one while waiting
         self._prefetched: collections.OrderedDict[
-            Hashable, tuple[tuple[int, ...], Future[float]]] = collections.OrderedDict()
+            Hashable, tuple[Scored, Future[float]]] = collections.OrderedDict()
 
     @classmethod
     def load(cls, model: str, threshold: float | None = None) -> TextTurnDetector:
@@ -137,13 +174,13 @@ class TextTurnDetector:
         messages = chat_messages(chat_ctx)
         if not messages or messages[-1]["role"] != "user":
             return 1.0
-        ids = self.scorer.ids(messages)
-        if not ids:
+        scored = self.scorer.scored(messages)
+        if scored is None:
             return 1.0
-        ready = ids in self._scores and self._scores[ids].done()
-        future = self._score(ids)
+        ready = scored in self._scores and self._scores[scored].done()
+        future = self._score(scored)
         for caller, (prefetched, _) in list(self._prefetched.items()):
-            if prefetched == ids:  # asked for now: no later prefetch may cancel it
+            if prefetched == scored:  # asked for now: no later prefetch may cancel it
                 del self._prefetched[caller]
         p = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         log.debug("p(end of turn) %.3f, %s", p, "prefetched" if ready else "scored when asked")
@@ -153,13 +190,14 @@ class TextTurnDetector:
         """Start scoring the caller's words so far (an interim or preflight transcript) after
         `chat_ctx`, so the session's question at the end of the turn finds it done. A caller's
         newer prefetch replaces their one still waiting for the worker."""
-        ids = self.scorer.ids([*chat_messages(chat_ctx), {"role": "user", "content": words}])
-        if not ids or ids in self._scores:
+        scored = self.scorer.scored(
+            [*chat_messages(chat_ctx), {"role": "user", "content": words}])
+        if scored is None or scored in self._scores:
             return
-        stale_ids, stale = self._prefetched.pop(caller, ((), None))
-        if stale is not None and stale.cancel() and self._scores.get(stale_ids) is stale:
-            del self._scores[stale_ids]
-        self._prefetched[caller] = ids, self._score(ids)
+        stale_key, stale = self._prefetched.pop(caller, (None, None))
+        if stale is not None and stale.cancel() and self._scores.get(stale_key) is stale:
+            del self._scores[stale_key]
+        self._prefetched[caller] = scored, self._score(scored)
         while len(self._prefetched) > CACHED_SCORES:  # callers long gone
             self._prefetched.popitem(last=False)
 
@@ -182,13 +220,13 @@ class TextTurnDetector:
         session.on("user_input_transcribed", transcribed)
         session.on("conversation_item_added", added)
 
-    def _score(self, ids: tuple[int, ...]) -> Future[float]:
-        future = self._scores.get(ids)
+    def _score(self, scored: Scored) -> Future[float]:
+        future = self._scores.get(scored)
         if future is None:
-            future = self._scores[ids] = self._pool.submit(self.scorer.p_end_ids, ids)
+            future = self._scores[scored] = self._pool.submit(self.scorer.p_end_scored, scored)
             while len(self._scores) > CACHED_SCORES:
                 self._scores.popitem(last=False)
-        self._scores.move_to_end(ids)
+        self._scores.move_to_end(scored)
         return future
 
     def close(self) -> None:

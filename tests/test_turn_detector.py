@@ -5,6 +5,7 @@ unfinished turn open on it (scripted STT, LLM and TTS: the timing is the session
 from __future__ import annotations
 
 import pytest
+import torch
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
 from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
 from livekit.agents import llm
@@ -51,6 +52,30 @@ def test_whisper_punctuation_does_not_decide(detector):
     assert p_end(detector, "How do I make a cup of tea") == p_end(detector, "How do I make a cup "
                                                                             "of tea?")
     assert p_end(detector, "How do I make a.") == p_end(detector, "How do I make a")
+
+
+def test_a_turns_context_is_encoded_once_and_scores_as_one_forward_would(detector):
+    scorer = detector.scorer
+    history = [{"role": "assistant", "content": "Hi! How can I help?"},
+               {"role": "user", "content": "I need a recipe."},
+               {"role": "assistant", "content": "Sure, which one?"}]
+    turn = [scorer.scored([*history, {"role": "user", "content": words}])
+            for words in ("How do I make", "How do I make a cup of tea?")]
+    assert turn[0].context == turn[1].context and turn[0].words != turn[1].words
+    scorer._contexts.clear()
+    encoded: list[int] = []
+    hook = scorer.model.register_forward_hook(lambda m, args, out: encoded.append(
+        args[0].shape[1]))
+    try:
+        kept = [scorer.p_end_scored(s) for s in turn]
+    finally:
+        hook.remove()
+    assert encoded == [len(turn[0].context), len(turn[0].words), len(turn[1].words)]
+    for scored, p in zip(turn, kept, strict=True):
+        with torch.inference_mode():
+            logits, _ = scorer.model(torch.tensor([scored.context + scored.words]))
+        whole = float(torch.softmax(logits[0, -1], dim=-1)[scorer.end_ids].sum())
+        assert p == pytest.approx(whole, abs=1e-4)
 
 
 async def test_the_livekit_protocol_on_a_chat_context(detector):
@@ -133,7 +158,7 @@ async def test_a_turn_resumed_after_a_pause_is_prefetched_as_livekit_asks(detect
     def prefetched(*messages: str) -> bool:
         history = chat_messages(session.history)
         asked = [*history, *({"role": "user", "content": m} for m in messages)]
-        return detector.scorer.ids(asked) in detector._scores
+        return detector.scorer.scored(asked) in detector._scores
 
     session = Session()
     session.history.add_message(role="assistant", content="Hi! How can I help?")
