@@ -5,7 +5,8 @@ Whisper is not a streaming model, so the stream is built from whole-utterance de
 - interim: while speech goes on, the utterance so far is re-decoded every `interim_interval_s`;
   only the word prefix on which two consecutive hypotheses agree is shown (LocalAgreement-2,
   Machacek et al. 2023, "Turning Whisper into Real-Time Transcription System"), so interim text
-  grows and never flickers;
+  grows and never flickers. Whisper runs one decode at a time, so an interim still decoding
+  when a final decode is due (a pause, the end) stops at its next model call;
 - speculative final: when the VAD sees the first `speculation_silence_ms` of silence (or the
   level falls `speculation_energy_drop_db` below the utterance's speech for as long: sooner
   than Silero's probability, `audio.vad`) the final decode starts at once; if the silence
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -83,6 +85,7 @@ class AsrStats:
     plain_finals: int = 0
     interim_decodes: int = 0
     unsure_decodes: int = 0  # interims and speculations whose fitted decode failed its checks
+    interims_abandoned: int = 0  # interim decodes stopped because a final decode was due
     chunks: int = 0
 
 
@@ -107,15 +110,26 @@ def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
     return _load(path, settings.device, settings.compute_type, threads)
 
 
+class DecodeAbandoned(Exception):
+    """A decode stopped between its model calls because its `stop` event was set."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise DecodeAbandoned
+
+
 def _decode_window(model, audio: np.ndarray, settings: AsrSettings, retry: bool = True,
-                   ) -> str | None:
+                   stop: threading.Event | None = None) -> str | None:
     """One <= 30 s window -> text; blocking (segments decode lazily while iterated). A fitted
     window's decode that fails the quality checks is redone over Whisper's 30 s, or, without
-    `retry`, answered with None: the caller decides whether that slower decode is worth it."""
+    `retry`, answered with None: the caller decides whether that slower decode is worth it.
+    Once `stop` is set the decode raises `DecodeAbandoned` before its next model call."""
     if settings.min_window_s < WHISPER_WINDOW_S:
-        text = _decode_fitted(model, audio, settings)
+        text = _decode_fitted(model, audio, settings, stop)
         if text is not None or not retry:
             return text
+    _check(stop)
     segments, _ = model.transcribe(
         audio, language=settings.language, beam_size=settings.beam_size, vad_filter=False,
         without_timestamps=True, condition_on_previous_text=False,
@@ -132,7 +146,8 @@ def _whisper_tokenizer(model, language: str):  # -> faster_whisper.tokenizer.Tok
                      language=language if multilingual else None)
 
 
-def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings) -> str | None:
+def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings,
+                   stop: threading.Event | None = None) -> str | None:
     """Whisper's encoder over a window fitted to the audio (at least `min_window_s`, the audio
     plus FIT_MARGIN_S of silence, whole seconds) instead of its fixed 30 s, where most of the
     CPU time of a short utterance goes. None when the result fails faster-whisper's own quality
@@ -148,8 +163,10 @@ def _decode_fitted(model, audio: np.ndarray, settings: AsrSettings) -> str | Non
     tokenizer = _whisper_tokenizer(model, settings.language)
     prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
     limit = len(prompt) + int(MAX_TOKENS_PER_S * len(audio) / SAMPLE_RATE) + 8
+    _check(stop)
     encoded = model.model.encode(ctranslate2.StorageView.from_array(
         np.ascontiguousarray(features)), to_cpu=False)
+    _check(stop)
     result = model.model.generate(
         encoded, [prompt], beam_size=settings.beam_size, max_length=limit,
         return_scores=True, return_no_speech_prob=True,
@@ -181,10 +198,11 @@ def quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
     return lo + int(np.argmin(energy)) * WINDOW
 
 
-def transcribe(model, audio: np.ndarray, settings: AsrSettings, retry: bool = True) -> str | None:
+def transcribe(model, audio: np.ndarray, settings: AsrSettings, retry: bool = True,
+               stop: threading.Event | None = None) -> str | None:
     """16 kHz float32 audio of any length -> text; blocking. Past `max_chunk_s` the audio is
     decoded in pieces cut at quiet moments (Whisper's window is 30 s). Without `retry`, None
-    when a piece's fitted decode is unsure (see `_decode_window`)."""
+    when a piece's fitted decode is unsure; `stop` abandons it (see `_decode_window`)."""
     limit = int(settings.max_chunk_s * SAMPLE_RATE)
     pieces, start = [], 0
     while len(audio) - start > limit:
@@ -193,7 +211,7 @@ def transcribe(model, audio: np.ndarray, settings: AsrSettings, retry: bool = Tr
         start = cut
     texts = []
     for a, b in [*pieces, (start, len(audio))]:
-        text = _decode_window(model, audio[a:b], settings, retry)
+        text = _decode_window(model, audio[a:b], settings, retry, stop)
         if text is None:
             return None
         texts.append(text)
@@ -274,6 +292,7 @@ class StreamingRecognizer:
         self._utt: _Utterance | None = None
         self._tasks: set[asyncio.Task] = set()
         self._speculating: asyncio.Task | None = None
+        self._interim_stop: threading.Event | None = None  # set: the interim in flight stops
         self._decode_s = 0.0  # duration of the latest decode
         self._task = asyncio.get_running_loop().create_task(self._drive())
 
@@ -330,13 +349,16 @@ class StreamingRecognizer:
     def _audio(self, start: int, end: int) -> np.ndarray:
         return self._buf[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
 
-    async def _decode(self, start: int, end: int, retry: bool = True) -> str | None:
+    async def _decode(self, start: int, end: int, retry: bool = True,
+                      stop: threading.Event | None = None) -> str | None:
         """The audio [start, end) -> text. Interims and speculations pass `retry` False: a
         fragment cut at a pause often fails the fitted decode's checks, and redoing it over 30 s
-        (~4x the time) would hold the model while the turn's final waits for it."""
+        (~4x the time) would hold the model while the turn's final waits for it. Interims pass
+        `stop`; a final decode sets it (`DecodeAbandoned`)."""
         audio = self._audio(start, end)
         t0 = time.perf_counter()
-        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings, retry)
+        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings, retry,
+                                       stop)
         self._decode_s = time.perf_counter() - t0
         if text is None:
             self.stats.unsure_decodes += 1
@@ -398,11 +420,18 @@ class StreamingRecognizer:
         elif ev.kind == "end":
             await self._close_utterance(at)
 
+    def _abandon_interim(self) -> None:
+        """A final decode is due: the interim in flight stops at its next model call instead of
+        holding the model (one decode at a time) for its remaining ~100-300 ms."""
+        if self._interim_stop is not None:
+            self._interim_stop.set()
+
     def _speculate(self, at: int) -> None:
         """Start the final decode at a pause; at most one speculation runs at a time (a pause
         in every gap of fast speech would otherwise queue decodes that are all discarded)."""
         utt = self._utt
         assert utt is not None
+        self._abandon_interim()
         if self._speculating is not None:
             utt.deferred_pause = at
             return
@@ -432,6 +461,7 @@ class StreamingRecognizer:
         if utt is None:
             return
         self._utt = None  # in-flight interims of this utterance are dropped from here on
+        self._abandon_interim()
         # not discarded: no speech since its pause began, so it covers the whole utterance;
         # None: its decode was unsure, and the final is decoded again with the full checks
         text = None if utt.speculation is None else await utt.speculation
@@ -457,6 +487,7 @@ class StreamingRecognizer:
             lo, hi = utt.start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE), utt.start + limit
             cut = quietest_cut(self._buf, lo - self._buf_start, hi - self._buf_start)
             cut += self._buf_start
+            self._abandon_interim()
             text = await self._decode(utt.start, cut)
             self.stats.chunks += 1
             if text:
@@ -477,12 +508,20 @@ class StreamingRecognizer:
         if not (due and enough) or busy:
             return
         utt.last_interim = self._now
-        task = asyncio.get_running_loop().create_task(self._interim(utt, self._now))
+        self._interim_stop = stop = threading.Event()
+        task = asyncio.get_running_loop().create_task(self._interim(utt, self._now, stop))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _interim(self, utt: _Utterance, end: int) -> None:
-        text = await self._decode(utt.start, end, retry=False)
+    async def _interim(self, utt: _Utterance, end: int, stop: threading.Event) -> None:
+        try:
+            text = await self._decode(utt.start, end, retry=False, stop=stop)
+        except DecodeAbandoned:
+            self.stats.interims_abandoned += 1
+            return
+        finally:
+            if self._interim_stop is stop:
+                self._interim_stop = None
         self.stats.interim_decodes += 1
         if text is not None and self._utt is utt and utt.agreement.update(text):
             self._emit("interim", utt.agreement.text, end)

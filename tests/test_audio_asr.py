@@ -11,6 +11,7 @@ import pytest
 from audio import asr
 from audio.asr import (
     AsrEvent,
+    DecodeAbandoned,
     LocalAgreement,
     StreamingRecognizer,
     load_whisper,
@@ -126,6 +127,22 @@ def test_an_unsure_fitted_decode_is_redone_only_when_asked(whisper, monkeypatch)
     monkeypatch.setattr(whisper, "transcribe", lambda *a, **k: calls.append(1) or full(*a, **k))
     assert transcribe(whisper, audio, ASR, retry=False) is None and not calls
     assert transcribe(whisper, audio, ASR) == "Do you like music?" and calls
+
+
+def test_a_stopped_decode_makes_no_further_model_call(whisper, monkeypatch):
+    import threading
+
+    stop = threading.Event()
+    features = whisper.feature_extractor
+    # the stop comes while the features are computed: the encoder is not run
+    monkeypatch.setattr(whisper, "feature_extractor", lambda *a, **k: stop.set() or features(
+        *a, **k))
+    with pytest.raises(DecodeAbandoned):
+        transcribe(whisper, trimmed(SENTENCES[0]), ASR, retry=False, stop=stop)
+    monkeypatch.setattr(whisper, "feature_extractor", features)
+    with pytest.raises(DecodeAbandoned):  # and the full window's decode is not started
+        transcribe(whisper, trimmed(SENTENCES[0]), ASR.model_copy(update={"min_window_s": 30}),
+                   stop=stop)
 
 
 def test_repeats_itself():
@@ -299,6 +316,26 @@ async def test_an_unsure_speculation_is_decoded_again_at_the_end(whisper, monkey
 
 
 # -- bad input -------------------------------------------------------------------------------
+async def test_an_interim_still_decoding_at_the_pause_is_abandoned(whisper, monkeypatch):
+    # an interim that is still busy when the speech pauses (a slow CPU) must not hold Whisper
+    # while the final is decoded: it stops before its next model call
+    fitted = asr._decode_fitted
+
+    def slow_interim(model, audio, settings, stop=None):
+        if stop is not None:  # interims pass a stop event
+            stop.wait(10)
+        return fitted(model, audio, settings, stop)
+
+    monkeypatch.setattr(asr, "_decode_fitted", slow_interim)
+    rec = StreamingRecognizer(whisper, ASR, VAD)
+    events, _ = await run_stream(rec, pad(trimmed(SENTENCES[3]), 0.3, 1.0), realtime=True)
+    finals = [e for e in events if e.kind == "final"]
+    assert rec.stats.interims_abandoned >= 1 and rec.stats.interim_decodes == 0
+    assert "interim" not in kinds(events)
+    assert len(finals) == 1 and finals[0].speculative
+    assert word_error_rate([SENTENCES[3]], [finals[0].text]) <= 0.15
+
+
 async def test_silence_only_gives_no_events(whisper):
     rec = StreamingRecognizer(whisper, ASR, VAD)
     events, _ = await run_stream(rec, np.zeros(3 * SAMPLE_RATE, np.float32), realtime=False)
