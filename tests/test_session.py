@@ -99,11 +99,9 @@ async def test_spoken_turn_through_custom_audio_io(vad):
     assert 0 < latency < 10.0  # the reply followed the question; not a performance check
 
 
-@pytest.mark.slow
-async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad):
-    # the second sentence is committed ~1.2 s after the first: its first audio must not wait
-    first, second = "It is sunny today. ", "Bring a hat with you."
-    engine = FakeEngine(reply=[first, second], step_s=0.3, steps_per_span=4)
+async def _two_spans_spoken(vad, spans: list[str]):
+    """A question answered in two spans, the second committed ~1.2 s after the first."""
+    engine = FakeEngine(reply=spans, step_s=0.3, steps_per_span=4)
     tts = FakeTTS()
     models = _models(engine, vad, FakeSTT([QUESTION]), tts)
     async with Caller(_settings(), models) as caller:
@@ -111,6 +109,14 @@ async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad
         await caller.wait_for(lambda: caller.messages("assistant"), within=15)
     (stream,) = engine.streams
     assert len(stream.released_at) == 2, stream.released_at
+    return caller, stream, tts
+
+
+@pytest.mark.slow
+async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad):
+    # the second sentence's first audio must not wait for it to be denoised
+    first, second = "It is sunny today. ", "Bring a hat with you."
+    caller, stream, tts = await _two_spans_spoken(vad, [first, second])
     assert caller.heard and caller.heard[0][0] < stream.released_at[1]
     assert tts.texts[:2] == [first.strip(), second]  # synthesised one sentence at a time
     reply = caller.messages("assistant")[0]
@@ -121,14 +127,8 @@ async def test_each_committed_sentence_is_spoken_before_the_next_is_denoised(vad
 async def test_a_sentence_inside_a_span_is_spoken_before_the_next_span(vad):
     # a block released whole ends with the next sentence's first word: the finished sentence
     # must not wait for that next sentence to grow
-    first, second = "It is sunny today. Bring", " a hat with you."
-    engine = FakeEngine(reply=[first, second], step_s=0.3, steps_per_span=4)
-    tts = FakeTTS()
-    models = _models(engine, vad, FakeSTT([QUESTION]), tts)
-    async with Caller(_settings(), models) as caller:
-        caller.say(spoken(QUESTION))
-        await caller.wait_for(lambda: caller.messages("assistant"), within=15)
-    (stream,) = engine.streams
+    caller, stream, tts = await _two_spans_spoken(vad, ["It is sunny today. Bring",
+                                                        " a hat with you."])
     assert caller.heard and caller.heard[0][0] < stream.released_at[1]
     assert tts.texts[:2] == ["It is sunny today.", "Bring a hat with you."]
 
