@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import re
+import threading
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -76,9 +77,10 @@ class EndOfTurnScorer:
         marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
         self.end_ids = sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
         self.max_tokens = model.cfg.max_seq_len
-        # context tokens -> their K/V per layer; used by the scoring thread only
+        # context tokens -> their K/V per layer (the detector's scoring thread, or a caller's)
         self._contexts: collections.OrderedDict[tuple[int, ...], list[LayerKV]] = \
             collections.OrderedDict()
+        self._contexts_lock = threading.Lock()
 
     def p_end(self, messages: list[Message]) -> float:
         """messages: [{role: user|assistant, content}], the last one the speaker's words so far."""
@@ -111,15 +113,16 @@ class EndOfTurnScorer:
     def _context_kv(self, context: tuple[int, ...]) -> list[LayerKV] | None:
         if not context:
             return None
-        kv = self._contexts.get(context)
-        if kv is None:
-            ids = torch.tensor([context], device=self.device)
-            _, kv = self.model(ids, return_kv=True)
-            self._contexts[context] = kv
-            while len(self._contexts) > CACHED_CONTEXTS:
-                self._contexts.popitem(last=False)
-        self._contexts.move_to_end(context)
-        return kv
+        with self._contexts_lock:
+            kv = self._contexts.get(context)
+            if kv is None:
+                ids = torch.tensor([context], device=self.device)
+                _, kv = self.model(ids, return_kv=True)
+                self._contexts[context] = kv
+                while len(self._contexts) > CACHED_CONTEXTS:
+                    self._contexts.popitem(last=False)
+            self._contexts.move_to_end(context)
+            return kv
 
     @property
     def device(self) -> torch.device:
