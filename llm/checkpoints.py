@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor
 
-from llm.model import ModelConfig, Transformer
+from llm.model import ModelConfig, Transformer, meta_transformer
 from llm.tokenizer import ChatTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ def _diffvoice_config(c: dict) -> ModelConfig:
 
 
 def _diffvoice_names(cfg: ModelConfig) -> dict[str, str]:
-    with torch.device("meta"):
-        names = list(Transformer(cfg).state_dict())
+    names = list(meta_transformer(cfg).state_dict())
     if cfg.tie_embeddings:
         names.remove("lm_head.weight")
     return {n: n for n in names}
@@ -400,8 +399,7 @@ def _load_weights(
     folder: Path, cfg: ModelConfig, names: dict[str, str], device: torch.device,
     dtype: torch.dtype,
 ) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = meta_transformer(cfg)
     expected = dict(model.state_dict())  # meta tensors: shapes only
     ours_by_theirs = {theirs: ours for ours, theirs in names.items()}
     loaded: set[str] = set()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,29 @@ class MLP(nn.Module):
         else:
             gate, up = self.w_gate(x), self.w_up(x)
         return self.w_down(F.silu(gate) * up)
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Random-init fills of meta tensors are skipped: there is no data to fill. On the meta
+    device `normal_` runs a Python reference kernel whose first use imports torch._dynamo,
+    ~2 s of a process's first model load on a 2-core CPU."""
+
+    SKIPPED = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_",
+                         "kaiming_normal_", "xavier_uniform_", "xavier_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.SKIPPED:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes `tensor=`
+            if isinstance(target, Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def meta_transformer(cfg: ModelConfig) -> Transformer:
+    """The model's structure in meta tensors (shapes, no storage, no init), for loaders."""
+    with torch.device("meta"), _NoInitOnMeta():
+        return Transformer(cfg)
 
 
 def _fused(parts: list[nn.Linear]) -> nn.Linear:

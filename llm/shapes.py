@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llm.model import ModelConfig, Transformer
+from llm.model import ModelConfig, Transformer, meta_transformer
 from llm.tokenizer import DIFFVOICE_SPECIAL_TOKENS, ChatTokenizer
 
 RANDOM_PREFIX = "random:"  # llm.model = "random:<shape>"
@@ -65,8 +65,7 @@ def word_tokenizer(vocab_size: int) -> ChatTokenizer:
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, causal: bool,
                  tokenizer: ChatTokenizer, seed: int = 0) -> Transformer:
     """Random weights created directly on the device in `dtype` (an 8B model never sits on CPU)."""
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**SHAPES[shape], causal=causal))
+    model = meta_transformer(ModelConfig(**SHAPES[shape], causal=causal))
     model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from llm.checkpoints import (
     resolve_model_path,
     save_checkpoint,
 )
+from llm.model import ModelConfig, Transformer, meta_transformer
 
 IDS = torch.tensor([[3, 17, 42, 9, 100, 5, 77, 8, 250, 31, 12]])
 
@@ -427,3 +428,23 @@ def test_word_classes_group_spellings_of_a_word(tmp_path, family):
         assert words.members[words.of[special]] == [special]
     if family == "diffvoice":
         assert words.of[tok.encode("I")[0]] == words.of[tok.encode(" I")[0]]
+
+
+def test_the_loaders_model_skeleton_has_the_models_shapes_and_no_data():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48,
+                      max_seq_len=16, qkv_bias=True, tie_embeddings=True)
+    skeleton, real = meta_transformer(cfg).state_dict(), Transformer(cfg).state_dict()
+    assert {k: v.shape for k, v in skeleton.items()} == {k: v.shape for k, v in real.items()}
+    assert all(v.is_meta for v in skeleton.values())
+
+
+def test_loading_a_model_does_not_import_the_compiler():
+    # a random init on meta tensors imports torch._dynamo (~2 s of every process's start)
+    import subprocess
+    import sys
+
+    code = ("import sys; from llm.checkpoints import load_checkpoint; "
+            "load_checkpoint('dv-small'); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
