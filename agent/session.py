@@ -113,9 +113,14 @@ def load_turn_detector(session: SessionSettings) -> Any | None:
 def load_models(settings: Settings) -> Models:
     """Load the engine and the speech models. Blocking, and on the main thread: LiveKit plugins
     (Silero) register themselves on import and refuse any other thread."""
+    from livekit.agents.tokenize import basic
+
     from audio.plugins import build_stt, build_tts, build_vad
     from llm.engine_process import start_engine
 
+    # LiveKit paces a reply's transcript by syllables and builds its hyphenation table on first
+    # use: on the event loop, when the first reply's audio ends (0.04-0.7 s). Build it now.
+    basic.hyphenate_word("warm")
     return Models(
         engine=start_engine(settings.llm),
         stt=build_stt(settings),
