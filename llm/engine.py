@@ -16,6 +16,8 @@ Notable choices (each a setting in `llm/settings.py`):
 - CPU: bf16 where the CPU multiplies it natively (`engine_dtype`), torch threads on half the
   cores (`engine_threads`: the speech stages use the rest), q/k/v and the SwiGLU branches fused
   into one matmul each, and attention row by row in a padded batch (bitwise the solo numbers).
+  A solo conversation's forwards run as TorchScript traces (`llm.traced`): one call each that
+  holds no GIL, where eager forwards wait for it at each of their few hundred torch calls.
 - K/V live in preallocated slots, one per row in flight (`llm.kvcache.KVSlots`): forwards
   write them in place and read their context as a view of the slots with a key mask, so no
   step concatenates or copies a context (the autoregressive baseline neither).
@@ -66,6 +68,7 @@ from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.shapes import RANDOM_PREFIX, random_named
 from llm.tokenizer import ChatTokenizer
+from llm.traced import TracedForwards, Variant
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -549,6 +552,10 @@ class DiffusionEngine:
             # after which new shapes silently ran eager); CUDA graphs still fix each shape
             block = torch.compile(_block_call, dynamic=True)
             self._static_layers = functools.partial(self._run_layers, block=block)
+        # CPU forwards without a key mask run as one TorchScript call that releases the GIL
+        # (llm/traced.py); traced by the worker before its first request
+        self._traced = TracedForwards(self.model) if (
+            es.torchscript and self.device.type == "cpu" and not es.compile) else None
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
         # recent steps (forward + commit decision), for benchmarks
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=4096)
@@ -639,6 +646,7 @@ class DiffusionEngine:
         rows: list[_Row] = []
         pending: collections.deque[_Request] = collections.deque()
         with torch.inference_mode():
+            self._prepare_traces()
             while self._receive(pending, block=not rows and not pending):
                 while pending and len(rows) < self.settings.engine.max_batch:
                     row = self._admit(pending.popleft())
@@ -755,10 +763,44 @@ class DiffusionEngine:
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
         out = self._out_index(plans, T)
+        if self._traced is not None and self._bucket == 1 and (key_mask is None or B == 1):
+            traced = self._traced_forward(idx, pos, out, key_mask, ctx)
+            if traced is not None:
+                return traced
         hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
         return logits, kv
+
+    def _traced_forward(self, idx: Tensor, pos: Tensor, out: Tensor, key_mask: Tensor | None,
+                        ctx: SlotView | None) -> tuple[Tensor, KV] | None:
+        """The forward as one traced call: without a key mask, or for one row attending to
+        its visible keys (`_run_layers`' row attention); None where it stays eager."""
+        m, (B, T), S = self.model, idx.shape, 0 if ctx is None else ctx.S
+        row = None
+        if key_mask is not None:
+            row = m.row_keys(key_mask, S)[0]
+            if row.mask is not None or row.is_causal:
+                return None
+        mask, is_causal = (None, False) if row else m._attn_mask(B, T, S, None, idx.device)
+        layers = None if ctx is None else [self.kv.layer(i, ctx) for i in range(len(m.layers))]
+        assert self._traced is not None
+        variant = Variant(ctx is not None, mask is not None, is_causal, row is not None)
+        return self._traced(variant, idx, pos, out, mask, layers, row)
+
+    def _prepare_traces(self) -> None:
+        """Trace the forwards a solo conversation meets: its first encode and its steps."""
+        if self._traced is None:
+            return
+        causal = self.model.cfg.causal
+        try:
+            self._traced.prepare(Variant(False, False, causal))
+            self._traced.prepare(Variant(True, causal, False))
+            if not causal:  # steps whose context has columns they do not see (dual cache)
+                self._traced.prepare(Variant(True, False, False, gather=True))
+        except Exception:  # the forwards stay eager: slower, never wrong
+            log.exception("tracing the engine's forward failed; forwards stay eager")
+            self._traced = None
 
     def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:
         B = len(plans)

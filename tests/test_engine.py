@@ -441,6 +441,38 @@ def test_autoregressive_rows_equal_greedy_and_reuse_is_exact(tok):
         eng.close()
 
 
+
+@pytest.mark.parametrize("kind", ["dual", "prefix-shifted", "int8", "causal"])
+def test_traced_forwards_give_the_eager_tokens_at_every_size(tok, kind):
+    """A solo conversation's encodes and steps (every window, context and turn length) run as
+    TorchScript traces on the CPU and give bitwise the eager numbers, hence the same tokens."""
+    model = tiny_model(tok.vocab_size, causal=kind == "causal", shift_logits="shifted" in kind,
+                       qkv_bias="shifted" in kind, seed=3)
+    if kind == "int8":
+        model = quantize_int8(model)
+    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=24, block_length=8)
+    cache = "prefix" if kind.startswith("prefix") else "dual"
+    replies = {}
+    for traced in (False, True):
+        eng = make_engine(tok, model, decode=decode, cache=cache, torchscript=traced)
+        try:
+            conversation, got, forwards = [], [], 0
+            for text in PROMPTS[:3]:
+                conversation += msgs(text)
+                stream = eng.stream(conversation, session_id="s")
+                spans = list(stream)
+                forwards += stream.stats.nfe
+                conversation.append({"role": "assistant", "content": "".join(
+                    sp.text for sp in spans)})
+                got.append([t for sp in spans for t in sp.token_ids])
+            replies[traced] = got
+            assert (eng._traced is not None) == traced
+            if traced:  # every forward of the conversation was a traced one
+                assert eng._traced.calls == forwards > 10
+        finally:
+            eng.close()
+    assert replies[True] == replies[False]
+
 @pytest.mark.gpu
 def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
     model = tiny_model(tok.vocab_size).cuda()

@@ -1,0 +1,114 @@
+"""The engine's CPU forward as one TorchScript call, so that it runs without the GIL.
+
+In the voice agent's process the event loop, the speech stages and the transports hold the GIL
+in bursts. An eager forward is a few hundred small torch calls, and each one gives the GIL
+back and waits for it again: on a 2-core Zen 3 a denoising step of dv-small took ~35 ms there
+against 12.6 ms alone. A traced forward is one call that releases the GIL until it returns
+(TorchScript runs its graph in C++), and its numbers are bitwise the eager ones.
+
+`torch.jit.trace` records the ops of one call; sizes read from tensors stay symbolic, so one
+trace serves every batch, window and context length. What it cannot record is Python control
+flow on values, so the engine keeps eager forwards for what depends on them: padded batches
+(attention row by row) and anything with a key mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from llm.kvcache import KV
+from llm.model import RowKeys, Transformer, rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+
+class Variant(NamedTuple):
+    """What a forward's graph depends on beyond tensor sizes."""
+
+    context: bool  # attends to cached K/V
+    mask: bool  # takes an attention mask (a causal model's window against its context)
+    is_causal: bool  # SDPA's own causal mask (a causal model's first encode)
+    gather: bool = False  # one row attending to some of its keys (`RowKeys`: queries, keys)
+
+
+class _Forward(nn.Module):
+    """Embedding, RoPE, the layers, and the output head on the hidden states that predict."""
+
+    def __init__(self, model: Transformer, variant: Variant):
+        super().__init__()
+        self.model, self.variant = model, variant
+
+    def forward(self, idx: Tensor, pos: Tensor, out: Tensor, *extra: Tensor) -> tuple[Tensor, ...]:
+        m, (has_ctx, has_mask, is_causal, gather) = self.model, self.variant
+        B, T = idx.shape
+        cos, sin = rope_cos_sin(pos, m.cfg.head_dim, m.cfg.rope_theta)
+        rows = [RowKeys(extra[0], extra[1], None, False)] if gather else None
+        mask = extra[2 * gather] if has_mask else None
+        ctx = extra[2 * gather + has_mask:]
+        x = m.tok_emb(idx)
+        kv: list[Tensor] = []
+        for i, layer in enumerate(m.layers):
+            x, (k, v) = layer(x, cos, sin, mask, is_causal,
+                              (ctx[2 * i], ctx[2 * i + 1]) if has_ctx else None, rows)
+            kv += [k, v]
+        logits = m.lm_head(m.norm(x.reshape(B * T, -1)[out])).float()
+        return (logits, *kv)
+
+
+class TracedForwards:
+    """One trace per `Variant`, made at its first use (a few hundred ms for dv-small) or ahead
+    of time with `prepare`; each call returns the logits (N, V) of the `out` positions and the
+    window's K/V per layer."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self._traces: dict[Variant, torch.jit.ScriptModule] = {}
+        self.calls = 0
+
+    def __call__(self, variant: Variant, idx: Tensor, pos: Tensor, out: Tensor,
+                 mask: Tensor | None, ctx: KV | None,
+                 row: RowKeys | None = None) -> tuple[Tensor, KV]:
+        extra = [] if row is None else [row.queries, row.keys]
+        extra += ([] if mask is None else [mask]) + [t for kv in ctx or [] for t in kv]
+        trace = self._traces.get(variant) or self._trace(variant, idx, pos, out, extra)
+        with torch.jit.optimized_execution(False):  # the plain interpreter: no re-profiling
+            logits, *flat = trace(idx, pos, out, *extra)  # as sizes change from step to step
+        self.calls += 1
+        return logits, list(zip(flat[::2], flat[1::2], strict=True))
+
+    def prepare(self, variant: Variant, S: int = 3, T: int = 2) -> None:
+        """Trace `variant` on a small example before any caller waits for it."""
+        m, dev = self.model, next(self.model.parameters()).device
+        dtype = m.tok_emb.weight.dtype
+        idx = torch.zeros(1, T, dtype=torch.long, device=dev)
+        pos = torch.arange(S, S + T, device=dev)[None]
+        extra = []
+        if variant.gather:  # every query, and the keys of the context's first column and after
+            extra += [torch.arange(T, device=dev), torch.arange(1, S + T, device=dev)]
+        if variant.mask:
+            extra.append(m._attn_mask(1, T, S, None, dev)[0])
+        if variant.context:
+            shape = (1, m.cfg.n_kv_heads, S, m.cfg.head_dim)
+            extra += [torch.zeros(shape, dtype=dtype, device=dev)
+                      for _ in range(2 * m.cfg.n_layers)]
+        self._trace(variant, idx, pos, torch.zeros(1, dtype=torch.long, device=dev), extra)
+
+    def _trace(self, variant: Variant, idx: Tensor, pos: Tensor, out: Tensor,
+               extra: list[Tensor]) -> torch.jit.ScriptModule:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            # deprecated in favour of torch.compile/export, neither of which gives a CPU call
+            # that runs a whole forward without the GIL
+            warnings.simplefilter("ignore", DeprecationWarning)
+            trace = torch.jit.trace(_Forward(self.model, variant), (idx, pos, out, *extra),
+                                    check_trace=False)
+        self._traces[variant] = trace
+        log.info("traced the engine's forward %s in %.2f s", variant,
+                 time.perf_counter() - t0)
+        return trace
