@@ -31,10 +31,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from llm.engine import cpu_has_int8
 from llm.model import LayerKV, Transformer, pack_fp32, quantize_int8
 from llm.tokenizer import ChatTokenizer
+from llm.traced import TracedForwards, Variant, traceable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class EndOfTurnScorer:
         self._contexts: collections.OrderedDict[tuple[int, ...], list[LayerKV]] = \
             collections.OrderedDict()
         self._contexts_lock = threading.Lock()
+        self._traced = TracedForwards(model) if traceable(model) else None
 
     def p_end(self, messages: list[Message]) -> float:
         """messages: [{role: user|assistant, content}], the last one the speaker's words so far."""
@@ -102,13 +105,31 @@ class EndOfTurnScorer:
 
     def p_end_scored(self, scored: Scored) -> float:
         """Blocking: one forward over the words against the context's (kept) K/V."""
-        S = len(scored.context)
         with torch.inference_mode():
             words = torch.tensor([scored.words], device=self.device)
-            pos = torch.arange(S, S + words.shape[1], device=self.device)[None]
-            logits, _ = self.model(words, pos, context=self._context_kv(scored.context))
-        probs = torch.softmax(logits[0, -1].float(), dim=-1)
+            logits, _ = self._last_logits(words, len(scored.context),
+                                          self._context_kv(scored.context))
+        probs = torch.softmax(logits[0].float(), dim=-1)
         return float(probs[self.end_ids].sum())
+
+    def prepare(self) -> None:
+        """Trace the scoring forwards (a context's encode, words after it) ahead of a turn."""
+        if self._traced is not None:
+            with torch.inference_mode():
+                self._traced.prepare(Variant(False, False, True))
+                self._traced.prepare(Variant(True, True, False))
+
+    def _last_logits(self, ids: Tensor, S: int,
+                     context: list[LayerKV] | None) -> tuple[Tensor, list[LayerKV]]:
+        """The logits (1, V) after the last of `ids` (1, T), at positions S.., and their K/V:
+        one traced call on the CPU (`llm.traced`: the GIL is not held through its ops)."""
+        T, dev = ids.shape[1], self.device
+        pos = torch.arange(S, S + T, device=dev)[None]
+        if self._traced is None:
+            logits, kv = self.model(ids, pos, context=context, return_kv=True)
+            return logits[:, -1], kv or []
+        variant = Variant(context is not None, context is not None, context is None)
+        return self._traced(variant, ids, pos, torch.tensor([T - 1], device=dev), context)
 
     def _context_kv(self, context: tuple[int, ...]) -> list[LayerKV] | None:
         if not context:
@@ -116,8 +137,7 @@ class EndOfTurnScorer:
         with self._contexts_lock:
             kv = self._contexts.get(context)
             if kv is None:
-                ids = torch.tensor([context], device=self.device)
-                _, kv = self.model(ids, return_kv=True)
+                _, kv = self._last_logits(torch.tensor([context], device=self.device), 0, None)
                 self._contexts[context] = kv
                 while len(self._contexts) > CACHED_CONTEXTS:
                     self._contexts.popitem(last=False)
@@ -136,6 +156,7 @@ class TextTurnDetector:
         self.scorer, self._name = scorer, name
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-detector")
+        self._pool.submit(scorer.prepare)  # before the first score, off the loading thread
         # scores by the tokens scored: a transcript prefetched while the caller spoke is
         # answered at once when the session asks (the event loop's thread only)
         self._scores: collections.OrderedDict[Scored, Future[float]] = \

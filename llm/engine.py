@@ -55,6 +55,7 @@ from llm.kvcache import (
     kv_len,
 )
 from llm.model import (
+    RowKeys,
     Transformer,
     cpu_has,
     cpu_has_vnni,
@@ -68,7 +69,7 @@ from llm.sentences import sentence_cuts
 from llm.settings import DecodeSettings, LLMSettings, engine_threads
 from llm.shapes import RANDOM_PREFIX, random_named
 from llm.tokenizer import ChatTokenizer
-from llm.traced import TracedForwards, Variant
+from llm.traced import TracedForwards, Variant, traceable
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -555,8 +556,9 @@ class DiffusionEngine:
         # CPU forwards without a key mask run as one TorchScript call that releases the GIL
         # (llm/traced.py); traced by the worker before its first request
         self._traced = TracedForwards(self.model) if (
-            es.torchscript and self.device.type == "cpu" and not es.compile) else None
+            es.torchscript and not es.compile and traceable(self.model)) else None
         self._ctx_cache: dict[bool, tuple[tuple, Any]] = {}
+        self._solo_cache: dict[bool, tuple] = {}  # `_solo_forward`'s inputs per context
         # recent steps (forward + commit decision), for benchmarks
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=4096)
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -743,6 +745,10 @@ class DiffusionEngine:
         """Left-padded batch forward; returns logits (N, V) of every plan's out_positions in
         order, and the K/V of the window per layer, (B, nkv, T, hd), each row's tokens last
         (overwritten by the next replay of a CUDA graph: `_absorb` copies them at once)."""
+        if self._traced is not None and self._bucket == 1 and len(plans) == 1:
+            solo = self._solo_forward(plans[0], is_refresh)
+            if solo is not None:
+                return solo
         n_rows = len(plans)
         if self._bucket > 1 and max(len(p.ids) for p in plans) <= STATIC_MAX_TOKENS:
             plans = plans + [_padding_plan(self.tokenizer.pad_id)
@@ -763,30 +769,43 @@ class DiffusionEngine:
                 ctx_keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
             key_mask = torch.cat([ctx_keys, window_keys.to(self.device)], dim=1)  # (B, S+T)
         out = self._out_index(plans, T)
-        if self._traced is not None and self._bucket == 1 and (key_mask is None or B == 1):
-            traced = self._traced_forward(idx, pos, out, key_mask, ctx)
-            if traced is not None:
-                return traced
         hidden, kv = self._layers_for(T, key_mask, ctx)(idx, pos, key_mask, ctx)
         h = self.model.norm(hidden.reshape(B * T, -1)[out])  # (N, C)
         logits = self.model.lm_head(h).float()  # (N, V)
         return logits, kv
 
-    def _traced_forward(self, idx: Tensor, pos: Tensor, out: Tensor, key_mask: Tensor | None,
-                        ctx: SlotView | None) -> tuple[Tensor, KV] | None:
-        """The forward as one traced call: without a key mask, or for one row attending to
-        its visible keys (`_run_layers`' row attention); None where it stays eager."""
-        m, (B, T), S = self.model, idx.shape, 0 if ctx is None else ctx.S
-        row = None
-        if key_mask is not None:
-            row = m.row_keys(key_mask, S)[0]
-            if row.mask is not None or row.is_causal:
-                return None
-        mask, is_causal = (None, False) if row else m._attn_mask(B, T, S, None, idx.device)
-        layers = None if ctx is None else [self.kv.layer(i, ctx) for i in range(len(m.layers))]
+    def _solo_forward(self, plan: _Plan, is_refresh: bool) -> tuple[Tensor, KV] | None:
+        """One row's forward as one traced call (`llm.traced`); the slot views it reads and the
+        keys it attends are kept while its context is unchanged, so a step makes few torch
+        calls outside the trace (each waits for the GIL anew). None where it stays eager: a
+        causal row that sees only some of its context."""
+        ctx, ctx_keys = self._context([plan], is_refresh)  # the same objects while unchanged
+        n = len(plan.ids)
+        cached = self._solo_cache.get(is_refresh)
+        if cached is None or cached[0] is not ctx or cached[1] is not ctx_keys or cached[2] != n:
+            cached = self._solo_cache[is_refresh] = (ctx, ctx_keys, n, *self._solo_inputs(
+                ctx, ctx_keys, n))
+        variant, layers, row = cached[3:]
+        if variant is None:
+            return None
+        ids = torch.tensor([plan.ids, range(plan.start, plan.start + n)], device=self.device)
         assert self._traced is not None
-        variant = Variant(ctx is not None, mask is not None, is_causal, row is not None)
-        return self._traced(variant, idx, pos, out, mask, layers, row)
+        return self._traced(variant, ids[:1], ids[1:], self._out_index([plan], n), layers, row)
+
+    def _solo_inputs(self, ctx: SlotView | None, ctx_keys: Tensor | None,
+                     n: int) -> tuple[Variant | None, KV | None, RowKeys | None]:
+        causal, S = self.model.cfg.causal, 0 if ctx is None else ctx.S
+        layers = None if ctx is None else [self.kv.layer(i, ctx) for i in range(len(
+            self.model.layers))]
+        if ctx_keys is None:
+            return Variant(ctx is not None, causal and S > 0, causal and S == 0), layers, None
+        if causal:
+            return None, None, None
+        # `_run_layers`' row attention: the window attends to the context columns it sees
+        key_mask = torch.cat([ctx_keys, torch.ones(1, n, dtype=torch.bool,
+                                                   device=self.device)], dim=1)
+        return Variant(True, False, False, gather=True), layers, self.model.row_keys(key_mask,
+                                                                                     S)[0]
 
     def _prepare_traces(self) -> None:
         """Trace the forwards a solo conversation meets: its first encode and its steps."""

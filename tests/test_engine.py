@@ -473,6 +473,21 @@ def test_traced_forwards_give_the_eager_tokens_at_every_size(tok, kind):
             eng.close()
     assert replies[True] == replies[False]
 
+
+def test_projections_the_tracer_cannot_record_stay_eager(tok):
+    """oneDNN's prepacked fp32 projections (CPUs without fast int8) take an argument the
+    tracer cannot record: such an engine runs eager forwards, and says nothing is wrong."""
+    from llm.model import pack_fp32
+    from llm.traced import traceable
+
+    model = pack_fp32(tiny_model(tok.vocab_size, seed=3))
+    assert not traceable(model) and traceable(tiny_model(tok.vocab_size))
+    eng = make_engine(tok, model, decode=dict(max_new_tokens=8))
+    try:
+        assert eng._traced is None and eng.generate(msgs(PROMPTS[0]))[1].nfe > 0
+    finally:
+        eng.close()
+
 @pytest.mark.gpu
 def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
     model = tiny_model(tok.vocab_size).cuda()

@@ -64,12 +64,18 @@ def test_a_turns_context_is_encoded_once_and_scores_as_one_forward_would(detecto
     assert turn[0].context == turn[1].context and turn[0].words != turn[1].words
     scorer._contexts.clear()
     encoded: list[int] = []
-    hook = scorer.model.register_forward_hook(lambda m, args, out: encoded.append(
-        args[0].shape[1]))
+    forward = scorer._last_logits
+
+    def counted(ids, *args):
+        encoded.append(ids.shape[1])
+        return forward(ids, *args)
+
+    scorer._last_logits = counted
     try:
         kept = [scorer.p_end_scored(s) for s in turn]
     finally:
-        hook.remove()
+        del scorer._last_logits
+    assert scorer._traced is not None and scorer._traced.calls >= 3  # one traced call each
     assert encoded == [len(turn[0].context), len(turn[0].words), len(turn[1].words)]
     for scored, p in zip(turn, kept, strict=True):
         with torch.inference_mode():
