@@ -298,6 +298,14 @@ async def _wait_greeting(caller: Any, bench: BenchSettings) -> None:
     await _wait_quiet(caller, bench)
 
 
+async def _wait_greeted(caller: Any, bench: BenchSettings, after_s: float) -> None:
+    """On a fresh connection to a server of our own that greets (any transport: no agent
+    state needed): until the greeting has been heard, then until it has ended."""
+    if await _wait_audible(caller, after_s, bench.reply_timeout_s) is None:
+        raise TimeoutError(f"no greeting was heard in {bench.reply_timeout_s} s")
+    await _wait_quiet(caller, bench)
+
+
 def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
     heard = " ".join(e["text"] for e in events if e["type"] == "user_transcript" and e["final"])
     reply = "".join(e["text"] for e in events if e["type"] == "agent_text")
@@ -343,16 +351,21 @@ def _record(utt: Utterance, events: list[dict[str, Any]], status: str, t_end: fl
 
 # ---- sessions -----------------------------------------------------------------------------------
 async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSettings,
-                     tags: dict[str, Any], *, first_is_cold: bool,
-                     same_clock: bool = False) -> list[dict[str, Any]]:
-    """One simulated person: each conversation on a fresh connection, turns in order."""
+                     tags: dict[str, Any], *, first_is_cold: bool, same_clock: bool = False,
+                     greets: bool = False) -> list[dict[str, Any]]:
+    """One simulated person: each conversation on a fresh connection, turns in order, the
+    first after the greeting of a server of our own that `greets` (another server's greeting,
+    if any, once its session starts)."""
     turns: list[dict[str, Any]] = []
     for ci, conv in enumerate(convs):
         c = caller(ci)
         try:
+            t_connect = time.monotonic()
             await c.connect()
-            # a server of our own speaks no greeting; another one may, once its session starts
-            await (_wait_quiet(c, bench) if same_clock else _wait_greeting(c, bench))
+            if not same_clock:
+                await _wait_greeting(c, bench)
+            else:
+                await (_wait_greeted(c, bench, t_connect) if greets else _wait_quiet(c, bench))
             for ti, utt in enumerate(conv):
                 rec = await measure_turn(c, utt, bench, same_clock=same_clock)
                 cold = first_is_cold and ci == 0 and ti == 0
@@ -424,7 +437,8 @@ async def run_level(settings: Settings, models: Any, server: Any, url: str | Non
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(run_caller(
             caller_factory(settings, models, server, url, s), convs, settings.bench,
-            {**tags, "sessions": n, "session": s}, first_is_cold=cold, same_clock=same_clock))
+            {**tags, "sessions": n, "session": s}, first_is_cold=cold, same_clock=same_clock,
+            greets=bool(settings.session.greeting.strip())))
             for s in range(n)]
     turns = [t for task in tasks for t in task.result()]
     for t in turns:
@@ -461,8 +475,9 @@ def _settings_digest(settings: Settings) -> dict[str, Any]:
 
 # ---- the command --------------------------------------------------------------------------------
 def bench_settings(settings: Settings, args: argparse.Namespace, self_started: bool) -> Settings:
-    """CLI flags over the settings; a self-started server speaks no greeting (turns only) and
-    listens on any free loopback port."""
+    """CLI flags over the settings; a self-started server listens on any free loopback port
+    and greets as deployed, so a conversation's first turn follows the greeting as on a call
+    (the end-of-turn model scores the caller's first words after it)."""
     s = settings.model_copy(deep=True)
     if args.transport:
         s.bench.transport = args.transport
@@ -471,7 +486,6 @@ def bench_settings(settings: Settings, args: argparse.Namespace, self_started: b
     if args.out is not None:
         s.bench.out_dir = str(args.out)
     if self_started:
-        s.session.greeting = ""
         s.server.port = 0
         s.server.metrics_log = ""
         s.phone.port = 0

@@ -130,6 +130,30 @@ async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
         await bench._wait_greeting(silent, BenchSettings(settle_s=0.0, reply_timeout_s=0.1))
 
 
+async def test_a_self_started_servers_greeting_is_heard_out_on_any_transport():
+    """No agent state needed (the phone line has none): the greeting's audio, then quiet."""
+    import asyncio
+    import time
+
+    from agent.settings import BenchSettings
+
+    caller = _Caller(None, 0.0)
+
+    async def server() -> None:
+        await asyncio.sleep(0.1)
+        for _ in range(5):
+            caller.heard.add(time.monotonic(), np.full(480, 4000, np.int16), 48000)
+            await asyncio.sleep(0.04)
+
+    b = BenchSettings(settle_s=0.15, reply_timeout_s=2.0)
+    task = asyncio.create_task(server())
+    await bench._wait_greeted(caller, b, time.monotonic())
+    assert task.done() and time.monotonic() >= caller.heard.chunks[-1][0] + b.settle_s
+    with pytest.raises(TimeoutError, match="no greeting"):  # a greeting that never comes
+        await bench._wait_greeted(_Caller(None, 0.0), BenchSettings(reply_timeout_s=0.1),
+                                  time.monotonic())
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
