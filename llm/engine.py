@@ -303,7 +303,6 @@ class _Row:
         self.finished = False
         self.seed: list[int] = []  # the draft this reply was seeded with
         self.writer = _SpanWriter(eng.tokenizer)
-        self.resume_at = 0.0  # no step before (perf_counter): see `emit`
         self.gen: torch.Generator | None = None
         if req.decode.temperature > 0:
             self.gen = torch.Generator(device=eng.device).manual_seed(req.decode.seed)
@@ -312,9 +311,6 @@ class _Row:
         text, ids = self.writer.next_span(reply, block_done, finished)
         if text:
             t = time.perf_counter() - self.req.t_submit
-            pause = self.eng.settings.engine.first_sentence_yield_ms / 1e3
-            if self.ttfs is None and pause and not finished and sentence_cuts(text):
-                self.resume_at = time.perf_counter() + pause  # the CPU is the speech's now
             self.ttfs = t if self.ttfs is None else self.ttfs
             self.stream._push(CommittedSpan(text, ids, t, self.nfe))
 
@@ -653,8 +649,7 @@ class DiffusionEngine:
         pending: collections.deque[_Request] = collections.deque()
         with torch.inference_mode():
             self._prepare_traces()
-            wait: float | None = None  # block until a request arrives
-            while self._receive(pending, 0.0 if pending else wait):
+            while self._receive(pending, block=not rows and not pending):
                 while pending and len(rows) < self.settings.engine.max_batch:
                     row = self._admit(pending.popleft())
                     rows += [] if row is None else [row]
@@ -662,24 +657,18 @@ class DiffusionEngine:
                     if r.stream.cancelled:
                         r.finish("cancelled", r.reply())
                 rows = [r for r in rows if not r.finished]
-                now = time.perf_counter()
-                ready = [r for r in rows if r.resume_at <= now]
-                if ready:
-                    self._iterate_safely(ready)
+                if rows:
+                    self._iterate_safely(rows)
                     rows = [r for r in rows if not r.finished]
-                ready = [r for r in rows if r.resume_at <= time.perf_counter()]
-                wait = None if not rows else 0.0 if ready else max(0.0, min(
-                    r.resume_at for r in rows) - time.perf_counter())
         for r in rows:
             r.finish("cancelled", r.reply())
         for req in pending:
             _end_unstarted(req, "cancelled")
 
-    def _receive(self, pending: collections.deque[_Request], wait: float | None) -> bool:
-        """Move submitted requests to `pending`, waiting up to `wait` seconds for one (None:
-        until one comes); False once the engine is closed."""
+    def _receive(self, pending: collections.deque[_Request], block: bool) -> bool:
+        """Move submitted requests to `pending`; False once the engine is closed."""
         try:
-            item = self._inbox.get(block=wait != 0.0, timeout=wait)
+            item = self._inbox.get(block=block)
             while True:
                 if item is None:
                     return False

@@ -91,9 +91,6 @@ class EngineSettings(BaseModel):
     # one TorchScript call each, which releases the GIL until it returns; eager, each of their
     # few hundred torch calls waits for the GIL anew (llm/traced.py). Same numbers bitwise
     torchscript: bool = True
-    # after a reply's first span that ends a sentence, its row takes no step for this long:
-    # the voice agent synthesises that sentence meanwhile, on the cores the steps would share
-    first_sentence_yield_ms: int = Field(0, ge=0, le=1000)
 
 
 class LLMSettings(BaseModel):

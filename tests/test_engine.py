@@ -488,30 +488,6 @@ def test_projections_the_tracer_cannot_record_stay_eager(tok):
     finally:
         eng.close()
 
-
-def test_a_first_sentence_pauses_its_row_and_changes_no_token(tok, monkeypatch):
-    """With `first_sentence_yield_ms`, a row takes no step for that long after a first span
-    that ends a sentence (every span does here), and its reply is the one without the pause."""
-    import time
-
-    monkeypatch.setattr("llm.engine.sentence_cuts", lambda text: [len(text)])
-    decode = dict(strategy="threshold", threshold=0.6, max_new_tokens=24, block_length=8)
-    replies = {}
-    for pause_ms in (0, 300):
-        eng = make_engine(tok, decode=decode, first_sentence_yield_ms=pause_ms)
-        try:
-            arrived, ids = [], []
-            for span in eng.stream(msgs(PROMPTS[1])):
-                arrived.append(time.perf_counter())
-                ids += span.token_ids
-            replies[pause_ms] = ids
-            assert len(arrived) >= 2
-            if pause_ms:
-                assert arrived[1] - arrived[0] >= pause_ms / 1e3
-        finally:
-            eng.close()
-    assert replies[300] == replies[0]
-
 @pytest.mark.gpu
 def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
     model = tiny_model(tok.vocab_size).cuda()
