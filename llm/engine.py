@@ -790,7 +790,13 @@ class DiffusionEngine:
             return None
         ids = torch.tensor([plan.ids, range(plan.start, plan.start + n)], device=self.device)
         assert self._traced is not None
-        return self._traced(variant, ids[:1], ids[1:], self._out_index([plan], n), layers, row)
+        try:  # nothing is written before the forward returns: an eager retry is safe
+            return self._traced(variant, ids[:1], ids[1:], self._out_index([plan], n), layers,
+                                row)
+        except Exception:
+            log.exception("a traced forward failed; the engine's forwards stay eager")
+            self._traced = None
+            return None
 
     def _solo_inputs(self, ctx: SlotView | None, ctx_keys: Tensor | None,
                      n: int) -> tuple[Variant | None, KV | None, RowKeys | None]:

@@ -488,6 +488,26 @@ def test_projections_the_tracer_cannot_record_stay_eager(tok):
     finally:
         eng.close()
 
+
+def test_a_failing_traced_forward_falls_back_to_eager_for_good(tok, monkeypatch):
+    model = tiny_model(tok.vocab_size, seed=3)
+    decode = dict(max_new_tokens=12, block_length=8)
+    eng = make_engine(tok, model, decode=decode, torchscript=False)
+    try:
+        expected = eng.generate(msgs(PROMPTS[0]))[0]
+    finally:
+        eng.close()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tracer cannot record this")
+
+    monkeypatch.setattr("llm.traced.TracedForwards.__call__", broken)
+    eng = make_engine(tok, model, decode=decode)
+    try:
+        assert eng.generate(msgs(PROMPTS[0]))[0] == expected and eng._traced is None
+    finally:
+        eng.close()
+
 @pytest.mark.gpu
 def test_cuda_bf16_engine_batches_and_matches_fp32_reference_when_exact(tok):
     model = tiny_model(tok.vocab_size).cuda()

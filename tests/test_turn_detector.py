@@ -96,6 +96,18 @@ async def test_the_livekit_protocol_on_a_chat_context(detector):
     assert (detector.model, detector.provider) == ("dv-small-ar", "diffvoice")
 
 
+def test_a_scorer_whose_forward_cannot_be_traced_scores_eagerly(detector, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tracer cannot record this")
+
+    scorer = EndOfTurnScorer(detector.scorer.model, detector.scorer.tok)
+    monkeypatch.setattr("llm.traced.TracedForwards.prepare", broken)
+    scorer.prepare()
+    words = [{"role": "user", "content": "How do I make a cup of tea?"}]
+    assert scorer._traced is None
+    assert scorer.p_end(words) == pytest.approx(detector.scorer.p_end(words), abs=1e-5)
+
+
 def test_settings_choose_it_and_a_diffusion_model_is_refused():
     session = load_settings(overrides=['session.turn_detector="text"']).session
     loaded = load_turn_detector(session.model_copy(update={"turn_end_threshold": None}))
