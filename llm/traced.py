@@ -7,9 +7,9 @@ against 12.6 ms alone. A traced forward is one call that releases the GIL until 
 (TorchScript runs its graph in C++), and its numbers are bitwise the eager ones.
 
 `torch.jit.trace` records the ops of one call; sizes read from tensors stay symbolic, so one
-trace serves every batch, window and context length. What it cannot record is Python control
-flow on values, so the engine keeps eager forwards for what depends on them: padded batches
-(attention row by row) and anything with a key mask.
+trace serves every window and context length. What it cannot record is Python control flow on
+values, so the engine keeps eager forwards for what depends on them: padded batches (attention
+row by row, each row on its own keys) and a causal row that sees only some of its context.
 """
 
 from __future__ import annotations
@@ -130,6 +130,6 @@ class TracedForwards:
             # dv-small step on a Zen 3 core, and less time waiting beside a GIL-bound thread
             trace = torch.jit.freeze(trace, optimize_numerics=False)
         self._traces[variant] = trace
-        log.info("traced the engine's forward %s in %.2f s", variant,
+        log.info("traced the forward %s in %.2f s", variant,
                  time.perf_counter() - t0)
         return trace
