@@ -87,9 +87,9 @@ class EngineSettings(BaseModel):
     # process the event loop's Python work holds the GIL in bursts, and each of a step's
     # hundreds of small torch calls then waits for it (a 2-core Zen 3: cached steps 3x slower)
     process: bool = False
-    # on the CPU, forwards without a key mask (a solo conversation's encodes and steps) run as
-    # one TorchScript call each, which releases the GIL until it returns; eager, each of their
-    # few hundred torch calls waits for the GIL anew (llm/traced.py). Same numbers bitwise
+    # on the CPU, a solo conversation's forwards (its encodes and steps) run as one TorchScript
+    # call each, which releases the GIL until it returns; eager, each of their few hundred
+    # torch calls waits for the GIL anew (llm/traced.py). Same numbers bitwise
     torchscript: bool = True
 
 
