@@ -114,14 +114,8 @@ class EndOfTurnScorer:
 
     def prepare(self) -> None:
         """Trace the scoring forwards (a context's encode, words after it) ahead of a turn."""
-        if self._traced is None:
-            return
-        try:
-            with torch.inference_mode():
-                self._traced.prepare(Variant(False, False, True))
-                self._traced.prepare(Variant(True, True, False))
-        except Exception:  # scores stay eager: slower, never wrong
-            log.exception("tracing the turn detector's forward failed; it scores eagerly")
+        if self._traced is not None and not self._traced.prepare(
+                Variant(False, False, True), Variant(True, True, False)):
             self._traced = None
 
     def _last_logits(self, ids: Tensor, S: int,

@@ -553,7 +553,7 @@ class DiffusionEngine:
             # after which new shapes silently ran eager); CUDA graphs still fix each shape
             block = torch.compile(_block_call, dynamic=True)
             self._static_layers = functools.partial(self._run_layers, block=block)
-        # CPU forwards without a key mask run as one TorchScript call that releases the GIL
+        # a solo conversation's CPU forwards run as one TorchScript call that releases the GIL
         # (llm/traced.py); traced by the worker before its first request
         self._traced = TracedForwards(self.model) if (
             es.torchscript and not es.compile and traceable(self.model)) else None
@@ -818,13 +818,10 @@ class DiffusionEngine:
         if self._traced is None:
             return
         causal = self.model.cfg.causal
-        try:
-            self._traced.prepare(Variant(False, False, causal))
-            self._traced.prepare(Variant(True, causal, False))
-            if not causal:  # steps whose context has columns they do not see (dual cache)
-                self._traced.prepare(Variant(True, False, False, gather=True))
-        except Exception:  # the forwards stay eager: slower, never wrong
-            log.exception("tracing the engine's forward failed; forwards stay eager")
+        variants = [Variant(False, False, causal), Variant(True, causal, False)]
+        if not causal:  # steps whose context has columns they do not see (dual cache)
+            variants.append(Variant(True, False, False, gather=True))
+        if not self._traced.prepare(*variants):
             self._traced = None
 
     def _window_tensors(self, plans: list[_Plan], T: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -102,8 +102,19 @@ class TracedForwards:
         self.calls += 1
         return logits, list(zip(flat[::2], flat[1::2], strict=True))
 
-    def prepare(self, variant: Variant, S: int = 3, T: int = 2) -> None:
-        """Trace `variant` on a small example before any caller waits for it."""
+    def prepare(self, *variants: Variant) -> bool:
+        """Trace `variants` on small examples before any caller waits for them; False (logged)
+        where one cannot be traced, and the caller's forwards stay eager: slower, never wrong."""
+        try:
+            with torch.inference_mode():
+                for variant in variants:
+                    self._trace_example(variant)
+        except Exception:
+            log.exception("tracing a forward failed; forwards stay eager")
+            return False
+        return True
+
+    def _trace_example(self, variant: Variant, S: int = 3, T: int = 2) -> None:
         m, dev = self.model, next(self.model.parameters()).device
         dtype = m.tok_emb.weight.dtype
         idx = torch.zeros(1, T, dtype=torch.long, device=dev)

@@ -101,7 +101,7 @@ def test_a_scorer_whose_forward_cannot_be_traced_scores_eagerly(detector, monkey
         raise RuntimeError("the tracer cannot record this")
 
     scorer = EndOfTurnScorer(detector.scorer.model, detector.scorer.tok)
-    monkeypatch.setattr("llm.traced.TracedForwards.prepare", broken)
+    monkeypatch.setattr("llm.traced.TracedForwards._trace", broken)
     scorer.prepare()
     words = [{"role": "user", "content": "How do I make a cup of tea?"}]
     assert scorer._traced is None
