@@ -115,7 +115,7 @@ class EndOfTurnScorer:
     def prepare(self) -> None:
         """Trace the scoring forwards (a context's encode, words after it) ahead of a turn."""
         if self._traced is not None and not self._traced.prepare(
-                Variant(False, False, True), Variant(True, True, False)):
+                Variant.unmasked(True, False), Variant.unmasked(True, True)):
             self._traced = None
 
     def _last_logits(self, ids: Tensor, S: int,
@@ -127,8 +127,8 @@ class EndOfTurnScorer:
         if self._traced is None:
             logits, kv = self.model(ids, pos, context=context, return_kv=True)
             return logits[:, -1], kv or []
-        variant = Variant(context is not None, context is not None, context is None)
-        return self._traced(variant, ids, pos, torch.tensor([T - 1], device=dev), context)
+        return self._traced(Variant.unmasked(True, context is not None), ids, pos,
+                            torch.tensor([T - 1], device=dev), context)
 
     def _context_kv(self, context: tuple[int, ...]) -> list[LayerKV] | None:
         if not context:

@@ -804,7 +804,7 @@ class DiffusionEngine:
         layers = None if ctx is None else [self.kv.layer(i, ctx) for i in range(len(
             self.model.layers))]
         if ctx_keys is None:
-            return Variant(ctx is not None, causal and S > 0, causal and S == 0), layers, None
+            return Variant.unmasked(causal, ctx is not None), layers, None
         if causal:
             return None, None, None
         # `_run_layers`' row attention: the window attends to the context columns it sees
@@ -818,7 +818,7 @@ class DiffusionEngine:
         if self._traced is None:
             return
         causal = self.model.cfg.causal
-        variants = [Variant(False, False, causal), Variant(True, causal, False)]
+        variants = [Variant.unmasked(causal, False), Variant.unmasked(causal, True)]
         if not causal:  # steps whose context has columns they do not see (dual cache)
             variants.append(Variant(True, False, False, gather=True))
         if not self._traced.prepare(*variants):

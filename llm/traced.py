@@ -40,6 +40,12 @@ class Variant(NamedTuple):
     is_causal: bool  # SDPA's own causal mask (a causal model's first encode)
     gather: bool = False  # one row attending to some of its keys (`RowKeys`: queries, keys)
 
+    @classmethod
+    def unmasked(cls, causal: bool, context: bool) -> Variant:
+        """A forward without a key mask: a causal model's window is masked against its context
+        (in the graph) and causal on its own (SDPA's flag); a bidirectional one sees all."""
+        return cls(context, causal and context, causal and not context)
+
 
 class _Forward(nn.Module):
     """Embedding, RoPE, the layers, and the output head on the hidden states that predict."""
