@@ -474,6 +474,34 @@ def test_traced_forwards_give_the_eager_tokens_at_every_size(tok, kind):
     assert replies[True] == replies[False]
 
 
+def test_a_traced_call_holds_its_arguments_from_cpp_while_it_runs(tok):
+    """Each tensor argument has a C++ holder besides the call while a traced forward runs, so
+    the interpreter never drops its last C++ reference inside the run (which would take the GIL
+    there to release the Python object: `llm.traced`); none is held after the call."""
+    from llm.traced import TracedForwards, Variant
+
+    model = tiny_model(tok.vocab_size, seed=3)
+    cfg, S, T = model.cfg, 5, 3
+    ctx = [(torch.randn(1, cfg.n_kv_heads, S, cfg.head_dim),
+            torch.randn(1, cfg.n_kv_heads, S, cfg.head_dim)) for _ in range(cfg.n_layers)]
+    args = [torch.zeros(1, T, dtype=torch.long), torch.arange(S, S + T)[None],
+            torch.arange(T)]
+    forwards, variant, counts = TracedForwards(model), Variant.unmasked(False, True), []
+    with torch.inference_mode():
+        expected = forwards(variant, *args, ctx)[0]  # traces it
+        trace = forwards._traces[variant]
+
+        def counting(*a):
+            counts.append([t._use_count() for t in a])
+            return trace(*a)
+
+        forwards._traces[variant] = counting
+        logits = forwards(variant, *args, ctx)[0]
+    assert torch.equal(logits, expected)
+    assert len(counts[0]) == 3 + 2 * cfg.n_layers and min(counts[0]) >= 2
+    assert all(t._use_count() == 1 for t in [*args, *(t for kv in ctx for t in kv)])
+
+
 def test_projections_the_tracer_cannot_record_stay_eager(tok):
     """oneDNN's prepacked fp32 projections (CPUs without fast int8) take an argument the
     tracer cannot record: such an engine runs eager forwards, and says nothing is wrong."""
