@@ -534,7 +534,8 @@ class DiffusionEngine:
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), device=self.device)
         es = self.settings.engine
-        self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len))
+        self.kv = KVSlots(min(es.kv_tokens or model.cfg.max_seq_len, model.cfg.max_seq_len),
+                          reserve=self._slots_to_reserve if self.device.type == "cpu" else None)
         self.sessions = SessionCache(es.session_cache_count, es.session_cache_mb * 2**20,
                                      release=self.kv.release)
         self._graphs_on = es.cuda_graphs and self.device.type == "cuda"
@@ -564,6 +565,13 @@ class DiffusionEngine:
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
         self._thread.start()
+
+    def _slots_to_reserve(self, slot_bytes: int) -> int:
+        """K/V slots for every conversation the session cache may keep and a full batch in
+        flight (CPU: untouched slots cost no memory, `KVSlots`)."""
+        es = self.settings.engine
+        kept = min(es.session_cache_count, es.session_cache_mb * 2**20 // slot_bytes)
+        return kept + es.max_batch
 
     @classmethod
     def from_settings(cls, llm: LLMSettings) -> DiffusionEngine:

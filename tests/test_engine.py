@@ -635,6 +635,23 @@ def test_kv_slots_hand_out_the_lowest_free_slot_and_keep_contents_when_growing()
         slots.write_rows(kv, [SlotWrite(0, 0, a, 14, 3)])
 
 
+def test_kv_slots_reserved_up_front_read_as_zeros_and_grow_only_past_the_reserve():
+    from llm.kvcache import KVSlots, SlotView, SlotWrite
+
+    slot_bytes = []
+    slots = KVSlots(cap=16, reserve=lambda b: slot_bytes.append(b) or 6)
+    kv = [(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4)) for _ in range(2)]
+    for _ in range(6):
+        slots.write_rows(kv, [SlotWrite(0, 0, slots.acquire(), 0, 3)])
+    assert (slots.n_slots, slots.generation) == (6, 1)  # six rows, one allocation
+    assert slot_bytes == [slots.slot_bytes] == [2 * 2 * (2 * 16 * 4 * 4)]
+    k, v = slots.layer(1, SlotView(6, 16, start=0))
+    assert k[:, :, :3].eq(1).all() and not k[:, :, 3:].any() and not v[:, :, 3:].any()
+    slots.write_rows(kv, [SlotWrite(0, 0, slots.acquire(), 0, 3)])  # a seventh: it grows
+    assert (slots.n_slots, slots.generation) == (8, 2) and slots.k[0][:6, :, :3].eq(1).all()
+    assert not slots.k[0][6:, :, 3:].any() and not slots.v[1][7].any()
+
+
 class _ReplayOnCPU(_GraphedLayers):
     """A CUDA graph's inputs and outputs on the CPU: the same static buffers, with a replay that
     runs the captured function on them, so the engine's graph plumbing runs without a GPU."""
@@ -682,7 +699,9 @@ def test_rows_in_scattered_slots_batch_like_solo(tok, graphs, monkeypatch):
         solo, got, views = scattered_replies(eng, decode)
         assert got == solo
         assert any(v is not None and v.index is not None for v in views)  # gathered contexts
-        assert eng.kv.n_slots == 8  # the buffers grew to the 8 rows in flight, and no further
+        # the slots of every kept conversation and a full batch, allocated once (CPU)
+        assert eng.kv.generation == 1
+        assert eng.kv.n_slots == eng._slots_to_reserve(eng.kv.slot_bytes) >= 8
         # graphs per (B, T, S, whether the context is a view of slots 0..B-1)
         assert not graphs or {k[-1] for k in eng._graphs} == {True, False}
     finally:
