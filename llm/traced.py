@@ -10,7 +10,7 @@ Every tensor handed to the call from Python costs one more wait unless something
 it: since torch 2.10 a tensor whose Python object is alive keeps that object alive while C++
 holds it too, so when the interpreter drops an argument inside its run (the last C++ holder),
 it takes the GIL back to release the Python object. Beside a thread that holds the GIL in
-bursts that was one wait per argument (21 for a dv-small step): `_Pins` keeps a C++ reference to
+bursts that was one wait per argument (19-21 for a dv-small step): `_Pins` keeps a C++ reference to
 every argument for the call's length, so those releases happen after it returns.
 
 `torch.jit.trace` records the ops of one call; sizes read from tensors stay symbolic, so one
