@@ -141,8 +141,10 @@ class TracedForwards:
 
     def prepare(self, *variants: Variant) -> bool:
         """Trace `variants` on small examples before any caller waits for them; False (logged)
-        where one cannot be traced, and the caller's forwards stay eager: slower, never wrong."""
+        where one cannot be traced, and the caller's forwards stay eager: slower, never wrong.
+        Call it from the thread that will call the forwards: its pin holder is made here too."""
         try:
+            self._pins.holder.tensors = []  # made at this thread's first use (5-10 ms)
             with torch.inference_mode():
                 for variant in variants:
                     self._trace_example(variant)
