@@ -145,6 +145,36 @@ def test_a_stopped_decode_makes_no_further_model_call(whisper, monkeypatch):
                    stop=stop)
 
 
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_loading_whisper_keeps_numpy_blas_on_the_calling_thread(monkeypatch):
+    from threadpoolctl import threadpool_limits
+
+    for name in asr.BLAS_THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    threadpool_limits(limits=2, user_api="blas")
+    assert _blas_threads() and set(_blas_threads()) == {2}
+    asr.limit_blas_threads.cache_clear()
+    asr._load.cache_clear()
+    load_whisper(ASR)
+    assert set(_blas_threads()) == {1}
+
+
+def test_a_blas_pool_sized_by_the_environment_is_left_alone(monkeypatch):
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    threadpool_limits(limits=2, user_api="blas")
+    asr.limit_blas_threads.cache_clear()
+    asr.limit_blas_threads()
+    assert set(_blas_threads()) == {2}
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def test_repeats_itself():
     assert repeats_itself("How do I make a cup of tea? How do I make")
     assert repeats_itself("No... No... No...") and repeats_itself("Okay. Okay.")
