@@ -36,6 +36,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -284,6 +285,30 @@ class _Utterance:
     deferred_pause: int | None = None
 
 
+class _ModelQueue:
+    """What the recognizers sharing one Whisper model (every session of a process) are
+    decoding. The model runs one decode at a time, so a final decode of one caller would
+    otherwise queue behind another caller's interim; finals stop every interim instead."""
+
+    def __init__(self) -> None:
+        self.interims: set[threading.Event] = set()  # the stop events of interims in flight
+        self.finals = 0  # final and speculative decodes in flight
+
+    def final_due(self) -> None:
+        for stop in self.interims:
+            stop.set()
+
+
+_QUEUES: weakref.WeakKeyDictionary[object, _ModelQueue] = weakref.WeakKeyDictionary()
+
+
+def _model_queue(model) -> _ModelQueue:
+    queue = _QUEUES.get(model)
+    if queue is None:
+        queue = _QUEUES[model] = _ModelQueue()
+    return queue
+
+
 _FLUSH = object()
 _END = object()
 
@@ -312,6 +337,7 @@ class StreamingRecognizer:
         self._tasks: set[asyncio.Task] = set()
         self._speculating: asyncio.Task | None = None
         self._interim_stop: threading.Event | None = None  # set: the interim in flight stops
+        self._queue = _model_queue(model)
         self._decode_s = 0.0  # duration of the latest decode
         self._task = asyncio.get_running_loop().create_task(self._drive())
 
@@ -375,9 +401,17 @@ class StreamingRecognizer:
         (~4x the time) would hold the model while the turn's final waits for it. Interims pass
         `stop`; a final decode sets it (`DecodeAbandoned`)."""
         audio = self._audio(start, end)
+        final = stop is None
+        if final:
+            self._queue.finals += 1
+            self._queue.final_due()  # other callers' interims too
         t0 = time.perf_counter()
-        text = await asyncio.to_thread(transcribe, self._model, audio, self.settings, retry,
-                                       stop)
+        try:
+            text = await asyncio.to_thread(transcribe, self._model, audio, self.settings,
+                                           retry, stop)
+        finally:
+            if final:
+                self._queue.finals -= 1
         self._decode_s = time.perf_counter() - t0
         if text is None:
             self.stats.unsure_decodes += 1
@@ -523,7 +557,8 @@ class StreamingRecognizer:
         due = self._now - utt.last_interim >= interval_s * SAMPLE_RATE
         enough = self._now - utt.start >= MIN_INTERIM_AUDIO_S * SAMPLE_RATE
         # no interim in a silence: it would hold the model when the speculative final is due
-        busy = bool(self._tasks) or utt.speculation is not None or self._vad.in_silence
+        busy = (bool(self._tasks) or utt.speculation is not None or self._vad.in_silence
+                or self._queue.finals > 0)  # another caller's final decodes
         if not (due and enough) or busy:
             return
         utt.last_interim = self._now
@@ -533,12 +568,14 @@ class StreamingRecognizer:
         task.add_done_callback(self._tasks.discard)
 
     async def _interim(self, utt: _Utterance, end: int, stop: threading.Event) -> None:
+        self._queue.interims.add(stop)
         try:
             text = await self._decode(utt.start, end, retry=False, stop=stop)
         except DecodeAbandoned:
             self.stats.interims_abandoned += 1
             return
         finally:
+            self._queue.interims.discard(stop)
             if self._interim_stop is stop:
                 self._interim_stop = None
         self.stats.interim_decodes += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -343,6 +344,42 @@ async def test_an_unsure_speculation_is_decoded_again_at_the_end(whisper, monkey
     assert rec.stats.unsure_decodes >= 1 and rec.stats.plain_finals == 1
     assert rec.stats.speculative_reused == 0
     assert word_error_rate([SENTENCES[3]], [finals[0].text]) <= 0.15
+
+
+async def test_a_final_decode_stops_the_interims_of_every_caller_on_the_model(monkeypatch):
+    # timing logic alone (a fake decode): the sessions of a process share one Whisper model,
+    # which decodes one thing at a time; a caller's final must not queue behind another
+    # caller's interim
+    class Model:
+        pass
+
+    interim_started, finals_seen = threading.Event(), []
+
+    def fake_transcribe(model, audio, settings, retry=True, stop=None):
+        if stop is None:
+            finals_seen.append(asr._model_queue(model).finals)
+            return "the final"
+        interim_started.set()
+        if stop.wait(5):
+            raise DecodeAbandoned
+        return "an interim"
+
+    monkeypatch.setattr(asr, "transcribe", fake_transcribe)
+    model = Model()
+    a, b = StreamingRecognizer(model, ASR, VAD), StreamingRecognizer(model, ASR, VAD)
+    try:
+        a._utt = utt = asr._Utterance(start=0)
+        interim = asyncio.create_task(a._interim(utt, 0, threading.Event()))
+        assert await asyncio.to_thread(interim_started.wait, 5)
+        t0 = time.perf_counter()
+        assert await b._decode(0, 0) == "the final"
+        await asyncio.wait_for(interim, 1)
+        assert time.perf_counter() - t0 < 1.0
+        assert a.stats.interims_abandoned == 1 and finals_seen == [1]
+        assert asr._model_queue(model).finals == 0 and not asr._model_queue(model).interims
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 # -- bad input -------------------------------------------------------------------------------
