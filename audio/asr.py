@@ -105,7 +105,7 @@ def limit_blas_threads() -> None:
     """Keep numpy's BLAS on the calling thread, once per process. Whisper's features are a small
     matmul (80 mel filters x the spectrogram), and OpenBLAS wakes a worker per core for it that
     then spins for ~0.1 s: on every core but one, beside CTranslate2's encoder threads, so a
-    decode of a 2 s turn took 215-280 ms instead of 148-177 ms on a 2-core Zen 3. Left alone
+    decode of a 2 s turn took 215-280 ms instead of 148-194 ms on a 2-core Zen 3. Left alone
     when the environment sizes the pool."""
     if any(name in os.environ for name in BLAS_THREAD_ENV):
         return
@@ -540,8 +540,7 @@ class StreamingRecognizer:
             lo, hi = utt.start + limit - int(CHUNK_SEARCH_S * SAMPLE_RATE), utt.start + limit
             cut = quietest_cut(self._buf, lo - self._buf_start, hi - self._buf_start)
             cut += self._buf_start
-            self._abandon_interim()
-            text = await self._decode(utt.start, cut)
+            text = await self._decode(utt.start, cut)  # stops the interims in flight
             self.stats.chunks += 1
             if text:
                 self._emit("final", text, cut)
