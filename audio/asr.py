@@ -87,6 +87,7 @@ class AsrStats:
     interim_decodes: int = 0
     unsure_decodes: int = 0  # interims and speculations whose fitted decode failed its checks
     interims_abandoned: int = 0  # interim decodes stopped because a final decode was due
+    speculations_abandoned: int = 0  # discarded speculations stopped before their decoder ran
     chunks: int = 0
 
 
@@ -279,8 +280,9 @@ class _Utterance:
     start: int  # sample index where this chunk's audio starts (prefix padding included)
     agreement: LocalAgreement = field(default_factory=LocalAgreement)
     last_interim: int = 0  # sample index at the last interim decode launch
-    speculation: asyncio.Task[str] | None = None
+    speculation: asyncio.Task[str | None] | None = None
     speculation_end: int = 0
+    speculation_stop: threading.Event | None = None  # set: the speculation in flight stops
     # a pause seen while a discarded speculation still ran: speculate when that one is done
     deferred_pause: int | None = None
 
@@ -395,13 +397,14 @@ class StreamingRecognizer:
         return self._buf[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
 
     async def _decode(self, start: int, end: int, retry: bool = True,
-                      stop: threading.Event | None = None) -> str | None:
+                      stop: threading.Event | None = None, interim: bool = False) -> str | None:
         """The audio [start, end) -> text. Interims and speculations pass `retry` False: a
         fragment cut at a pause often fails the fitted decode's checks, and redoing it over 30 s
-        (~4x the time) would hold the model while the turn's final waits for it. Interims pass
-        `stop`; a final decode sets it (`DecodeAbandoned`)."""
+        (~4x the time) would hold the model while the turn's final waits for it. Once `stop`
+        is set the decode raises `DecodeAbandoned` at its next model call; every decode but an
+        interim sets the stops of the interims in flight."""
         audio = self._audio(start, end)
-        final = stop is None
+        final = not interim
         if final:
             self._queue.finals += 1
             self._queue.final_due()  # other callers' interims too
@@ -466,10 +469,7 @@ class StreamingRecognizer:
         elif ev.kind == "pause":
             self._speculate(at)
         elif ev.kind == "resume":
-            self._utt.deferred_pause = None
-            if self._utt.speculation is not None:
-                self._utt.speculation = None  # the decode finishes in its thread, unused
-                self.stats.speculative_discarded += 1
+            self._discard_speculation()
         elif ev.kind == "end":
             await self._close_utterance(at)
 
@@ -478,6 +478,26 @@ class StreamingRecognizer:
         holding the model (one decode at a time) for its remaining ~100-300 ms."""
         if self._interim_stop is not None:
             self._interim_stop.set()
+
+    def _discard_speculation(self) -> None:
+        """Speech resumed after a pause: the speculation's text would miss what follows, so it
+        stops at its next model call (usually before its decoder, ~1/2 of the decode) instead
+        of holding the model that the next pause's speculation and the interims wait for."""
+        utt = self._utt
+        assert utt is not None
+        utt.deferred_pause = None
+        if utt.speculation is not None:
+            assert utt.speculation_stop is not None
+            utt.speculation_stop.set()
+            utt.speculation = utt.speculation_stop = None
+            self.stats.speculative_discarded += 1
+
+    async def _speculation(self, start: int, end: int, stop: threading.Event) -> str | None:
+        try:
+            return await self._decode(start, end, retry=False, stop=stop)
+        except DecodeAbandoned:
+            self.stats.speculations_abandoned += 1
+            return None
 
     def _speculate(self, at: int) -> None:
         """Start the final decode at a pause; at most one speculation runs at a time (a pause
@@ -489,11 +509,12 @@ class StreamingRecognizer:
             utt.deferred_pause = at
             return
         end = min(self._now, at + int(END_PAD_S * SAMPLE_RATE))
-        task = asyncio.get_running_loop().create_task(self._decode(utt.start, end, retry=False))
+        stop = threading.Event()
+        task = asyncio.get_running_loop().create_task(self._speculation(utt.start, end, stop))
         self._tasks.add(task)  # held until done even when discarded
         task.add_done_callback(self._speculation_done)
         self._speculating = task
-        utt.speculation, utt.speculation_end = task, at
+        utt.speculation, utt.speculation_end, utt.speculation_stop = task, at, stop
 
     def _speculation_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -569,7 +590,7 @@ class StreamingRecognizer:
     async def _interim(self, utt: _Utterance, end: int, stop: threading.Event) -> None:
         self._queue.interims.add(stop)
         try:
-            text = await self._decode(utt.start, end, retry=False, stop=stop)
+            text = await self._decode(utt.start, end, retry=False, stop=stop, interim=True)
         except DecodeAbandoned:
             self.stats.interims_abandoned += 1
             return

@@ -382,6 +382,42 @@ async def test_a_final_decode_stops_the_interims_of_every_caller_on_the_model(mo
         await b.aclose()
 
 
+async def test_a_speculation_discarded_by_speech_stops_at_its_next_model_call(monkeypatch):
+    # timing logic alone (a fake decode): speech resumed after a pause, so the speculative
+    # final would miss what follows; it must free the model for the next pause's speculation
+    class Model:
+        pass
+
+    started, decodes = threading.Event(), []
+
+    def fake_transcribe(model, audio, settings, retry=True, stop=None):
+        decodes.append(asr._model_queue(model).finals)
+        started.set()
+        if stop is not None and stop.wait(5):
+            raise DecodeAbandoned
+        return "the whole turn"
+
+    monkeypatch.setattr(asr, "transcribe", fake_transcribe)
+    rec = StreamingRecognizer(Model(), ASR, VAD)
+    try:
+        rec._utt = asr._Utterance(start=0)
+        rec._speculate(0)
+        first = rec._speculating
+        assert await asyncio.to_thread(started.wait, 5)
+        rec._speculate(0)  # a second pause while the first decodes: deferred
+        t0 = time.perf_counter()
+        rec._discard_speculation()  # the voice came back
+        assert await asyncio.wait_for(first, 1) is None
+        assert time.perf_counter() - t0 < 1.0
+        assert rec._speculating is None and rec._utt.deferred_pause is None
+        assert rec.stats.speculative_discarded == rec.stats.speculations_abandoned == 1
+        assert decodes == [1]  # a speculation stops other callers' interims, as a final does
+        rec._speculate(0)  # the pause that lasts is decoded to the end
+        assert await asyncio.wait_for(rec._utt.speculation, 5) == "the whole turn"
+    finally:
+        await rec.aclose()
+
+
 # -- bad input -------------------------------------------------------------------------------
 async def test_an_interim_still_decoding_at_the_pause_is_abandoned(whisper, monkeypatch):
     # an interim that is still busy when the speech pauses (a slow CPU) must not hold Whisper
