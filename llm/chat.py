@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from llm.checkpoints import CheckpointError, save_checkpoint
 from llm.data import train_tokenizer
-from llm.engine import DiffusionEngine, GenerationStats
+from llm.engine import WARMUP_LINES, DiffusionEngine, GenerationStats
 from llm.model import ModelConfig, Transformer
 from llm.settings import LLMSettings
 from llm.tokenizer import ChatTokenizer
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace, settings) -> int:
             print(f"diffvoice chat: {e}\n(try --random-tiny for a smoke run)", file=sys.stderr)
             return 2
         try:
+            # the engine's first forwards wait for its traces and run TorchScript's profiling
+            # passes (~2 s on a 2-core CPU): a throwaway reply first, so the first reply's
+            # timings are the engine's own
+            engine.generate([{"role": "user", "content": WARMUP_LINES[0]}])
             chat_loop(engine, llm.system_prompt, sys.stdin, sys.stdout, show_spans=args.spans)
         finally:
             engine.close()

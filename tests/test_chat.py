@@ -46,6 +46,8 @@ def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
     rc, out, _ = _chat(monkeypatch, capsys, "first\n\nsecond\n/reset\nthird\n",
                        "--model", str(tmp_path / "m"), "--spans")
     assert rc == 0 and len(STATS.findall(out)) == 3
+    warm_up, calls = calls[0], calls[1:]  # a throwaway reply before the first prompt
+    assert [m["role"] for m in warm_up] == ["user"]
     assert [m["role"] for m in calls[1]] == ["system", "user", "assistant", "user"]
     assert calls[1][1]["content"] == "first" and calls[1][3]["content"] == "second"
     assert [m["content"] for m in calls[2][1:]] == ["third"]  # /reset forgot the rest
