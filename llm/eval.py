@@ -8,6 +8,10 @@ Two measurements on the held-out split of the prepared data (`diffvoice train --
    both over the same reply tokens (reply + `<|eot|>`) of `--examples` held-out examples spread
    evenly over the split. The bound is >= the diffusion model's true perplexity. The loss code is
    the training code's (`llm.train.reply_nll`). Target: ELBO ppl <= 1.2x the AR ppl.
+   With `--left-to-right`, beside it the diffusion model's exact NLL of the same tokens read
+   from the left, one token per forward (position j scored with the reply before it given and
+   the rest of a 64-token canvas masked, so the masks do not tell the reply's length), as the
+   engine mostly decodes: the ELBO is the mean over every unmasking order, of which this is one.
 2. Generation, on `--prompts` held-out prompts (also spread evenly), temperature 0: the reference
    sampler (`generate_few_step`: the `--gen-length` reply canvas as one block, the most confident
    masks committed first, no two neighbours in one step unless `--no-spread`) at 2, 4, 8 and
@@ -37,7 +41,10 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
 
     config        the settings of the run (models as named, sizes, seed, steps, t_grid)
     perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
-                   ar_nll, ar_ppl, ratio, target_ratio, met}   (nll in nats per token)
+                   ar_nll, ar_ppl, ratio, target_ratio, met, diffusion_l2r_nll,
+                   diffusion_l2r_ppl, l2r_ratio}   (nll in nats per token; l2r: the diffusion
+                   model's exact NLL read from the left, see 1.; null without
+                   --left-to-right)
     generation    list of rows {label, sampler ("diffusion" | "adjacent" | "threshold" | "ar" |
                    "reference"), steps (forward passes per reply, the mean for "threshold";
                    null for AR and reference), threshold (threshold rows), gen_ppl,
@@ -84,6 +91,7 @@ HELP = "held-out ELBO vs AR perplexity, and generative perplexity / diversity pe
 ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8
+L2R_CANVAS = 64  # the left-to-right NLL's reply canvas: the data's longest reply (with <|eot|>)
 NEXT = -1  # stands for the position being chosen (no token id is negative)
 
 
@@ -115,6 +123,9 @@ class EvalConfig(BaseModel):
     # held-out prompts answered through the engine as deployed (`decode`: the settings'
     # llm.decode), the replies a user hears; 0 = skip
     engine_prompts: int = Field(64, ge=0)
+    # also the diffusion model's exact NLL read from the left (one forward per reply token:
+    # ~4x the ELBO's time on t_grid 16)
+    left_to_right: bool = False
     decode: DecodeSettings = DecodeSettings()
     quantize: Literal["none", "int8"] = "none"  # the engine row's projections (llm.quantize)
 
@@ -142,6 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-prompts", type=int,
                         help="held-out prompts answered through the engine with the config's "
                              "llm.decode (0: skip)")
+    parser.add_argument("--left-to-right", action="store_true", default=None,
+                        help="also the diffusion model's exact NLL read from the left, one "
+                             "token per forward (slow: one forward per reply token)")
     parser.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -212,12 +226,20 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
                             t_grid=cfg.t_grid, seed=cfg.seed, **common)
     ar_total, _ = reply_nll(ar.model, split, ar.tokenizer, objective="ar", **common)
     d_nll, a_nll = elbo / count, ar_total / count
+    l2r: dict[str, float | None] = dict.fromkeys(
+        ("diffusion_l2r_nll", "diffusion_l2r_ppl", "l2r_ratio"))
+    if cfg.left_to_right:
+        total, _ = reply_nll(diff.model, split, diff.tokenizer, objective="left-to-right",
+                             canvas=L2R_CANVAS, **common)
+        l_nll = total / count
+        l2r = {"diffusion_l2r_nll": l_nll, "diffusion_l2r_ppl": math.exp(l_nll),
+               "l2r_ratio": math.exp(l_nll - a_nll)}
     log.info("perplexities of %d examples done", len(split))
     ratio = math.exp(d_nll - a_nll)
     return {"examples": len(split), "reply_tokens": count, "t_grid": cfg.t_grid,
             "diffusion_elbo_nll": d_nll, "diffusion_elbo_ppl": math.exp(d_nll),
             "ar_nll": a_nll, "ar_ppl": math.exp(a_nll), "ratio": ratio,
-            "target_ratio": ELBO_RATIO_TARGET, "met": ratio <= ELBO_RATIO_TARGET}
+            "target_ratio": ELBO_RATIO_TARGET, "met": ratio <= ELBO_RATIO_TARGET, **l2r}
 
 
 def mismatched(split: Split) -> Split:
@@ -541,6 +563,10 @@ def print_report(r: dict) -> None:
     print(f"  AR baseline           {p['ar_ppl']:9.2f}")
     print(f"  ratio                 {p['ratio']:9.2f}x   target <= {p['target_ratio']}x: "
           f"{_verdict(p['met'])}")
+    if p["diffusion_l2r_ppl"] is not None:
+        print(f"  diffusion read left to right, one token per forward, on a "
+              f"{L2R_CANVAS}-token canvas (exact; not the target's measure): "
+              f"{p['diffusion_l2r_ppl']:.2f} ({p['l2r_ratio']:.2f}x)")
     print(f"\ngeneration: {c['prompts']} held-out prompts, canvas {c['gen_length']} tokens, "
           f"temperature 0, judged by the AR baseline")
     head = ("sampler", "gen ppl", "tokens", "words", "ended", "dist-1", "dist-2", "s")

@@ -301,6 +301,25 @@ def ar_nll(model: Transformer, batch: Batch) -> Tensor:
     return (ce * batch.reply[:, 1:]).sum()
 
 
+def left_to_right_nll(model: Transformer, batch: Batch, mask_id: int, lengths: Tensor) -> Tensor:
+    """Summed CE of each row's first `lengths` reply-span tokens (B,) under the diffusion model
+    read from the left, one token per forward (a scalar): span position j is scored with the
+    positions before it given and the rest of the span masked. The exact NLL of that
+    factorisation of the model, where the ELBO averages over every unmasking order. A span
+    longer than the scored tokens (trailing <|eos|>) is a canvas that hides the reply's length."""
+    B, T = batch.tokens.shape
+    first = batch.reply.int().argmax(1)  # (B,) the span's first position
+    cols = torch.arange(T, device=batch.tokens.device)[None]  # (1, T)
+    total = torch.zeros((), device=batch.tokens.device)
+    for j in range(int(lengths.max())):
+        pos = first + j  # (B,)
+        x = torch.where(batch.reply & (cols >= pos[:, None]), mask_id, batch.tokens)
+        logits, _ = model(x, key_mask=batch.keys)  # (B, T, V), shifted already if configured
+        ce = token_ce(logits, batch.tokens).gather(1, pos.clamp(max=T - 1)[:, None])[:, 0]
+        total += (ce * (j < lengths)).sum()
+    return total
+
+
 def certainty_loss(model: Transformer, batch: Batch, mask_id: int, c: CertaintyConfig) -> Tensor:
     """Mean CE of the target tokens + c.weight x the mean entropy (logits / c.temperature) of
     the targets the model already gets right (dParallel's certainty forcing)."""
@@ -330,19 +349,29 @@ def train_loss(model: Transformer, batch: Batch, cfg: TrainConfig, mask_id: int)
 @torch.no_grad()
 def reply_nll(model: Transformer, split: Split, tok: ChatTokenizer, *, objective: str,
               device: torch.device, examples: int, batch_size: int, seq_len: int,
-              t_grid: int = 8, seed: int = 0) -> tuple[float, int]:
+              t_grid: int = 8, seed: int = 0, canvas: int = 0) -> tuple[float, int]:
     """Summed NLL (nats) of the reply tokens (reply + <|eot|>, no EOS padding) of the first
-    `examples` examples, and their count. AR: exact NLL. Diffusion: the ELBO bound, its integral
-    over t by the midpoint rule on `t_grid` points, masks from a fixed seed."""
+    `examples` examples, and their count. "ar": exact NLL. "diffusion": the ELBO bound, its
+    integral over t by the midpoint rule on `t_grid` points, masks from a fixed seed.
+    "left-to-right": a diffusion model's exact NLL read from the left (`left_to_right_nll`),
+    each reply on a canvas of `canvas` positions (<|eos|> after the reply, masked and not
+    scored) so that the masks do not tell its length."""
     model.eval()
     total, count = 0.0, 0
     n = min(examples, len(split))
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
-        batch = make_batch(split, idx, np.zeros(len(idx), int), seq_len, tok)
-        count += batch.n_reply
+        lengths = np.array([len(ids) - p for ids, p in map(split.example, idx)])
+        pad = np.maximum(canvas - lengths, 0) if objective == "left-to-right" else \
+            np.zeros_like(lengths)
+        batch = make_batch(split, idx, pad, seq_len, tok)
+        count += int(lengths.sum())
         with _autocast(device):
-            total += _batch_nll(model, batch, tok, objective, t_grid, seed + start, device)
+            if objective == "left-to-right":
+                total += float(left_to_right_nll(model, to_device(batch, device), tok.mask_id,
+                                                 torch.from_numpy(lengths).to(device)))
+            else:
+                total += _batch_nll(model, batch, tok, objective, t_grid, seed + start, device)
     model.train()
     return total, count
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from agent import cli
 from llm import eval as E
 from llm.checkpoints import load_checkpoint, save_checkpoint
-from llm.data import PrepareConfig, load_tokenizer, prepare
+from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
 from llm.model import ModelConfig, Transformer
 from llm.sampler import generate_few_step
+from llm.train import left_to_right_nll, make_batch
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64, max_seq_len=256,
             tie_embeddings=True)
@@ -50,7 +52,7 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
                    "--batch-size", "2", "--engine-prompts", "3",
                    "--set", "llm.decode.block_length=4", "--set", "llm.decode.max_new_tokens=12",
                    "--set", "llm.decode.no_repeat_ngram=2",
-                   "--samples", "1", "--json", str(out_json)])
+                   "--samples", "1", "--left-to-right", "--json", str(out_json)])
     assert rc == 0
     return capsys.readouterr().out, json.loads(out_json.read_text())
 
@@ -76,6 +78,8 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     assert p["examples"] == 6 and p["reply_tokens"] > 0
     assert p["ratio"] == pytest.approx(p["diffusion_elbo_ppl"] / p["ar_ppl"])
     assert p["met"] == (p["ratio"] <= E.ELBO_RATIO_TARGET)
+    assert p["l2r_ratio"] == pytest.approx(p["diffusion_l2r_ppl"] / p["ar_ppl"])
+    assert p["diffusion_l2r_nll"] > 0
     labels = [row["label"] for row in r["generation"]]
     assert labels == ["diffusion 2 steps", "diffusion 8 steps",
                       "diffusion 8 steps, adjacent commits",
@@ -101,6 +105,7 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     assert r["config"]["spread"] is True
     assert len(r["samples"]) == 1 and set(r["samples"][0]["replies"]) == set(labels)
     for needle in ("held-out perplexity", "diffusion ELBO bound", "AR baseline", "gen ppl",
+                   "read left to right",
                    "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: ",
                    "diffusion threshold 1e-06 (1.0 fwd)"):
         assert needle in out
@@ -109,6 +114,35 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
 def test_eval_takes_a_shifted_logits_diffusion_model(setup, tmp_path, capsys):
     _, r = _eval(setup, tmp_path, capsys, model="shift")
     assert r["perplexity"]["diffusion_elbo_ppl"] > 1
+
+
+@pytest.mark.parametrize("model", ["diff", "shift"])
+def test_left_to_right_nll_scores_each_reply_token_after_the_ones_before(setup, model):
+    # a batch of replies of different lengths against each token scored alone: the row's
+    # reply before it given, the rest of the reply masked, nothing else in the forward
+    data, paths = setup
+    loaded = load_checkpoint(paths[model])
+    tok, net = loaded.tokenizer, loaded.model.eval()
+    test = load_split(data, "test")
+    parts = [test.example(i) for i in range(3)]  # replies of three lengths
+    split = E.pack([ids[:p + n].tolist() for (ids, p), n in zip(parts, (4, 15, 9), strict=True)],
+                   [p for _, p in parts])
+    lengths = np.array([len(ids) - p for ids, p in map(split.example, range(3))])
+    assert len(set(lengths)) > 1
+    canvas = 20  # the rest of each reply's span is <|eos|>: masked, never scored
+    batch = make_batch(split, np.arange(3), canvas - lengths, 256, tok)
+    expected = 0.0
+    with torch.inference_mode():
+        for b in range(3):
+            ids, p = split.example(b)
+            row = torch.tensor([*ids, *[tok.eos_id] * (canvas - lengths[b])])[None]
+            for j in range(p, len(ids)):
+                x = row.clone()
+                x[0, j:] = tok.mask_id
+                logits, _ = net(x)
+                expected -= float(torch.log_softmax(logits[0, j].float(), -1)[ids[j]])
+        got = float(left_to_right_nll(net, batch, tok.mask_id, torch.from_numpy(lengths)))
+    assert got == pytest.approx(expected, rel=1e-4)
 
 
 def test_left_padded_batch_gives_each_prompt_its_solo_reply(setup):
