@@ -84,7 +84,8 @@ def test_card_numbers_are_the_evaluation_output():
     card = (folder / "MODEL_CARD.md").read_text()
     result = json.loads((folder / "eval.json").read_text())
     p = result["perplexity"]
-    for value in (p["diffusion_elbo_ppl"], p["ar_ppl"], p["ratio"]):
+    for value in (p["diffusion_elbo_ppl"], p["ar_ppl"], p["ratio"], p["diffusion_l2r_ppl"],
+                  p["l2r_ratio"], result["engine"]["gen_ppl"]):
         assert f"{value:.2f}" in card
     for row in result["generation"]:
         assert row["label"] in card and f"{row['gen_ppl']:.2f}" in card
