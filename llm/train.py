@@ -307,7 +307,7 @@ def left_to_right_nll(model: Transformer, batch: Batch, mask_id: int, lengths: T
     positions before it given and the rest of the span masked. The exact NLL of that
     factorisation of the model, where the ELBO averages over every unmasking order. A span
     longer than the scored tokens (trailing <|eos|>) is a canvas that hides the reply's length."""
-    B, T = batch.tokens.shape
+    T = batch.tokens.shape[1]
     first = batch.reply.int().argmax(1)  # (B,) the span's first position
     cols = torch.arange(T, device=batch.tokens.device)[None]  # (1, T)
     total = torch.zeros((), device=batch.tokens.device)
@@ -367,19 +367,19 @@ def reply_nll(model: Transformer, split: Split, tok: ChatTokenizer, *, objective
         batch = make_batch(split, idx, pad, seq_len, tok)
         count += int(lengths.sum())
         with _autocast(device):
-            if objective == "left-to-right":
-                total += float(left_to_right_nll(model, to_device(batch, device), tok.mask_id,
-                                                 torch.from_numpy(lengths).to(device)))
-            else:
-                total += _batch_nll(model, batch, tok, objective, t_grid, seed + start, device)
+            total += _batch_nll(model, batch, tok, objective, t_grid, seed + start, device,
+                                torch.from_numpy(lengths))
     model.train()
     return total, count
 
 
 def _batch_nll(model: Transformer, batch: Batch, tok: ChatTokenizer, objective: str,
-               t_grid: int, seed: int, device: torch.device) -> float:
+               t_grid: int, seed: int, device: torch.device, lengths: Tensor) -> float:
     if objective == "ar":
         return float(ar_nll(model, to_device(batch, device)))
+    if objective == "left-to-right":
+        return float(left_to_right_nll(model, to_device(batch, device), tok.mask_id,
+                                       lengths.to(device)))
     gen = torch.Generator().manual_seed(seed)
     B = batch.tokens.shape[0]
     total = 0.0
