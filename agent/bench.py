@@ -36,9 +36,10 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent import bench_report as report
 from agent.clients import MIC_RATE, InProcessCaller, TwilioBenchCaller, WebRTCCaller
@@ -185,18 +186,29 @@ def load_conversations(args: argparse.Namespace, settings: Settings) -> list[Con
     return limit_turns(convs, b.turns)
 
 
+class ScriptConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    turns: list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] = Field(
+        min_length=1)
+
+
+class Script(BaseModel):
+    """A `--conversation` file: one or more `[[conversation]]` tables, nothing else."""
+    model_config = ConfigDict(extra="forbid")
+    conversation: list[ScriptConversation] = Field(min_length=1)
+
+
 def conversation_file(path: Path, settings: Settings) -> list[Conversation]:
     """`[[conversation]] turns = ["text", "recorded.wav", ...]`; a `.wav` item is a file
-    relative to the script, anything else is spoken by Piper."""
-    data = tomllib.loads(path.read_text())
-    convs = []
-    for conv in data.get("conversation", []):
-        turns = [wav_utterance(path.parent / t) if t.endswith(".wav")
-                 else Utterance(t, spoken(t, settings)) for t in conv["turns"]]
-        convs.append(turns)
-    if not convs:
-        raise ValueError(f"{path}: no [[conversation]] with turns")
-    return convs
+    relative to the script, anything else is spoken by Piper. A malformed script is a
+    ValueError naming the file."""
+    try:
+        script = Script.model_validate(tomllib.loads(path.read_text()))
+    except ValueError as e:  # TOMLDecodeError and pydantic's ValidationError are ValueErrors
+        raise ValueError(f"{path}: not a conversation script: {e}") from e
+    return [[wav_utterance(path.parent / t) if t.endswith(".wav")
+             else Utterance(t, spoken(t, settings)) for t in conv.turns]
+            for conv in script.conversation]
 
 
 def limit_turns(convs: list[Conversation], turns: int) -> list[Conversation]:
@@ -542,7 +554,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         convs = load_conversations(args, configs[0])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         print(f"diffvoice bench: {e}", file=sys.stderr)
         return 2
     per_run = sum(map(len, convs)) * sum(range(1, args.sessions + 1))

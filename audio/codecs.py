@@ -93,12 +93,18 @@ def mulaw_decode(data: bytes) -> np.ndarray:
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A 16-bit PCM WAV -> (int16 mono samples, sample rate); stereo is averaged to mono."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
-        channels, rate = w.getnchannels(), w.getframerate()
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    """A 16-bit PCM WAV -> (int16 mono samples, sample rate); stereo is averaged to mono.
+    Anything else (another format, a truncated file) is a ValueError naming the file."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2:
+                raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
+            channels, rate = w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a PCM WAV file ({str(e) or 'no RIFF header'})") from e
+    whole = len(raw) // (2 * channels) * (2 * channels)  # a file cut mid-frame keeps what is whole
+    data = np.frombuffer(raw[:whole], dtype=np.int16)
     if channels > 1:
         data = data.reshape(-1, channels).mean(axis=1).astype(np.int16)
     return data, rate

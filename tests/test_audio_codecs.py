@@ -87,6 +87,20 @@ def test_wav_round_trip(tmp_path):
     assert read_wav(tmp_path / "f.wav")[0].dtype == np.int16
 
 
+def test_read_wav_names_a_file_that_is_not_one(tmp_path):
+    (tmp_path / "text.wav").write_text("hello")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for name in ("text.wav", "empty.wav"):
+        with pytest.raises(ValueError, match=f"{name}: not a PCM WAV file"):
+            read_wav(tmp_path / name)
+    x = float_to_int16(_sine(200.0, 8000, 0.1))
+    write_wav(tmp_path / "cut.wav", x, 8000)
+    data = (tmp_path / "cut.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:-101])  # cut mid-sample, header left as it was
+    y, rate = read_wav(tmp_path / "cut.wav")
+    assert rate == 8000 and np.array_equal(y, x[: len(y)]) and len(y) == len(x) - 51
+
+
 def test_frames_cover_audio_and_pad_the_tail():
     x = np.arange(1000, dtype=np.int16)
     out = list(frames(x, 16000, 20))

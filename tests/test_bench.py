@@ -188,9 +188,21 @@ def test_conversation_file_reads_wavs(tmp_path):
     convs = bench.conversation_file(script, None)  # WAV items need no synthesis
     assert len(convs) == 1 and len(convs[0]) == 2
     assert len(convs[0][0].pcm) == 16000  # resampled to the mic rate
-    script.write_text("title = 'nothing'\n")
-    with pytest.raises(ValueError):
-        bench.conversation_file(script, None)
+    (tmp_path / "notes.wav").write_text("not audio")
+    bad = {
+        "title = 'nothing'\n": "conversation",  # no conversation at all
+        "[[conversation]]\nturn = ['hi']\n": "turn",  # a misspelt key is not ignored
+        "[[conversation]]\nturns = []\n": "turns",
+        "[[conversation]]\nturns = ['  ']\n": "turns",
+        "[[conversation]]\nturns = [1]\n": "turns",
+        "[[conversation]\nturns = ['hi']\n": "conversation script",  # not TOML
+        "[[conversation]]\nturns = ['notes.wav']\n": "notes.wav: not a PCM WAV",
+    }
+    for text, named in bad.items():
+        script.write_text(text)
+        with pytest.raises(ValueError, match=named) as err:
+            bench.conversation_file(script, None)
+        assert err.match(str(script) if "notes.wav" not in text else "notes.wav")
 
 
 def _check_report(out, transport: str, turns: int) -> None:
