@@ -81,6 +81,15 @@ class TtsSettings(BaseModel):
     lead_in_ms: int | None = Field(default=10, ge=0)
     # a sentence longer than this is split at commas/spaces so first audio stays fast
     max_sentence_chars: int = Field(default=200, ge=20)
+    # a streamed sentence (the agent's voice) plays its first `first_chunk_ms` of speech while
+    # the rest is decoded, in pieces twice as long each up to `chunk_ms`
+    # (audio.tts.PiperSynthesizer.pieces); 0 = whole sentences. The same samples as the whole
+    # sentence's, but at a fixed gain: Piper scales a sentence to full scale, which needs all
+    # of it. The bundled voice's sentences peak at 0.46-0.78 of full scale before that (150
+    # reply sentences), so 1.25 never clips them
+    first_chunk_ms: int = Field(default=280, ge=0)
+    chunk_ms: int = Field(default=1500, ge=50)
+    stream_gain: float = Field(default=1.25, gt=0.0)
     # text streamed from the LLM is spoken sentence by sentence; a sentence longer than this is
     # spoken clause by clause (cut after a comma, semicolon or colon), so a run-on sentence does
     # not hold the first audio until it ends

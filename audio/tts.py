@@ -1,8 +1,10 @@
 """Piper text-to-speech: normalised text, synthesised sentence by sentence.
 
 The first sentence is synthesised as soon as it is known, so first audio comes after one short
-sentence's inference (~20-80 ms on 2 cores for the bundled voice), not after the whole reply.
-Stopping the consumer of `stream()` stops synthesis after the sentence in flight.
+sentence's inference, not after the whole reply. Within a sentence `stream()` decodes the voice's
+latent a piece at a time (`PiperSynthesizer.pieces`): first audio comes once the first ~280 ms
+of speech is decoded, not the whole sentence. Stopping the consumer of `stream()` stops
+synthesis after the piece in flight.
 
     synth = PiperSynthesizer.load(TtsSettings())
     async for pcm in synth.stream("Hi! It is 3:30 pm."):   # int16 arrays at synth.sample_rate
@@ -20,7 +22,9 @@ import logging
 import re
 import threading
 from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,23 +82,72 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     return [s for s in out if any(c.isalnum() for c in s)]
 
 
-@functools.lru_cache(maxsize=4)
-def _load_voice(voice_path: str, config_path: str):  # -> piper.PiperVoice
+def _session(model: str | bytes) -> Any:  # -> onnxruntime.InferenceSession
     import onnxruntime
-    from piper import PiperVoice
-    from piper.config import PiperConfig
 
-    logger.info("loading Piper voice %s", voice_path)
-    config = json.loads(Path(config_path or f"{voice_path}.json").read_text(encoding="utf-8"))
     options = onnxruntime.SessionOptions()
     # onnxruntime's worker threads otherwise spin between operators on the cores the LLM engine
     # and Whisper compute on: a first sentence took 201 ms instead of 139 ms while a reply was
     # being denoised (91-96 ms alone either way). LiveKit's Silero VAD turns it off likewise
     for pool in ("intra_op", "inter_op"):
         options.add_session_config_entry(f"session.{pool}.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(voice_path, sess_options=options,
-                                           providers=["CPUExecutionProvider"])
-    return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+    return onnxruntime.InferenceSession(model, sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_voice(voice_path: str, config_path: str):  # -> piper.PiperVoice
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    logger.info("loading Piper voice %s", voice_path)
+    config = json.loads(Path(config_path or f"{voice_path}.json").read_text(encoding="utf-8"))
+    return PiperVoice(session=_session(voice_path), config=PiperConfig.from_dict(config))
+
+
+# A Piper voice is a VITS model: a text encoder, duration predictor and flow turn phoneme ids into
+# a latent of one frame per `hop_length` samples (11.6 ms for the bundled voice), and a HiFi-GAN
+# decoder turns the latent into audio, 55-65% of a sentence's synthesis. The decoder is
+# convolutional and sees 12 frames either side, so pieces of the latent decoded with
+# DECODER_CONTEXT_FRAMES more on each side give the whole sentence's samples (to 1e-6).
+DECODER_FIRST_NODE = "/dec/conv_pre/Conv"  # the decoder's input layer in Piper's VITS exports
+DECODER_CONTEXT_FRAMES = 16
+
+
+@dataclass(frozen=True)
+class VitsParts:
+    """A voice cut at its decoder's input: `front` (Piper's inputs -> latent (1, C, frames)) and
+    `decoder` (latent -> audio (1, 1, frames * hop))."""
+
+    front: Any
+    decoder: Any
+    latent: str  # the decoder's input name
+
+
+@functools.lru_cache(maxsize=4)
+def _vits_parts(voice_path: str) -> VitsParts | None:
+    """The voice's two parts, or None for a voice that is not cut that way (a multi-speaker
+    decoder also takes the speaker; another exporter names its nodes otherwise): it is then
+    synthesised a whole sentence at a time."""
+    import onnx
+
+    model = onnx.load(voice_path)
+    first = next((n for n in model.graph.node if n.name == DECODER_FIRST_NODE), None)
+    if first is None:
+        logger.info("Piper voice %s: no %s node, whole sentences only", voice_path,
+                    DECODER_FIRST_NODE)
+        return None
+    latent = first.input[0]
+    extractor = onnx.utils.Extractor(model)
+    try:
+        front = extractor.extract_model([i.name for i in model.graph.input], [latent])
+        decoder = extractor.extract_model([latent], [o.name for o in model.graph.output])
+        return VitsParts(_session(front.SerializeToString()),
+                         _session(decoder.SerializeToString()), latent)
+    except Exception as e:  # noqa: BLE001 - any failure to cut: whole sentences still work
+        logger.warning("Piper voice %s cannot be decoded in pieces (%s): whole sentences only",
+                       voice_path, e)
+        return None
 
 
 def bundled_voice_paths() -> tuple[str, str]:
@@ -109,11 +162,12 @@ class PiperSynthesizer:
     # espeak-ng's phonemizer keeps global state: one sentence at a time per process
     _lock = threading.Lock()
 
-    def __init__(self, voice, settings: TtsSettings) -> None:
+    def __init__(self, voice, settings: TtsSettings, parts: VitsParts | None = None) -> None:
         from piper import SynthesisConfig
 
         self.voice = voice
         self.settings = settings
+        self.parts = parts  # None: whole sentences only
         self.sample_rate: int = voice.config.sample_rate
         self._config = SynthesisConfig(length_scale=settings.length_scale,
                                        noise_scale=settings.noise_scale,
@@ -121,10 +175,12 @@ class PiperSynthesizer:
 
     @classmethod
     def load(cls, settings: TtsSettings) -> PiperSynthesizer:
-        voice, config = bundled_voice_paths() if not settings.voice_path else (
+        voice_path, config = bundled_voice_paths() if not settings.voice_path else (
             settings.voice_path, settings.config_path
         )
-        return cls(_load_voice(voice, config), settings)
+        voice = _load_voice(voice_path, config)
+        pieces = settings.first_chunk_ms > 0 and voice.config.num_speakers <= 1
+        return cls(voice, settings, _vits_parts(voice_path) if pieces else None)
 
     def sentences(self, text: str) -> list[str]:
         """Raw text -> normalised sentences; raises TextTooLongError past max_text_chars."""
@@ -143,12 +199,57 @@ class PiperSynthesizer:
         keep = self.settings.lead_in_ms
         return pcm if keep is None else trim_lead_in(pcm, self.sample_rate, keep)
 
-    async def stream(self, text: str) -> AsyncGenerator[np.ndarray, None]:
-        """Text -> int16 audio per sentence, each synthesised in a worker thread."""
-        for sentence in self.sentences(text):
-            pcm = await asyncio.to_thread(self.synthesize_sentence, sentence)
-            if len(pcm):
+    def pieces(self, sentence: str) -> Iterator[np.ndarray]:
+        """One normalised sentence -> int16 audio in pieces, each decoded when it is asked for:
+        the first `first_chunk_ms` of speech, then pieces of twice the last up to `chunk_ms`,
+        at the fixed `stream_gain` (Piper scales a whole sentence to full scale, which needs
+        all of it). Blocking (call from a thread). A voice without parts: the whole sentence."""
+        if self.parts is None:
+            yield self.synthesize_sentence(sentence)
+            return
+        with self._lock:
+            phonemes = [p for p in self.voice.phonemize(sentence) if p]
+        keep, first = self.settings.lead_in_ms, True
+        for ids in map(self.voice.phonemes_to_ids, phonemes):
+            latent = self.parts.front.run(None, self._inputs(ids))[0]
+            for pcm in self._decode(latent):
+                if first and keep is not None:
+                    pcm = trim_lead_in(pcm, self.sample_rate, keep)
+                first = False
                 yield pcm
+
+    def _inputs(self, ids: list[int]) -> dict[str, np.ndarray]:
+        c, s = self.voice.config, self.settings
+        noise = c.noise_scale if s.noise_scale is None else s.noise_scale
+        noise_w = c.noise_w_scale if s.noise_w_scale is None else s.noise_w_scale
+        return {"input": np.array([ids], dtype=np.int64),
+                "input_lengths": np.array([len(ids)], dtype=np.int64),
+                "scales": np.array([noise, s.length_scale, noise_w], dtype=np.float32)}
+
+    def _decode(self, latent: np.ndarray) -> Iterator[np.ndarray]:
+        """The latent (1, C, frames) decoded piece by piece, each with the decoder's context."""
+        hop, frames, ctx = self.voice.config.hop_length, latent.shape[2], DECODER_CONTEXT_FRAMES
+        frame_ms = 1000 * hop / self.sample_rate
+        size = max(1, round(self.settings.first_chunk_ms / frame_ms))
+        a = 0
+        while a < frames:
+            b = min(frames, a + size)
+            b = frames if frames - b < ctx else b  # no sliver of a piece at the end
+            lo, hi = max(0, a - ctx), min(frames, b + ctx)
+            audio = self.parts.decoder.run(None, {self.parts.latent: latent[:, :, lo:hi]})[0]
+            audio = audio.reshape(-1)[(a - lo) * hop:(b - lo) * hop] * self.settings.stream_gain
+            yield np.clip(audio * 32767, -32768, 32767).astype(np.int16)
+            # each piece twice the last, up to chunk_ms: it is decoded while those play
+            a, size = b, min(2 * size, max(1, round(self.settings.chunk_ms / frame_ms)))
+
+    async def stream(self, text: str) -> AsyncGenerator[np.ndarray, None]:
+        """Text -> int16 audio, sentence by sentence and piece by piece (`pieces`), each piece
+        made in a worker thread when the consumer asks for it."""
+        for sentence in self.sentences(text):
+            pieces = self.pieces(sentence)
+            while (pcm := await asyncio.to_thread(next, pieces, None)) is not None:
+                if len(pcm):
+                    yield pcm
 
     def synthesize(self, text: str) -> np.ndarray:
         """Whole text -> int16 samples at `sample_rate`; blocking. Empty text -> no samples."""

@@ -11,8 +11,10 @@ from audio.codecs import read_wav
 from audio.settings import TtsSettings
 from audio.tts import (
     AUDIBLE_LEVEL,
+    DECODER_CONTEXT_FRAMES,
     PiperSynthesizer,
     TextTooLongError,
+    _vits_parts,
     split_sentences,
     synthesize,
     synthesize_to_wav,
@@ -90,25 +92,64 @@ async def test_stream_yields_the_first_sentence_before_the_rest_is_made(synth):
     async for pcm in synth.stream(text):
         times.append(time.perf_counter() - t0)
         chunks.append(pcm)
-    assert len(chunks) == 5
+    assert len(chunks) >= 5  # each sentence in one or more pieces
     assert times[0] < times[-1] / 3  # "Hi." is out long before the whole reply
-    assert len(chunks[0]) < len(chunks[1])
+    first_ms = 1000 * len(chunks[0]) / synth.sample_rate
+    frame_ms = 1000 * synth.voice.config.hop_length / synth.sample_rate
+    # a piece of "Hi." (with its end when less than the decoder's context is left), not more
+    assert first_ms <= TtsSettings().first_chunk_ms + DECODER_CONTEXT_FRAMES * frame_ms
+
+
+def test_a_sentence_in_pieces_is_the_whole_sentence_at_the_stream_gain():
+    from piper import SynthesisConfig
+
+    settings = TtsSettings(noise_scale=0.0, noise_w_scale=0.0)
+    still = PiperSynthesizer.load(settings)
+    assert still.parts is not None  # the bundled voice is cut at its decoder
+    whole = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, normalize_audio=False,
+                            volume=settings.stream_gain)
+    rate = still.sample_rate
+    for text in ["Okay.", "I really like the greatest showman that I have ever seen in my life.",
+                 "I have a few friends. I have two of them, and they have a dog."]:
+        pieces = list(still.pieces(text))
+        ref = np.concatenate([c.audio_int16_array for c in still.voice.synthesize(text, whole)])
+        ref = trim_lead_in(ref, rate, settings.lead_in_ms)
+        got = np.concatenate(pieces)
+        assert len(got) == len(ref) and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+        if len(ref) > rate:  # a long sentence: a short first piece, then longer ones
+            assert len(pieces) >= 3 and len(pieces[0]) < len(pieces[1])
+            assert 1000 * len(pieces[0]) / rate <= settings.first_chunk_ms + 15
+
+
+async def test_whole_sentences_when_pieces_are_off_or_the_voice_cannot_be_cut(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    whole = PiperSynthesizer.load(TtsSettings(first_chunk_ms=0))
+    assert whole.parts is None
+    chunks = [pcm async for pcm in whole.stream("Hello there. How are you doing today?")]
+    assert len(chunks) == 2 and np.abs(chunks[0]).max() > 30000  # Piper's own, peak-normalised
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
+    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    assert _vits_parts(str(tmp_path / "other.onnx")) is None
 
 
 async def test_closing_the_stream_stops_synthesis(synth, monkeypatch):
-    made: list[str] = []
-    real = synth.synthesize_sentence
+    made: list[tuple[str, int]] = []
+    real = synth.pieces
 
-    def counting(sentence: str) -> np.ndarray:
-        made.append(sentence)
-        return real(sentence)
+    def counting(sentence: str):
+        for i, pcm in enumerate(real(sentence)):
+            made.append((sentence, i))
+            yield pcm
 
-    monkeypatch.setattr(synth, "synthesize_sentence", counting)
-    stream = synth.stream("One. Two. Three. Four. Five. Six.")
+    monkeypatch.setattr(synth, "pieces", counting)
+    stream = synth.stream("One, two, three, four and five. Two. Three. Four. Five. Six.")
     async for _ in stream:
         break
     await stream.aclose()
-    assert made == ["One."]
+    assert made == [("One, two, three, four and five.", 0)]  # not even its next piece
 
 
 def test_synthesize_helpers(tmp_path):
