@@ -78,6 +78,10 @@ class PacedAudioOutput(io.AudioOutput):
     Playback events follow LiveKit's contract: `on_playback_started` when a reply's first sample
     is pulled, `on_playback_finished(playback_position=seconds pulled, interrupted=...)` once per
     reply, when its last sample is pulled or when `clear_buffer()` drops the rest.
+
+    A reply whose audio runs out before its end (speech synthesised slower than it plays, or the
+    next sentence not yet written) is played with silence in the gap: `dry_s` totals those gaps
+    and each reply that had one logs how long it was.
     """
 
     def __init__(
@@ -99,6 +103,9 @@ class PacedAudioOutput(io.AudioOutput):
         self._paused = False
         self._next_deadline: float | None = None
         self.chunks_out = 0  # chunks with reply audio (not silence) handed to the transport
+        self._silent = 0  # samples of silence played since the current reply's last audio
+        self._dry = 0  # samples of silence played between audio of the current reply
+        self.dry_s = 0.0  # seconds of silence played inside replies, all replies
 
     # -- session side -------------------------------------------------------------------
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
@@ -161,6 +168,10 @@ class PacedAudioOutput(io.AudioOutput):
             filled += self._take(head, out[filled:])
         if filled:
             self.chunks_out += 1
+        if self._started:  # silence inside a reply is a gap once more of its audio follows
+            if filled and self._silent:
+                self._dry, self._silent = self._dry + self._silent, 0
+            self._silent += len(out) - filled
         return out
 
     async def next_chunk(self) -> np.ndarray:
@@ -188,6 +199,10 @@ class PacedAudioOutput(io.AudioOutput):
 
     def _finish(self, *, interrupted: bool) -> None:
         position = self.playback_position_s
-        self._played = 0
+        if self._dry:
+            self.dry_s += self._dry / self.rate
+            logger.info("%s: a reply's audio ran dry for %.0f ms of its %.2f s", self.label,
+                        1000 * self._dry / self.rate, position)
+        self._played = self._dry = self._silent = 0  # silence at the end was no gap
         self._started = False
         self.on_playback_finished(playback_position=position, interrupted=interrupted)
