@@ -1,8 +1,9 @@
 """`PiperTTS`: Piper synthesis (`audio.tts`) as a livekit-agents `tts.TTS`.
 
-`synthesize(text)` pushes audio sentence by sentence as each is synthesised in a worker thread,
-so the first sentence plays while later ones are computed; closing the stream (an
-interruption) stops after the sentence in flight. For text that arrives token by token from
+`synthesize(text)` pushes audio a piece at a time as each is synthesised in a worker thread
+(`PiperSynthesizer.stream`: sentence by sentence, each decoded in pieces), so the first piece
+plays while the rest is computed; closing the stream (an interruption) stops after the piece in
+flight. For text that arrives token by token from
 the LLM, `streaming_piper_tts()` wraps it in LiveKit's `tts.StreamAdapter` with a sentence
 tokenizer: each committed sentence is synthesised as soon as it is complete.
 """
@@ -72,6 +73,10 @@ class PiperChunkedStream(tts.ChunkedStream):
         try:
             async for pcm in self._synth.stream(self.input_text):
                 output_emitter.push(pcm.tobytes())
+                # the whole piece downstream now: the emitter otherwise holds its last partial
+                # 200 ms frame until the next piece, or a timer that fires 20 ms before the
+                # audio sent so far has played, which left gaps of 2-22 ms in replies
+                output_emitter.flush()
                 pushed += len(pcm)
         except TextTooLongError as e:
             raise APIError(str(e), retryable=False) from e

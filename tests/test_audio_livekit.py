@@ -235,6 +235,32 @@ async def test_tts_huge_text_is_a_clear_error(piper_tts):
         await piper_tts.synthesize("word " * 10_000).collect()
 
 
+async def test_tts_sends_each_piece_downstream_whole_before_the_next_is_made():
+    class TwoPieces:  # a synthesizer whose second piece waits until the test releases it
+        sample_rate, settings = 22050, SETTINGS.tts
+
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def stream(self, text: str):
+            yield np.full(6144, 1000, np.int16)  # 279 ms: a first piece of the bundled voice
+            await self.release.wait()
+            yield np.full(12288, 1000, np.int16)
+
+    synth = TwoPieces()
+    stream = PiperTTS(SETTINGS.tts, synthesizer=synth).synthesize("One long sentence.")
+    received = 0
+    async with stream:
+        while received < 6144:  # without the per-piece flush the piece's tail waits for a timer
+            ev = await asyncio.wait_for(stream.__anext__(), timeout=0.1)
+            received += ev.frame.samples_per_channel
+        assert received == 6144  # the whole first piece, nothing held back
+        synth.release.set()
+        rest = [np.frombuffer(ev.frame.data, np.int16) async for ev in stream]
+    rest = np.concatenate(rest)
+    assert (rest[:12288] == 1000).all() and not rest[12288:].any()  # LiveKit's end marker
+
+
 async def test_streaming_tts_speaks_the_first_sentence_before_the_text_ends():
     adapter = build_tts(SETTINGS)
     stream = adapter.stream()
