@@ -16,6 +16,7 @@ synthesis after the piece in flight.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import json
 import logging
@@ -96,13 +97,17 @@ def _session(model: str | bytes) -> Any:  # -> onnxruntime.InferenceSession
 
 
 @functools.lru_cache(maxsize=4)
-def _load_voice(voice_path: str, config_path: str):  # -> piper.PiperVoice
+def _load_voice(voice_path: str, config_path: str, with_session: bool):  # -> piper.PiperVoice
+    """Piper's voice: its phonemizer and config, and its own onnxruntime session only when
+    asked (a voice cut into `VitsParts` synthesises through those, and a second copy of its
+    weights would only take memory)."""
     from piper import PiperVoice
     from piper.config import PiperConfig
 
     logger.info("loading Piper voice %s", voice_path)
     config = json.loads(Path(config_path or f"{voice_path}.json").read_text(encoding="utf-8"))
-    return PiperVoice(session=_session(voice_path), config=PiperConfig.from_dict(config))
+    session = _session(voice_path) if with_session else None
+    return PiperVoice(session=session, config=PiperConfig.from_dict(config))
 
 
 # A Piper voice is a VITS model: a text encoder, duration predictor and flow turn phoneme ids into
@@ -111,6 +116,7 @@ def _load_voice(voice_path: str, config_path: str):  # -> piper.PiperVoice
 # convolutional and sees 12 frames either side, so pieces of the latent decoded with
 # DECODER_CONTEXT_FRAMES more on each side give the whole sentence's samples (to 1e-6).
 DECODER_FIRST_NODE = "/dec/conv_pre/Conv"  # the decoder's input layer in Piper's VITS exports
+VITS_INPUTS = ("input", "input_lengths", "scales")  # a single-speaker voice's inputs
 DECODER_CONTEXT_FRAMES = 16
 
 
@@ -127,27 +133,51 @@ class VitsParts:
 @functools.lru_cache(maxsize=4)
 def _vits_parts(voice_path: str) -> VitsParts | None:
     """The voice's two parts, or None for a voice that is not cut that way (a multi-speaker
-    decoder also takes the speaker; another exporter names its nodes otherwise): it is then
-    synthesised a whole sentence at a time."""
+    voice also takes the speaker; another exporter names its nodes otherwise): Piper's own
+    session then synthesises it a whole sentence at a time."""
     import onnx
 
     model = onnx.load(voice_path)
+    inputs = [i.name for i in model.graph.input]
     first = next((n for n in model.graph.node if n.name == DECODER_FIRST_NODE), None)
-    if first is None:
-        logger.info("Piper voice %s: no %s node, whole sentences only", voice_path,
-                    DECODER_FIRST_NODE)
+    if first is None or set(inputs) != set(VITS_INPUTS):
+        logger.info("Piper voice %s is not a single-speaker VITS export: whole sentences only",
+                    voice_path)
         return None
     latent = first.input[0]
     extractor = onnx.utils.Extractor(model)
     try:
-        front = extractor.extract_model([i.name for i in model.graph.input], [latent])
+        front = extractor.extract_model(inputs, [latent]).SerializeToString()
         decoder = extractor.extract_model([latent], [o.name for o in model.graph.output])
-        return VitsParts(_session(front.SerializeToString()),
-                         _session(decoder.SerializeToString()), latent)
+        parts = VitsParts(_session(front), _session(decoder.SerializeToString()), latent)
     except Exception as e:  # noqa: BLE001 - any failure to cut: whole sentences still work
-        logger.warning("Piper voice %s cannot be decoded in pieces (%s): whole sentences only",
+        logger.warning("Piper voice %s cannot be cut at its decoder (%s): whole sentences only",
                        voice_path, e)
         return None
+    del model, extractor, front, decoder
+    _return_freed_memory()
+    return parts
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS. Cutting the bundled voice parses and copies
+    its 63 MB graph a few times; glibc kept ~150 MB of that freed memory in the process (RSS
+    +288 MB for the parts, +136 MB after this)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _peak_normalized(audio: np.ndarray) -> np.ndarray:
+    """Piper's scaling of a sentence: its peak to full scale (silence stays silence)."""
+    peak = float(np.abs(audio).max()) if len(audio) else 0.0
+    return audio / peak if peak >= 1e-8 else np.zeros_like(audio)
+
+
+def _int16(audio: np.ndarray) -> np.ndarray:
+    """Float audio (full scale 1.0) -> int16, clipped."""
+    return np.clip(audio * 32767, -32768, 32767).astype(np.int16)
 
 
 def bundled_voice_paths() -> tuple[str, str]:
@@ -178,9 +208,8 @@ class PiperSynthesizer:
         voice_path, config = bundled_voice_paths() if not settings.voice_path else (
             settings.voice_path, settings.config_path
         )
-        voice = _load_voice(voice_path, config)
-        pieces = settings.first_chunk_ms > 0 and voice.config.num_speakers <= 1
-        return cls(voice, settings, _vits_parts(voice_path) if pieces else None)
+        parts = _vits_parts(voice_path) if settings.first_chunk_ms > 0 else None
+        return cls(_load_voice(voice_path, config, parts is None), settings, parts)
 
     def sentences(self, text: str) -> list[str]:
         """Raw text -> normalised sentences; raises TextTooLongError past max_text_chars."""
@@ -192,9 +221,15 @@ class PiperSynthesizer:
         return split_sentences(normalize(text), self.settings.max_sentence_chars)
 
     def synthesize_sentence(self, sentence: str) -> np.ndarray:
-        """One normalised sentence -> int16 samples; blocking (call from a thread)."""
-        with self._lock:
-            chunks = [c.audio_int16_array for c in self.voice.synthesize(sentence, self._config)]
+        """One normalised sentence -> int16 samples, each of its phonemized sentences scaled to
+        full scale as Piper does; blocking (call from a thread)."""
+        if self.parts is None:
+            with self._lock:
+                chunks = [c.audio_int16_array
+                          for c in self.voice.synthesize(sentence, self._config)]
+        else:
+            chunks = [_int16(_peak_normalized(self._decode_whole(latent)))
+                      for latent in self._latents(sentence)]
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
         keep = self.settings.lead_in_ms
         return pcm if keep is None else trim_lead_in(pcm, self.sample_rate, keep)
@@ -207,16 +242,21 @@ class PiperSynthesizer:
         if self.parts is None:
             yield self.synthesize_sentence(sentence)
             return
-        with self._lock:
-            phonemes = [p for p in self.voice.phonemize(sentence) if p]
         keep, first = self.settings.lead_in_ms, True
-        for ids in map(self.voice.phonemes_to_ids, phonemes):
-            latent = self.parts.front.run(None, self._inputs(ids))[0]
-            for pcm in self._decode(latent):
+        for latent in self._latents(sentence):
+            for audio in self._decode(latent):
+                pcm = _int16(audio * self.settings.stream_gain)
                 if first and keep is not None:
                     pcm = trim_lead_in(pcm, self.sample_rate, keep)
                 first = False
                 yield pcm
+
+    def _latents(self, sentence: str) -> Iterator[np.ndarray]:
+        """The voice's latent (1, C, frames) of each sentence espeak finds in `sentence`."""
+        with self._lock:
+            phonemes = [p for p in self.voice.phonemize(sentence) if p]
+        for ids in map(self.voice.phonemes_to_ids, phonemes):
+            yield self.parts.front.run(None, self._inputs(ids))[0]
 
     def _inputs(self, ids: list[int]) -> dict[str, np.ndarray]:
         c, s = self.voice.config, self.settings
@@ -226,8 +266,12 @@ class PiperSynthesizer:
                 "input_lengths": np.array([len(ids)], dtype=np.int64),
                 "scales": np.array([noise, s.length_scale, noise_w], dtype=np.float32)}
 
+    def _decode_whole(self, latent: np.ndarray) -> np.ndarray:
+        return self.parts.decoder.run(None, {self.parts.latent: latent})[0].reshape(-1)
+
     def _decode(self, latent: np.ndarray) -> Iterator[np.ndarray]:
-        """The latent (1, C, frames) decoded piece by piece, each with the decoder's context."""
+        """The latent (1, C, frames) decoded piece by piece, each with the decoder's context:
+        float audio, as the decoder gives it."""
         hop, frames, ctx = self.voice.config.hop_length, latent.shape[2], DECODER_CONTEXT_FRAMES
         frame_ms = 1000 * hop / self.sample_rate
         size = max(1, round(self.settings.first_chunk_ms / frame_ms))
@@ -236,9 +280,7 @@ class PiperSynthesizer:
             b = min(frames, a + size)
             b = frames if frames - b < ctx else b  # no sliver of a piece at the end
             lo, hi = max(0, a - ctx), min(frames, b + ctx)
-            audio = self.parts.decoder.run(None, {self.parts.latent: latent[:, :, lo:hi]})[0]
-            audio = audio.reshape(-1)[(a - lo) * hop:(b - lo) * hop] * self.settings.stream_gain
-            yield np.clip(audio * 32767, -32768, 32767).astype(np.int16)
+            yield self._decode_whole(latent[:, :, lo:hi])[(a - lo) * hop:(b - lo) * hop]
             # each piece twice the last, up to chunk_ms: it is decoded while those play
             a, size = b, min(2 * size, max(1, round(self.settings.chunk_ms / frame_ms)))
 

@@ -14,7 +14,9 @@ from audio.tts import (
     DECODER_CONTEXT_FRAMES,
     PiperSynthesizer,
     TextTooLongError,
+    _load_voice,
     _vits_parts,
+    bundled_voice_paths,
     split_sentences,
     synthesize,
     synthesize_to_wav,
@@ -105,18 +107,26 @@ def test_a_sentence_in_pieces_is_the_whole_sentence_at_the_stream_gain():
 
     settings = TtsSettings(noise_scale=0.0, noise_w_scale=0.0)
     still = PiperSynthesizer.load(settings)
-    assert still.parts is not None  # the bundled voice is cut at its decoder
-    whole = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, normalize_audio=False,
-                            volume=settings.stream_gain)
+    assert still.parts is not None and still.voice.session is None  # cut: one copy of weights
+    piper_voice = _load_voice(*bundled_voice_paths(), True)  # Piper's own, whole-graph session
+    noiseless = {"noise_scale": 0.0, "noise_w_scale": 0.0}
+    at_gain = SynthesisConfig(**noiseless, normalize_audio=False, volume=settings.stream_gain)
     rate = still.sample_rate
+
+    def piper(text: str, config: SynthesisConfig) -> np.ndarray:
+        pcm = np.concatenate([c.audio_int16_array for c in piper_voice.synthesize(text, config)])
+        return trim_lead_in(pcm, rate, settings.lead_in_ms)
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:
+        return len(a) == len(b) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
     for text in ["Okay.", "I really like the greatest showman that I have ever seen in my life.",
                  "I have a few friends. I have two of them, and they have a dog."]:
         pieces = list(still.pieces(text))
-        ref = np.concatenate([c.audio_int16_array for c in still.voice.synthesize(text, whole)])
-        ref = trim_lead_in(ref, rate, settings.lead_in_ms)
-        got = np.concatenate(pieces)
-        assert len(got) == len(ref) and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
-        if len(ref) > rate:  # a long sentence: a short first piece, then longer ones
+        assert close(np.concatenate(pieces), piper(text, at_gain))
+        # a whole sentence through the parts is Piper's own, scaled as Piper scales it
+        assert close(still.synthesize_sentence(text), piper(text, SynthesisConfig(**noiseless)))
+        if sum(map(len, pieces)) > rate:  # a long sentence: a short first piece, then longer
             assert len(pieces) >= 3 and len(pieces[0]) < len(pieces[1])
             assert 1000 * len(pieces[0]) / rate <= settings.first_chunk_ms + 15
 
