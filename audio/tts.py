@@ -223,7 +223,7 @@ class PiperSynthesizer:
                 chunks = [c.audio_int16_array
                           for c in self.voice.synthesize(sentence, self._config)]
         else:
-            chunks = [float_to_int16(_peak_normalized(self._decode_whole(latent)))
+            chunks = [float_to_int16(_peak_normalized(self._run_decoder(latent)))
                       for latent in self._latents(sentence)]
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
         keep = self.settings.lead_in_ms
@@ -261,7 +261,8 @@ class PiperSynthesizer:
                 "input_lengths": np.array([len(ids)], dtype=np.int64),
                 "scales": np.array([noise, s.length_scale, noise_w], dtype=np.float32)}
 
-    def _decode_whole(self, latent: np.ndarray) -> np.ndarray:
+    def _run_decoder(self, latent: np.ndarray) -> np.ndarray:
+        """A latent (1, C, frames) -> float audio (frames * hop,)."""
         return self.parts.decoder.run(None, {self.parts.latent: latent})[0].reshape(-1)
 
     def _decode(self, latent: np.ndarray) -> Iterator[np.ndarray]:
@@ -275,7 +276,7 @@ class PiperSynthesizer:
             b = min(frames, a + size)
             b = frames if frames - b < ctx else b  # no sliver of a piece at the end
             lo, hi = max(0, a - ctx), min(frames, b + ctx)
-            yield self._decode_whole(latent[:, :, lo:hi])[(a - lo) * hop:(b - lo) * hop]
+            yield self._run_decoder(latent[:, :, lo:hi])[(a - lo) * hop:(b - lo) * hop]
             # each piece twice the last, up to chunk_ms: it is decoded while those play
             a, size = b, min(2 * size, max(1, round(self.settings.chunk_ms / frame_ms)))
 
