@@ -80,8 +80,8 @@ class PacedAudioOutput(io.AudioOutput):
     reply, when its last sample is pulled or when `clear_buffer()` drops the rest.
 
     A reply whose audio runs out before its end (speech synthesised slower than it plays, or the
-    next sentence not yet written) is played with silence in the gap: `dry_s` totals those gaps
-    and each reply that had one logs how long it was.
+    next sentence not yet written) is played with silence in the gap: `last_reply_dry_s` is the
+    last finished reply's, `dry_s` the total, and each reply that had one logs how long it was.
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class PacedAudioOutput(io.AudioOutput):
         self._silent = 0  # samples of silence played since the current reply's last audio
         self._dry = 0  # samples of silence played between audio of the current reply
         self.dry_s = 0.0  # seconds of silence played inside replies, all replies
+        self.last_reply_dry_s = 0.0  # the same, of the last reply that finished
 
     # -- session side -------------------------------------------------------------------
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
@@ -199,8 +200,9 @@ class PacedAudioOutput(io.AudioOutput):
 
     def _finish(self, *, interrupted: bool) -> None:
         position = self.playback_position_s
+        self.last_reply_dry_s = self._dry / self.rate
         if self._dry:
-            self.dry_s += self._dry / self.rate
+            self.dry_s += self.last_reply_dry_s
             logger.info("%s: a reply's audio ran dry for %.0f ms of its %.2f s", self.label,
                         1000 * self._dry / self.rate, position)
         self._played = self._dry = self._silent = 0  # silence at the end was no gap

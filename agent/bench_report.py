@@ -63,6 +63,7 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "dropped_turns": sum(t["status"] == "dropped" for t in turns),
         "failed_turns": sum(t["status"] == "failed" for t in turns),
         "cut_in_turns": sum(t["status"] == "cut_in" for t in turns),
+        "gap_turns": sum((t.get("server_s") or {}).get("reply_gaps_s", 0) > 0 for t in turns),
     }
 
 
@@ -100,7 +101,8 @@ def run_text(run: dict[str, Any]) -> str:
         lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "
                      f"p95={_ms(w['p95'])} ms, dropped={level['summary']['dropped_turns']}, "
                      f"failed={level['summary']['failed_turns']}, "
-                     f"cut in={level['summary']['cut_in_turns']}")
+                     f"cut in={level['summary']['cut_in_turns']}, "
+                     f"gaps={level['summary']['gap_turns']}")
     return "\n".join(lines)
 
 

@@ -237,7 +237,8 @@ class InProcessCaller:
 
         self.session, agent = build_session(self.settings, self.models,
                                             session_id=self.session_id)
-        TurnReporter(self.session_id, self.events.append).attach(self.session)
+        TurnReporter(self.session_id, self.events.append,
+                     audio_out=self.audio_out).attach(self.session)
         self._sync = sync = TranscriptSynchronizer(
             next_in_chain_audio=self.audio_out, next_in_chain_text=None)
         self.session.output.transcription = ClientTextOutput(

@@ -11,7 +11,9 @@ Event dicts sent to the client (all have "type"):
   `transcription_delay_s`, `llm_ttft_s`, `tts_ttfb_s`, `e2e_latency_s`; the server's Unix times
   of the VAD's end of speech (`user_stopped_speaking_at`) and of the reply's playback start as
   the audio output reports it (`agent_started_speaking_at`), between which `e2e_latency_s` runs;
-  plus `turn` and `interrupted`. Absent keys were not measured for that turn.
+  `reply_gaps_s`, the silence played inside the reply because its audio ran out before its end
+  (transports with a paced output: WebRTC, in-process); plus `turn` and `interrupted`. Absent
+  keys were not measured for that turn.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice import io
+
+from agent.audio_io import PacedAudioOutput
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +51,12 @@ _AGENT_METRICS = {
 class TurnReporter:
     """Turns one session's events into client events and logged per-turn metrics."""
 
-    def __init__(self, session_id: str, send: Send, log_path: str | Path | None = None) -> None:
+    def __init__(self, session_id: str, send: Send, log_path: str | Path | None = None, *,
+                 audio_out: PacedAudioOutput | None = None) -> None:
         self.session_id = session_id
         self.send = send
         self.log_path = Path(log_path) if log_path else None
+        self.audio_out = audio_out  # the reply's gaps are read off it
         self.turns: list[dict[str, Any]] = []
         self._pending_user: dict[str, Any] = {}
 
@@ -77,6 +83,8 @@ class TurnReporter:
 
     def _record(self, agent_metrics: dict[str, float], *, interrupted: bool) -> None:
         turn = {"turn": len(self.turns) + 1, **self._pending_user, **agent_metrics}
+        if self.audio_out is not None:  # the reply has finished playing when its item is added
+            turn["reply_gaps_s"] = self.audio_out.last_reply_dry_s
         turn["interrupted"] = interrupted
         self._pending_user = {}
         self.turns.append(turn)

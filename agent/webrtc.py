@@ -149,7 +149,8 @@ class Visitor:
             sample_rate=WEBRTC_SAMPLE_RATE, label=f"webrtc-out-{self.id}"
         )
         self.track = AgentAudioTrack(self.audio_out)
-        self.reporter = TurnReporter(self.id, self.send_event, settings.server.metrics_log)
+        self.reporter = TurnReporter(self.id, self.send_event, settings.server.metrics_log,
+                                     audio_out=self.audio_out)
         self.session: Any = None
         self.sync: TranscriptSynchronizer | None = None
         self.channel: RTCDataChannel | None = None

@@ -223,9 +223,11 @@ def _check_report(out, transport: str, turns: int) -> None:
         h = t["hops_s"]
         assert set(h) == set(bench_report.HOPS) and h["playout_s"] > 0
         assert h["speech_end_lag_s"] + h["playout_s"] <= b["transport_playout_s"] + 0.005
+        assert t["server_s"]["reply_gaps_s"] >= 0  # a paced output on both transports
     assert [t["cold"] for t in run["turns"]] == [True] + [False] * (turns - 1)
     summary = run["summary"]
     assert summary["warm"]["n"] == turns - 1 and summary["cold"]["n"] == 1
+    assert summary["gap_turns"] == sum(t["server_s"]["reply_gaps_s"] > 0 for t in run["turns"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "bench.html").read_text()
     assert "data:image/png;base64," in page and run["turns"][0]["prompt_text"] in page

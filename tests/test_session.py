@@ -310,12 +310,13 @@ async def test_paced_output_counts_the_silence_inside_a_reply():
     await out.capture_frame(_tone_frame(160))
     out.flush()
     assert out.pull().any() and not out.pull().any()
-    assert out.dry_s == pytest.approx((80 + 160) / 8000)
+    assert out.dry_s == out.last_reply_dry_s == pytest.approx((80 + 160) / 8000)
     await out.capture_frame(_tone_frame(100))
     out.pull(), out.pull()  # its last samples, then silence until the session flushes
     out.flush()
     out.pull()
     assert out.dry_s == pytest.approx((80 + 160) / 8000)  # a reply's end is no gap
+    assert out.last_reply_dry_s == 0
     out.pause()
     await out.capture_frame(_tone_frame(160))
     out.flush()
