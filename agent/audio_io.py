@@ -81,7 +81,7 @@ class PacedAudioOutput(io.AudioOutput):
 
     A reply whose audio runs out before its end (speech synthesised slower than it plays, or the
     next sentence not yet written) is played with silence in the gap: `last_reply_dry_s` is the
-    last finished reply's, `dry_s` the total, and each reply that had one logs how long it was.
+    last finished reply's total, and each reply that had one logs how long it was.
     """
 
     def __init__(
@@ -105,8 +105,7 @@ class PacedAudioOutput(io.AudioOutput):
         self.chunks_out = 0  # chunks with reply audio (not silence) handed to the transport
         self._silent = 0  # samples of silence played since the current reply's last audio
         self._dry = 0  # samples of silence played between audio of the current reply
-        self.dry_s = 0.0  # seconds of silence played inside replies, all replies
-        self.last_reply_dry_s = 0.0  # the same, of the last reply that finished
+        self.last_reply_dry_s = 0.0  # seconds of silence played inside the last finished reply
 
     # -- session side -------------------------------------------------------------------
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
@@ -202,9 +201,8 @@ class PacedAudioOutput(io.AudioOutput):
         position = self.playback_position_s
         self.last_reply_dry_s = self._dry / self.rate
         if self._dry:
-            self.dry_s += self.last_reply_dry_s
             logger.info("%s: a reply's audio ran dry for %.0f ms of its %.2f s", self.label,
-                        1000 * self._dry / self.rate, position)
+                        1000 * self.last_reply_dry_s, position)
         self._played = self._dry = self._silent = 0  # silence at the end was no gap
         self._started = False
         self.on_playback_finished(playback_position=position, interrupted=interrupted)
