@@ -82,7 +82,7 @@ class PiperChunkedStream(tts.ChunkedStream):
             raise APIError(str(e), retryable=False) from e
         if pushed == 0:
             output_emitter.push(bytes(2 * int(rate * SILENCE_FOR_UNSPEAKABLE_S)))
-        output_emitter.flush()
+            output_emitter.flush()
 
 
 def streaming_piper_tts(settings: TtsSettings) -> tts.StreamAdapter:
