@@ -131,6 +131,18 @@ def load_models(settings: Settings) -> Models:
     )
 
 
+def session_turn_detector(settings: Settings, shared: Any | None) -> Any | None:
+    """The text detector's view for one conversation (its graded hold needs the caller's
+    silence); any other detector is shared as it is."""
+    for_session = getattr(shared, "for_session", None)
+    if for_session is None:
+        return shared
+    s = settings.session
+    return for_session(sure_threshold=s.turn_sure_threshold,
+                       likely_silence_s=s.likely_end_silence_s,
+                       vad_silence_s=settings.vad.min_silence_ms / 1000)
+
+
 def turn_handling(session: SessionSettings, turn_detector: Any | None) -> TurnHandlingOptions:
     """Session settings -> LiveKit's turn handling options."""
     return TurnHandlingOptions(
@@ -176,16 +188,17 @@ def build_session(
 ) -> tuple[AgentSession, Agent]:
     """A new conversation: its session (shared models, own LLM wrapper) and its agent."""
     s = settings.session
+    detector = session_turn_detector(settings, models.turn_detector)
     session: AgentSession = AgentSession(
         stt=_given(models.stt),
         vad=models.vad,
         llm=agent_llm or build_llm(settings, models, session_id),
         tts=_given(models.tts),
-        turn_handling=turn_handling(s, models.turn_detector),
+        turn_handling=turn_handling(s, detector),
         aec_warmup_duration=s.aec_warmup_s or None,
         user_away_timeout=s.user_away_timeout_s,
     )
-    follow = getattr(models.turn_detector, "follow", None)
+    follow = getattr(detector, "follow", None)
     if follow is not None:  # the text detector scores the words while the caller speaks
         follow(session)
     agent = VoiceAgent(instructions=settings.llm.system_prompt)

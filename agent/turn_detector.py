@@ -26,6 +26,7 @@ import collections
 import logging
 import re
 import threading
+import time
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -252,8 +253,78 @@ class TextTurnDetector:
         self._scores.move_to_end(scored)
         return future
 
+    def for_session(self, *, sure_threshold: float, likely_silence_s: float,
+                    vad_silence_s: float) -> SessionTurnDetector:
+        """One conversation's detector: these scores, with a graded hold (see its class)."""
+        return SessionTurnDetector(self, sure_threshold=sure_threshold,
+                                   likely_silence_s=likely_silence_s, vad_silence_s=vad_silence_s)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SessionTurnDetector:
+    """One conversation's view of a `TextTurnDetector`: its scores, and a graded hold.
+
+    LiveKit knows two waits: its minimum endpointing delay when p(end) reaches the threshold,
+    its maximum when it does not. Between them this adds a third: words the model is sure end
+    the turn (p(end) >= `sure_threshold`) are answered as soon as the VAD has counted its
+    silence (`vad_silence_s`), while words only likely to end it (between the two thresholds)
+    are answered once the caller has been quiet `likely_silence_s`: the answer is held until
+    then, on the event loop, and LiveKit cancels it when the caller speaks again. The silence
+    is counted from the VAD's end of speech, which the session's `user_state_changed` event
+    reports `vad_silence_s` after it began."""
+
+    def __init__(self, shared: TextTurnDetector, *, sure_threshold: float,
+                 likely_silence_s: float, vad_silence_s: float):
+        self.shared = shared
+        self.sure_threshold, self.likely_silence_s = sure_threshold, likely_silence_s
+        self.vad_silence_s = vad_silence_s
+        self._quiet_since: float | None = None  # time.time() of the caller's last speech
+
+    @property
+    def model(self) -> str:
+        return self.shared.model
+
+    @property
+    def provider(self) -> str:
+        return self.shared.provider
+
+    async def unlikely_threshold(self, language: Any) -> float | None:
+        return await self.shared.unlikely_threshold(language)
+
+    async def supports_language(self, language: Any) -> bool:
+        return await self.shared.supports_language(language)
+
+    async def predict_end_of_turn(
+        self, chat_ctx: Any, *, timeout: float | None = None  # noqa: ASYNC109 (the protocol's)
+    ) -> float:
+        p = await self.shared.predict_end_of_turn(chat_ctx, timeout=timeout)
+        if self.shared.threshold <= p < self.sure_threshold:
+            hold = self.hold_s()
+            log.debug("likely end of turn: held %.3f s", hold)
+            await asyncio.sleep(hold)
+        return p
+
+    def hold_s(self) -> float:
+        """How long a likely (not sure) end of turn is still held from now."""
+        now = time.time()
+        quiet_since = self._quiet_since if self._quiet_since is not None \
+            else now - self.vad_silence_s  # asked before the VAD's end of speech was seen
+        return max(0.0, quiet_since + self.likely_silence_s - now)
+
+    def follow(self, session: Any) -> None:
+        """Score the session's transcripts ahead (`TextTurnDetector.follow`) and track when
+        the caller went quiet."""
+        self.shared.follow(session)
+
+        def state(ev: Any) -> None:
+            if ev.old_state == "speaking" and ev.new_state == "listening":
+                self._quiet_since = ev.created_at - self.vad_silence_s
+            elif ev.new_state == "speaking":
+                self._quiet_since = None
+
+        session.on("user_state_changed", state)
 
 
 def chat_messages(chat_ctx: Any) -> list[Message]:

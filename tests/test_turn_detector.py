@@ -140,6 +140,79 @@ async def test_the_session_holds_unfinished_words_open(detector):
     assert finished < 1.2 and unfinished > finished + 0.6, latency
 
 
+class _Session:
+    """What the detector reads of a LiveKit session: its history and its events."""
+
+    def __init__(self):
+        self.history, self.handlers = llm.ChatContext(), {}
+        self.history.add_message(role="assistant", content="Hi! How can I help?")
+
+    def on(self, name, fn):
+        self.handlers[name] = fn
+
+
+async def test_a_likely_end_is_held_until_the_caller_has_been_quiet_long_enough(detector):
+    """Timing logic: sure words are answered at once, likely ones once the caller has been
+    quiet `likely_silence_s` (counted from the VAD's end of speech, which comes
+    `vad_silence_s` after the silence began), unlikely ones at once (LiveKit holds those)."""
+    import time
+    from types import SimpleNamespace as Ev
+
+    words = FINISHED_AND_CUT[1][0]  # [0] stays unscored for the prefetch test
+    p = p_end(detector, words)
+    assert THRESHOLD < p < 0.99
+    asked = llm.ChatContext()
+    asked.add_message(role="assistant", content="Hi! How can I help?")
+    asked.add_message(role="user", content=words)
+
+    async def answer_s(sure_threshold: float, quiet_s_ago: float) -> float:
+        session = _Session()
+        view = detector.for_session(sure_threshold=sure_threshold, likely_silence_s=0.5,
+                                    vad_silence_s=0.1)
+        view.follow(session)
+        ended = time.time() - quiet_s_ago  # the VAD's end of speech, 0.1 s into the silence
+        session.handlers["user_state_changed"](
+            Ev(old_state="speaking", new_state="listening", created_at=ended))
+        start = time.monotonic()
+        assert await view.predict_end_of_turn(asked) == pytest.approx(p, abs=1e-6)
+        return time.monotonic() - start
+
+    await detector.predict_end_of_turn(asked)  # scored once: the timings are the hold's
+    assert await answer_s(sure_threshold=p - 0.01, quiet_s_ago=0.0) < 0.1  # sure
+    assert 0.35 < await answer_s(sure_threshold=p + 0.01, quiet_s_ago=0.0) < 0.5  # likely
+    assert 0.1 < await answer_s(sure_threshold=p + 0.01, quiet_s_ago=0.25) < 0.25  # partly waited
+    unsure = detector.for_session(sure_threshold=1.0, likely_silence_s=5.0, vad_silence_s=0.1)
+    cut = asked.copy()
+    cut.add_message(role="user", content="I went to the")
+    start = time.monotonic()
+    assert await unsure.predict_end_of_turn(cut) < THRESHOLD  # LiveKit's own long hold
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.slow
+async def test_the_session_ends_a_sure_turn_sooner_than_a_likely_one(detector):
+    """The same audio and words twice in a real AgentSession with a 0.15 s VAD silence: once
+    scored sure, once only likely (the sure threshold just above its score), which waits for
+    1 s of silence."""
+    words = FINISHED_AND_CUT[1][0]  # [0] stays unscored for the prefetch test
+    p = detector.scorer.p_end([{"role": "user", "content": words}])  # no greeting before it
+    assert THRESHOLD < p < 0.99
+    vad = silero.VAD.load(min_silence_duration=0.15)
+    latency = {}
+    for name, sure in (("sure", p - 0.01), ("likely", p + 0.01)):
+        settings = load_settings(overrides=[
+            'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
+            "vad.min_silence_ms=150", "session.min_endpointing_delay_s=0.15",
+            "session.likely_end_silence_s=1.0", f"session.turn_sure_threshold={sure}"])
+        models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
+                        tts=FakeTTS(), vad=vad, turn_detector=detector)
+        async with Caller(settings, models) as caller:
+            caller.say(spoken(words))
+            await caller.wait_for(lambda c=caller: c.heard, within=10)
+        latency[name] = caller.heard[0][0] - caller.last_speech_end
+    assert latency["likely"] > latency["sure"] + 0.4, latency
+
+
 async def test_prefetched_words_are_answered_from_their_score(detector):
     import threading
 
@@ -166,20 +239,12 @@ async def test_a_turn_resumed_after_a_pause_is_prefetched_as_livekit_asks(detect
     """A held pause, then more words: LiveKit asks about both final transcripts joined."""
     from types import SimpleNamespace as Ev
 
-    class Session:
-        def __init__(self):
-            self.history, self.handlers = llm.ChatContext(), {}
-
-        def on(self, name, fn):
-            self.handlers[name] = fn
-
     def prefetched(*messages: str) -> bool:
         history = chat_messages(session.history)
         asked = [*history, *({"role": "user", "content": m} for m in messages)]
         return detector.scorer.scored(asked) in detector._scores
 
-    session = Session()
-    session.history.add_message(role="assistant", content="Hi! How can I help?")
+    session = _Session()
     detector.follow(session)
     emit = session.handlers["user_input_transcribed"]
     emit(Ev(transcript="Can you tell me", is_final=True))
