@@ -133,14 +133,16 @@ def load_models(settings: Settings) -> Models:
 
 def session_turn_detector(settings: Settings, shared: Any | None) -> Any | None:
     """The text detector's view for one conversation (its graded hold needs the caller's
-    silence); any other detector is shared as it is."""
-    for_session = getattr(shared, "for_session", None)
-    if for_session is None:
-        return shared
+    silence); any other detector, or none, is used as it is."""
     s = settings.session
-    return for_session(sure_threshold=s.turn_sure_threshold,
-                       likely_silence_s=s.likely_end_silence_s,
-                       vad_silence_s=settings.vad.min_silence_ms / 1000)
+    for_session = getattr(shared, "for_session", None)
+    if for_session is None or not s.turn_hold_floor:
+        return shared
+    from agent.turn_detector import GradedHold
+
+    return for_session(GradedHold(floor=s.turn_hold_floor, min_s=s.min_endpointing_delay_s,
+                                  max_s=s.max_endpointing_delay_s,
+                                  vad_silence_s=settings.vad.min_silence_ms / 1000))
 
 
 def turn_handling(session: SessionSettings, turn_detector: Any | None) -> TurnHandlingOptions:

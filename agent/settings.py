@@ -48,11 +48,11 @@ class SessionSettings(Section):
     # agent/turn_detector.py). Lower ends turns sooner after complete questions it scores low,
     # at the cost of cutting in on pauses
     turn_end_threshold: float | None = Field(None, gt=0.0, lt=1.0)
-    # the "text" detector's graded hold: words it scores at least this likely to end the turn
-    # end it after the shorter silence below; words between turn_end_threshold and this wait for
-    # `likely_end_silence_s` of silence. 1.0 = every turn the words may end waits that long
-    turn_sure_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    likely_end_silence_s: float = Field(0.3, ge=0.0)
+    # the "text" detector's graded hold: words scored under turn_end_threshold wait for a
+    # silence that rises from min_endpointing_delay_s at the threshold to
+    # max_endpointing_delay_s at this floor, linearly in log p (agent/turn_detector.py), instead
+    # of LiveKit's cliff from the minimum to the maximum at the threshold. 0 = the cliff
+    turn_hold_floor: float = Field(0.05, ge=0.0, lt=1.0)
     # silence after speech before the turn may end; LiveKit's streaming default is 0.3-2.5 s
     min_endpointing_delay_s: float = Field(0.3, ge=0.0)
     max_endpointing_delay_s: float = Field(2.5, ge=0.0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import re
 import threading
 import time
@@ -253,33 +254,49 @@ class TextTurnDetector:
         self._scores.move_to_end(scored)
         return future
 
-    def for_session(self, *, sure_threshold: float, likely_silence_s: float,
-                    vad_silence_s: float) -> SessionTurnDetector:
+    def for_session(self, hold: GradedHold) -> SessionTurnDetector:
         """One conversation's detector: these scores, with a graded hold (see its class)."""
-        return SessionTurnDetector(self, sure_threshold=sure_threshold,
-                                   likely_silence_s=likely_silence_s, vad_silence_s=vad_silence_s)
+        return SessionTurnDetector(self, hold)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GradedHold(NamedTuple):
+    """The silence a turn needs below the detector's threshold: `min_s` at the threshold,
+    rising linearly in log p(end) to `max_s` at `floor` (and below it: LiveKit's own wait).
+    `vad_silence_s`: how long the VAD has been hearing silence when it reports the end of
+    speech."""
+
+    floor: float
+    min_s: float
+    max_s: float
+    vad_silence_s: float
+
+    def silence_s(self, p: float, threshold: float) -> float:
+        if p >= threshold:
+            return self.min_s
+        if p <= self.floor:
+            return self.max_s
+        share = math.log(threshold / p) / math.log(threshold / self.floor)
+        return self.min_s + share * (self.max_s - self.min_s)
 
 
 class SessionTurnDetector:
     """One conversation's view of a `TextTurnDetector`: its scores, and a graded hold.
 
     LiveKit knows two waits: its minimum endpointing delay when p(end) reaches the threshold,
-    its maximum when it does not. Between them this adds a third: words the model is sure end
-    the turn (p(end) >= `sure_threshold`) are answered as soon as the VAD has counted its
-    silence (`vad_silence_s`), while words only likely to end it (between the two thresholds)
-    are answered once the caller has been quiet `likely_silence_s`: the answer is held until
-    then, on the event loop, and LiveKit cancels it when the caller speaks again. The silence
-    is counted from the VAD's end of speech, which the session's `user_state_changed` event
-    reports `vad_silence_s` after it began."""
+    its maximum when it does not. At that cliff a score of 0.149 waits 2.5 s and one of 0.151
+    0.3 s, so rounding (int8 kernels differ between CPUs) decides seconds of a caller's wait.
+    This view gives LiveKit the hold's floor as its threshold and answers words scored between
+    the floor and the detector's threshold once the caller has been quiet as long as
+    `GradedHold.silence_s` asks: the less likely the words end the turn, the longer the
+    silence. The answer is held on the event loop, and LiveKit cancels it when the caller
+    speaks again. The silence is counted from the VAD's end of speech, which the session's
+    `user_state_changed` event reports `vad_silence_s` after the silence began."""
 
-    def __init__(self, shared: TextTurnDetector, *, sure_threshold: float,
-                 likely_silence_s: float, vad_silence_s: float):
-        self.shared = shared
-        self.sure_threshold, self.likely_silence_s = sure_threshold, likely_silence_s
-        self.vad_silence_s = vad_silence_s
+    def __init__(self, shared: TextTurnDetector, hold: GradedHold):
+        self.shared, self.hold = shared, hold
         self._quiet_since: float | None = None  # time.time() of the caller's last speech
 
     @property
@@ -291,7 +308,7 @@ class SessionTurnDetector:
         return self.shared.provider
 
     async def unlikely_threshold(self, language: Any) -> float | None:
-        return await self.shared.unlikely_threshold(language)
+        return min(self.hold.floor, self.shared.threshold)
 
     async def supports_language(self, language: Any) -> bool:
         return await self.shared.supports_language(language)
@@ -300,18 +317,18 @@ class SessionTurnDetector:
         self, chat_ctx: Any, *, timeout: float | None = None  # noqa: ASYNC109 (the protocol's)
     ) -> float:
         p = await self.shared.predict_end_of_turn(chat_ctx, timeout=timeout)
-        if self.shared.threshold <= p < self.sure_threshold:
-            hold = self.hold_s()
-            log.debug("likely end of turn: held %.3f s", hold)
-            await asyncio.sleep(hold)
+        if self.hold.floor <= p < self.shared.threshold:
+            wait = self.wait_s(p)
+            log.debug("p(end of turn) %.3f: held %.3f s", p, wait)
+            await asyncio.sleep(wait)
         return p
 
-    def hold_s(self) -> float:
-        """How long a likely (not sure) end of turn is still held from now."""
+    def wait_s(self, p: float) -> float:
+        """How much longer words scored `p` are held from now."""
         now = time.time()
         quiet_since = self._quiet_since if self._quiet_since is not None \
-            else now - self.vad_silence_s  # asked before the VAD's end of speech was seen
-        return max(0.0, quiet_since + self.likely_silence_s - now)
+            else now - self.hold.vad_silence_s  # asked before the VAD's end of speech was seen
+        return max(0.0, quiet_since + self.hold.silence_s(p, self.shared.threshold) - now)
 
     def follow(self, session: Any) -> None:
         """Score the session's transcripts ahead (`TextTurnDetector.follow`) and track when
@@ -320,7 +337,7 @@ class SessionTurnDetector:
 
         def state(ev: Any) -> None:
             if ev.old_state == "speaking" and ev.new_state == "listening":
-                self._quiet_since = ev.created_at - self.vad_silence_s
+                self._quiet_since = ev.created_at - self.hold.vad_silence_s
             elif ev.new_state == "speaking":
                 self._quiet_since = None
 

@@ -18,6 +18,7 @@ from agent.settings import load_settings
 from agent.turn_detector import (
     DEFAULT_THRESHOLD,
     EndOfTurnScorer,
+    GradedHold,
     TextTurnDetector,
     chat_messages,
 )
@@ -151,66 +152,86 @@ class _Session:
         self.handlers[name] = fn
 
 
-async def test_a_likely_end_is_held_until_the_caller_has_been_quiet_long_enough(detector):
-    """Timing logic: sure words are answered at once, likely ones once the caller has been
-    quiet `likely_silence_s` (counted from the VAD's end of speech, which comes
-    `vad_silence_s` after the silence began), unlikely ones at once (LiveKit holds those)."""
+def test_the_hold_rises_from_the_minimum_at_the_threshold_to_the_maximum_at_the_floor():
+    hold = GradedHold(floor=0.05, min_s=0.3, max_s=2.5, vad_silence_s=0.3)
+    silence = [hold.silence_s(p, threshold=0.15) for p in (0.5, 0.15, 0.1, 0.06, 0.05, 0.01)]
+    assert silence[:2] == [0.3, 0.3] and silence[-2:] == [2.5, 2.5]
+    assert silence[1] < silence[2] < silence[3] < silence[4]
+    middle = (0.05 * 0.15) ** 0.5  # halfway in log p
+    assert hold.silence_s(middle, threshold=0.15) == pytest.approx(1.4)
+
+
+def _graded(detector: TextTurnDetector, p: float, *, min_s: float, max_s: float):
+    """A detector on the same scorer whose threshold is 2p and hold floor p/2: words scored p
+    wait halfway between `min_s` and `max_s`."""
+    shared = TextTurnDetector(detector.scorer, name="dv-small-ar", threshold=2 * p)
+    hold = GradedHold(floor=p / 2, min_s=min_s, max_s=max_s, vad_silence_s=0.1)
+    return shared, hold
+
+
+async def test_words_under_the_threshold_are_held_until_the_silence_is_long_enough(detector):
+    """Timing logic: the hold counts the silence from the VAD's end of speech (which comes
+    `vad_silence_s` after the silence began); words at or above the threshold, and under the
+    floor (LiveKit's own long wait), are answered at once."""
     import time
     from types import SimpleNamespace as Ev
 
     words = FINISHED_AND_CUT[1][0]  # [0] stays unscored for the prefetch test
     p = p_end(detector, words)
-    assert THRESHOLD < p < 0.99
+    assert THRESHOLD < p < 0.45
     asked = llm.ChatContext()
     asked.add_message(role="assistant", content="Hi! How can I help?")
     asked.add_message(role="user", content=words)
+    shared, hold = _graded(detector, p, min_s=0.1, max_s=0.9)  # p waits 0.5 s of silence
 
-    async def answer_s(sure_threshold: float, quiet_s_ago: float) -> float:
+    async def answer_s(view, quiet_s_ago: float) -> float:
         session = _Session()
-        view = detector.for_session(sure_threshold=sure_threshold, likely_silence_s=0.5,
-                                    vad_silence_s=0.1)
         view.follow(session)
-        ended = time.time() - quiet_s_ago  # the VAD's end of speech, 0.1 s into the silence
-        session.handlers["user_state_changed"](
-            Ev(old_state="speaking", new_state="listening", created_at=ended))
+        session.handlers["user_state_changed"](Ev(old_state="speaking", new_state="listening",
+                                                  created_at=time.time() - quiet_s_ago))
         start = time.monotonic()
         assert await view.predict_end_of_turn(asked) == pytest.approx(p, abs=1e-6)
         return time.monotonic() - start
 
-    await detector.predict_end_of_turn(asked)  # scored once: the timings are the hold's
-    assert await answer_s(sure_threshold=p - 0.01, quiet_s_ago=0.0) < 0.1  # sure
-    assert 0.35 < await answer_s(sure_threshold=p + 0.01, quiet_s_ago=0.0) < 0.5  # likely
-    assert 0.1 < await answer_s(sure_threshold=p + 0.01, quiet_s_ago=0.25) < 0.25  # partly waited
-    unsure = detector.for_session(sure_threshold=1.0, likely_silence_s=5.0, vad_silence_s=0.1)
-    cut = asked.copy()
-    cut.add_message(role="user", content="I went to the")
-    start = time.monotonic()
-    assert await unsure.predict_end_of_turn(cut) < THRESHOLD  # LiveKit's own long hold
-    assert time.monotonic() - start < 1.0
+    try:
+        await shared.predict_end_of_turn(asked)  # scored once: the timings are the hold's
+        view = shared.for_session(hold)
+        assert await view.unlikely_threshold("en") == p / 2  # LiveKit holds under the floor
+        assert 0.3 < await answer_s(view, quiet_s_ago=0.0) < 0.45
+        assert 0.1 < await answer_s(view, quiet_s_ago=0.2) < 0.25  # partly waited already
+        assert await answer_s(detector.for_session(hold), 0.0) < 0.1  # p is over 0.15
+        assert await answer_s(shared.for_session(hold._replace(floor=p * 1.5)), 0.0) < 0.1
+    finally:
+        shared.close()
 
 
 @pytest.mark.slow
-async def test_the_session_ends_a_sure_turn_sooner_than_a_likely_one(detector):
-    """The same audio and words twice in a real AgentSession with a 0.15 s VAD silence: once
-    scored sure, once only likely (the sure threshold just above its score), which waits for
-    1 s of silence."""
-    words = FINISHED_AND_CUT[1][0]  # [0] stays unscored for the prefetch test
+async def test_the_session_waits_less_for_words_just_under_the_threshold(detector):
+    """The same audio and words in a real AgentSession, scored halfway (in log p) between the
+    hold's floor and the threshold: the graded hold answers them after 0.3 + 1.35 s of silence,
+    well before LiveKit's cliff (its 3 s maximum) and well after words over the threshold."""
+    words = FINISHED_AND_CUT[1][0]
     p = detector.scorer.p_end([{"role": "user", "content": words}])  # no greeting before it
-    assert THRESHOLD < p < 0.99
-    vad = silero.VAD.load(min_silence_duration=0.15)
+    assert THRESHOLD < p < 0.45
+    shared, _ = _graded(detector, p, min_s=0.3, max_s=3.0)
+    vad = silero.VAD.load(min_silence_duration=0.3)
     latency = {}
-    for name, sure in (("sure", p - 0.01), ("likely", p + 0.01)):
-        settings = load_settings(overrides=[
-            'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
-            "vad.min_silence_ms=150", "session.min_endpointing_delay_s=0.15",
-            "session.likely_end_silence_s=1.0", f"session.turn_sure_threshold={sure}"])
-        models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
-                        tts=FakeTTS(), vad=vad, turn_detector=detector)
-        async with Caller(settings, models) as caller:
-            caller.say(spoken(words))
-            await caller.wait_for(lambda c=caller: c.heard, within=10)
-        latency[name] = caller.heard[0][0] - caller.last_speech_end
-    assert latency["likely"] > latency["sure"] + 0.4, latency
+    try:
+        for name, turn_detector, floor in (("likely", detector, p / 2), ("cliff", shared, 0),
+                                           ("graded", shared, p / 2)):
+            settings = load_settings(overrides=[
+                'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
+                "session.min_endpointing_delay_s=0.3", "session.max_endpointing_delay_s=3.0",
+                f"session.turn_hold_floor={floor}"])  # 0: LiveKit's cliff
+            models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
+                            tts=FakeTTS(), vad=vad, turn_detector=turn_detector)
+            async with Caller(settings, models) as caller:
+                caller.say(spoken(words))
+                await caller.wait_for(lambda c=caller: c.heard, within=10)
+            latency[name] = caller.heard[0][0] - caller.last_speech_end
+    finally:
+        shared.close()
+    assert latency["likely"] + 0.5 < latency["graded"] < latency["cliff"] - 0.5, latency
 
 
 async def test_prefetched_words_are_answered_from_their_score(detector):
