@@ -13,10 +13,10 @@ the model was trained to score, its trailing punctuation (Whisper's guess) strip
     p(end) = p(end-of-turn or eos | words) + sum over . ? ! of p(mark | words)
 
 from one forward: the words either stop here or finish a sentence with their next token.
-LiveKit holds the turn open (up to `session.max_endpointing_delay_s`) while p(end) is below
-the threshold. It implements LiveKit's text turn-detector protocol (`predict_end_of_turn` on the
-chat context, as its own text end-of-utterance models do); scoring runs in one worker thread,
-never on the event loop.
+Words scored below the threshold hold the turn open for a silence that grows the lower their
+score, up to `session.max_endpointing_delay_s` (`SessionTurnDetector`). It implements
+LiveKit's text turn-detector protocol (`predict_end_of_turn` on the chat context, as its own
+text end-of-utterance models do); scoring runs in one worker thread, never on the event loop.
 """
 
 from __future__ import annotations
