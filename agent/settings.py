@@ -159,8 +159,9 @@ class BenchSettings(Section):
     # (status "cut_in"), the price of a shorter turn decision. None: the turns as spoken
     pause_ms: int | None = Field(None, ge=20, le=5000)
     # the WebRTC caller's receive jitter buffer: packets held before the agent's speech plays
-    # (20 ms each). aiortc's default is 4; a browser's adaptive buffer sits near 1-2 on a clean
-    # network, so the default measures a conservative caller
+    # (20 ms each). aiortc's default is 4, close to headless Chromium's own adaptive buffer on a
+    # 2-core machine (45-111 ms mean over four runs: docs/benchmarks.md, "End-to-end turn
+    # latency")
     caller_jitter_prefetch_frames: int = Field(4, ge=1, le=8)
     # the self-started WebRTC server runs in a process of its own, as a deployed one does; false:
     # in the bench's process, where the simulated caller's Python work (Opus, RTP, its

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import shutil
 import subprocess
 import time
@@ -133,5 +134,9 @@ async def test_chromium_talks_with_the_agent(real_settings, real_models, tmp_pat
     assert any("weather" in t.lower() for t in state["userFinals"]), state
     assert state["agentTexts"], "the agent's committed reply text never reached the page"
     assert state["audio"]["packetsReceived"] > 0 and state["audio"]["totalAudioEnergy"] > 0
+    audio = state["audio"]
+    if audio["jitterBufferEmittedCount"]:  # what `bench.caller_jitter_prefetch_frames` models
+        logging.getLogger(__name__).info("Chromium's mean playout buffer: %.1f ms", (
+            1000 * audio["jitterBufferDelay"] / audio["jitterBufferEmittedCount"]))
     # the page measured the turn as a listener would: its last sound to the agent's first
     assert state["heardLatencies"] and state["heardLatencies"][0] > 0, state

@@ -215,7 +215,10 @@ async function pollStats() {
   report.forEach((s) => {
     if (s.type === "inbound-rtp" && s.kind === "audio") {
       window.diffvoice.audio = { packetsReceived: s.packetsReceived || 0,
-        totalAudioEnergy: s.totalAudioEnergy || 0, audioLevel: s.audioLevel || 0 };
+        totalAudioEnergy: s.totalAudioEnergy || 0, audioLevel: s.audioLevel || 0,
+        // the browser's own playout buffer: seconds summed over the samples it has played
+        jitterBufferDelay: s.jitterBufferDelay || 0,
+        jitterBufferEmittedCount: s.jitterBufferEmittedCount || 0 };
     }
   });
 }
