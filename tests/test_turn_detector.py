@@ -121,23 +121,30 @@ def test_settings_choose_it_and_a_diffusion_model_is_refused():
         EndOfTurnScorer(tiny_model(tok.vocab_size), tok)
 
 
+async def _answered_after(said: str, heard: str, turn_detector, vad, *overrides: str) -> float:
+    """Seconds from the end of `said` (spoken) to the agent's first audio, in a real
+    AgentSession whose scripted recogniser hears `heard` (min endpointing delay 0.3 s)."""
+    settings = load_settings(overrides=[
+        'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
+        "session.min_endpointing_delay_s=0.3", *overrides])
+    models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([heard]),
+                    tts=FakeTTS(), vad=vad, turn_detector=turn_detector)
+    async with Caller(settings, models) as caller:
+        caller.say(spoken(said))
+        await caller.wait_for(lambda c=caller: c.heard, within=10)
+    return caller.heard[0][0] - caller.last_speech_end
+
+
 @pytest.mark.slow
 async def test_the_session_holds_unfinished_words_open(detector):
     """The same audio twice; the transcript decides: a finished question is answered after the
     short endpointing delay, unfinished words only after the long one."""
-    settings = load_settings(overrides=[
-        'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
-        "session.min_endpointing_delay_s=0.3", "session.max_endpointing_delay_s=1.5"])
     vad = silero.VAD.load(min_silence_duration=0.3)
-    latency = {}
-    for words in ("How do I make a cup of tea?", "How do I make a"):
-        models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
-                        tts=FakeTTS(), vad=vad, turn_detector=detector)
-        async with Caller(settings, models) as caller:
-            caller.say(spoken("How do I make a cup of tea?"))
-            await caller.wait_for(lambda c=caller: c.heard, within=10)
-        latency[words] = caller.heard[0][0] - caller.last_speech_end
-    finished, unfinished = latency.values()
+    finished, unfinished = [
+        await _answered_after("How do I make a cup of tea?", words, detector, vad,
+                              "session.max_endpointing_delay_s=1.5")
+        for words in ("How do I make a cup of tea?", "How do I make a")]
+    latency = {"finished": finished, "unfinished": unfinished}
     assert finished < 1.2 and unfinished > finished + 0.6, latency
 
 
@@ -219,16 +226,9 @@ async def test_the_session_waits_less_for_words_just_under_the_threshold(detecto
     try:
         for name, turn_detector, floor in (("likely", detector, p / 2), ("cliff", shared, 0),
                                            ("graded", shared, p / 2)):
-            settings = load_settings(overrides=[
-                'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
-                "session.min_endpointing_delay_s=0.3", "session.max_endpointing_delay_s=3.0",
-                f"session.turn_hold_floor={floor}"])  # 0: LiveKit's cliff
-            models = Models(engine=FakeEngine(reply=["Sure. "]), stt=FakeSTT([words]),
-                            tts=FakeTTS(), vad=vad, turn_detector=turn_detector)
-            async with Caller(settings, models) as caller:
-                caller.say(spoken(words))
-                await caller.wait_for(lambda c=caller: c.heard, within=10)
-            latency[name] = caller.heard[0][0] - caller.last_speech_end
+            latency[name] = await _answered_after(
+                words, words, turn_detector, vad, "session.max_endpointing_delay_s=3.0",
+                f"session.turn_hold_floor={floor}")  # 0: LiveKit's cliff
     finally:
         shared.close()
     assert latency["likely"] + 0.5 < latency["graded"] < latency["cliff"] - 0.5, latency
