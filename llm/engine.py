@@ -37,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -104,6 +104,9 @@ STATIC_MAX_TOKENS = 256  # longer forwards (prompt encodes) run eager: compute-b
 # tokens, 16x that for 16 rows), so they are bounded by count and by those bytes
 MAX_GRAPHS = 64
 MAX_GRAPH_BYTES = 4 << 30
+# a conversation longer than the K/V leaves out its oldest turns this share of the room at a
+# time (`fit_conversation`), so its kept K/V serves the turns between two cuts
+HISTORY_PAGE = 0.25
 # the warm-up's caller (`DiffusionEngine.warm_up`): turns of varied lengths, so that the new
 # tokens of each turn, and with them the shapes of its first refresh, vary as a caller's do
 WARMUP_SESSION = "engine-warmup"
@@ -114,6 +117,28 @@ WARMUP_LINES = (
     "What is a good way to spend a quiet weekend at home when the weather turns cold and wet?",
     "Thanks, that helps.",
 )
+
+
+def fit_conversation(messages: list[Message], tokens: Callable[[list[Message]], int],
+                     room: int) -> list[Message]:
+    """`messages` whose prompt (`tokens` counts it) fits `room`: the system messages and the
+    newest turns, from the first page boundary that fits. Pages of `HISTORY_PAGE` of the room
+    are counted from the conversation's start and begin at a user message, so the kept part
+    starts at the same message for several turns (its K/V stays cached) and then moves a page
+    on. The newest message alone when no page fits (the engine refuses it if it is too long)."""
+    if tokens(messages) <= room:
+        return messages
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    page, filled = max(1, int(room * HISTORY_PAGE)), 0
+    for i, message in enumerate(turns):
+        if i and message["role"] == "user" and filled >= page:
+            kept = system + turns[i:]
+            if tokens(kept) <= room:
+                return kept
+            filled = 0
+        filled += tokens([message])
+    return system + turns[-1:]
 
 
 class EngineStream:
@@ -606,7 +631,13 @@ class DiffusionEngine:
         preemptive reply to a partial transcript); the reply is then edited from it (see
         `_DiffusionRow`) when `accepts_drafts`. `stats.draft_tokens` says whether it was used.
         """
-        return self.stream_ids(self.tokenizer.encode_chat(messages), session_id=session_id,
+        decode = decode or self.settings.decode
+        room = self.kv.cap - decode.max_new_tokens
+        fitted = fit_conversation(messages, lambda m: len(self.tokenizer.encode_chat(m)), room)
+        if len(fitted) < len(messages):
+            log.debug("conversation over %d prompt tokens: its %d oldest messages left out",
+                      room, len(messages) - len(fitted))
+        return self.stream_ids(self.tokenizer.encode_chat(fitted), session_id=session_id,
                                decode=decode, draft=draft)
 
     def stream_ids(self, ids: list[int], *, session_id: str | None = None,

@@ -16,6 +16,7 @@ from llm.engine import (
     _GraphedLayers,
     _Request,
     _SpanWriter,
+    fit_conversation,
     for_engine,
 )
 from llm.model import Int8Linear, quantize_int8, weight_bytes
@@ -410,6 +411,48 @@ def test_conversation_reuse_encodes_only_new_tokens(tok):
         _, stats3 = eng.generate(second, session_id="other")
         assert stats3.cached_prompt_tokens == 0
         assert eng.sessions._entries["other"].slot != kept and len(eng.sessions) == 2
+    finally:
+        eng.close()
+
+
+def test_a_conversation_past_the_kv_keeps_its_newest_turns_a_page_at_a_time():
+    """Timing-free logic (a word count for tokens): the kept part starts at the same message
+    while the conversation grows, then moves on by a page, always at a user message."""
+    def words(messages):
+        return sum(len(m["content"].split()) + 1 for m in messages)
+
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "word " * 8}
+             for i in range(40)]
+    starts = []
+    for n in range(2, 41, 2):
+        fitted = fit_conversation([system, *turns[:n]], words, room=100)
+        assert fitted[0] == system and fitted[-1] == turns[n - 1] and words(fitted) <= 100
+        assert fitted[1]["role"] == "user"
+        starts.append(turns.index(fitted[1]) if len(fitted) < n + 1 else 0)
+    moves = [b for a, b in zip(starts, starts[1:], strict=False) if b != a]
+    assert starts == sorted(starts) and 0 < len(moves) < len(starts) / 2, starts
+    huge = [{"role": "user", "content": "word " * 500}]
+    assert fit_conversation([system, *turns[:4], *huge], words, room=100) == [system, *huge]
+
+
+def test_a_conversation_longer_than_the_kv_is_answered(tok):
+    """The engine leaves out the oldest turns instead of refusing the prompt, and the session
+    still reuses its K/V for the turns between two cuts."""
+    eng = make_engine(tok, tiny_model(tok.vocab_size, max_seq_len=256),
+                      decode=dict(max_new_tokens=8, block_length=8))
+    try:
+        history, turns = [], []
+        for i in range(24):
+            history.append({"role": "user", "content": PROMPTS[i % len(PROMPTS)]})
+            reply, stats = eng.generate(history, session_id="long")
+            assert stats.prompt_tokens <= 256 - 8
+            turns.append((len(tok.encode_chat(history)), stats))
+            history.append({"role": "assistant", "content": reply})
+        cut = [st for whole, st in turns if st.prompt_tokens < whole]
+        assert len(cut) > 12  # most turns were past the K/V's room
+        reused = [st for st in cut if st.cached_prompt_tokens >= st.prompt_tokens / 2]
+        assert len(reused) >= len(cut) / 3, [st.cached_prompt_tokens for st in cut]
     finally:
         eng.close()
 
