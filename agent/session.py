@@ -132,17 +132,20 @@ def load_models(settings: Settings) -> Models:
 
 
 def session_turn_detector(settings: Settings, shared: Any | None) -> Any | None:
-    """The text detector's view for one conversation (its graded hold needs the caller's
-    silence); any other detector, or none, is used as it is."""
+    """The text detector's view for one conversation (its graded hold and the caller's
+    learned pauses need the caller's silence); any other detector, or none, is used as it is."""
     s = settings.session
     for_session = getattr(shared, "for_session", None)
-    if for_session is None or not s.turn_hold_floor:
+    if for_session is None or not (s.turn_hold_floor or s.learn_pauses):
         return shared
-    from agent.turn_detector import GradedHold
+    from agent.turn_detector import GradedHold, PauseMemory
 
-    return for_session(GradedHold(floor=s.turn_hold_floor, min_s=s.min_endpointing_delay_s,
-                                  max_s=s.max_endpointing_delay_s,
-                                  vad_silence_s=settings.vad.min_silence_ms / 1000))
+    hold = GradedHold(floor=s.turn_hold_floor, min_s=s.min_endpointing_delay_s,
+                      max_s=s.max_endpointing_delay_s,
+                      vad_silence_s=settings.vad.min_silence_ms / 1000)
+    pauses = PauseMemory(base_s=s.min_endpointing_delay_s, margin_s=s.learned_pause_margin_s) \
+        if s.learn_pauses else None
+    return for_session(hold, pauses)
 
 
 def turn_handling(session: SessionSettings, turn_detector: Any | None) -> TurnHandlingOptions:

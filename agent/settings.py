@@ -53,6 +53,12 @@ class SessionSettings(Section):
     # max_endpointing_delay_s at this floor, linearly in log p (agent/turn_detector.py), instead
     # of LiveKit's cliff from the minimum to the maximum at the threshold. 0 = the cliff
     turn_hold_floor: float = Field(0.05, ge=0.0, lt=1.0)
+    # the "text" detector learns each caller's pauses: when the caller speaks again right after
+    # the agent took the turn (too soon to be answering it), their turns wait for that pause
+    # plus learned_pause_margin_s from then on, easing back on each exchange in which the
+    # caller answers the agent (agent/turn_detector.py, `PauseMemory`)
+    learn_pauses: bool = True
+    learned_pause_margin_s: float = Field(0.25, ge=0.0)
     # silence after speech before the turn may end; LiveKit's streaming default is 0.3-2.5 s
     min_endpointing_delay_s: float = Field(0.3, ge=0.0)
     max_endpointing_delay_s: float = Field(2.5, ge=0.0)

@@ -14,7 +14,8 @@ the model was trained to score, its trailing punctuation (Whisper's guess) strip
 
 from one forward: the words either stop here or finish a sentence with their next token.
 Words scored below the threshold hold the turn open for a silence that grows the lower their
-score, up to `session.max_endpointing_delay_s` (`SessionTurnDetector`). It implements
+score, up to `session.max_endpointing_delay_s`, and a caller the agent answered in mid-sentence
+is given the pause they took from then on (`SessionTurnDetector`, `PauseMemory`). It implements
 LiveKit's text turn-detector protocol (`predict_end_of_turn` on the chat context, as its own
 text end-of-utterance models do); scoring runs in one worker thread, never on the event loop.
 """
@@ -52,6 +53,16 @@ SENTENCE_MARKS = (".", "?", "!")
 HISTORY_MESSAGES = 4  # earlier messages kept as context (LiveKit's text models keep 6 turns)
 CACHED_SCORES = 32
 CACHED_CONTEXTS = 8  # conversations whose context K/V are kept (~1 MB each)
+# A caller who speaks again this soon after the agent's voice started cannot be answering it
+# (~0.1 s for the reply to reach them, ~0.2 s to react, ~0.1 s before the VAD reports speech):
+# they were pausing, and the agent took the turn too soon
+REACTION_S = 0.4
+# the longest silence learned from a caller's pauses: a longer one is a turn of its own (or the
+# agent was slow to answer), and waiting longer after every turn costs more than a cut-in
+LEARNED_PAUSE_CAP_S = 1.2
+# each exchange in which the caller answers the agent keeps this share of the learned silence
+# over the usual minimum
+PAUSE_DECAY = 0.9
 _TRAILING = re.compile(r"[\s.?!,;:…]+$")
 Message = dict[str, str]
 
@@ -254,9 +265,11 @@ class TextTurnDetector:
         self._scores.move_to_end(scored)
         return future
 
-    def for_session(self, hold: GradedHold) -> SessionTurnDetector:
-        """One conversation's detector: these scores, with a graded hold (see its class)."""
-        return SessionTurnDetector(self, hold)
+    def for_session(self, hold: GradedHold,
+                    pauses: PauseMemory | None = None) -> SessionTurnDetector:
+        """One conversation's detector: these scores, a graded hold and the caller's learned
+        pauses (see its class)."""
+        return SessionTurnDetector(self, hold, pauses)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -282,8 +295,61 @@ class GradedHold(NamedTuple):
         return self.min_s + share * (self.max_s - self.min_s)
 
 
+class PauseMemory:
+    """The silence one caller's turns need, learned from the turns the agent took too soon.
+
+    A turn the detector answered, followed by the caller speaking again before the agent's
+    voice could have reached them and been answered (`REACTION_S`), was a pause, not the end:
+    from then on the caller's turns wait for that pause plus `margin_s` (at most
+    `LEARNED_PAUSE_CAP_S`). The pause runs from the start of the silence to the VAD's report of
+    speech, which is also when LiveKit cancels a held answer. Each exchange in which the caller
+    answers the agent's voice keeps `PAUSE_DECAY` of what was learned over `base_s` (a turn the
+    agent never spoke after, such as a noise, changes nothing), and a pause that a learned
+    silence held renews it. Times are the session events'
+    `time.time()`; the caller's echo is assumed cancelled, as LiveKit's barge-in assumes after
+    its AEC warm-up."""
+
+    def __init__(self, base_s: float, margin_s: float):
+        self.base_s, self.margin_s = base_s, margin_s
+        self.silence_s = base_s
+        self._answered: float | None = None  # the answered turn's silence began then
+        self._agent_voice: float | None = None  # the agent's voice started after that answer
+
+    def answered(self, quiet_since: float) -> None:
+        """The detector ended the turn whose silence began at `quiet_since`."""
+        if self._answered != quiet_since:
+            self._answered, self._agent_voice = quiet_since, None
+
+    def agent_speaking(self, at: float) -> None:
+        if self._answered is not None and self._agent_voice is None:
+            self._agent_voice = at
+
+    def held(self, pause: float) -> None:
+        """The caller spoke again `pause` into a silence whose answer was being held: a
+        learned silence is still needed, so it is kept at least at `pause` plus the margin."""
+        if self.silence_s > self.base_s and pause <= LEARNED_PAUSE_CAP_S:
+            self.silence_s = max(self.silence_s, min(LEARNED_PAUSE_CAP_S, pause + self.margin_s))
+
+    def resumed(self, at: float) -> float | None:
+        """The caller speaks at `at`: the pause learned from it, or None (no answer was
+        pending, or the caller is answering the agent)."""
+        quiet_since, voice = self._answered, self._agent_voice
+        self._answered = self._agent_voice = None
+        if quiet_since is None:
+            return None
+        pause = at - quiet_since
+        if voice is not None and at - voice >= REACTION_S:  # answering the agent's voice
+            self.silence_s = self.base_s + (self.silence_s - self.base_s) * PAUSE_DECAY
+            return None
+        if pause > LEARNED_PAUSE_CAP_S:  # a turn of its own, after an agent slow to speak
+            return None
+        self.silence_s = max(self.silence_s, min(LEARNED_PAUSE_CAP_S, pause + self.margin_s))
+        return pause
+
+
 class SessionTurnDetector:
-    """One conversation's view of a `TextTurnDetector`: its scores, and a graded hold.
+    """One conversation's view of a `TextTurnDetector`: its scores, a graded hold, and the
+    caller's learned pauses (`PauseMemory`, optional).
 
     LiveKit knows two waits: its minimum endpointing delay when p(end) reaches the threshold,
     its maximum when it does not. At that cliff a score of 0.149 waits 2.5 s and one of 0.151
@@ -291,13 +357,16 @@ class SessionTurnDetector:
     This view gives LiveKit the hold's floor as its threshold and answers words scored between
     the floor and the detector's threshold once the caller has been quiet as long as
     `GradedHold.silence_s` asks: the less likely the words end the turn, the longer the
-    silence. The answer is held on the event loop, and LiveKit cancels it when the caller
-    speaks again. The silence is counted from the VAD's end of speech, which the session's
-    `user_state_changed` event reports `vad_silence_s` after the silence began."""
+    silence (a floor of 0 keeps LiveKit's cliff). Any answer also waits for the silence the
+    caller's pauses asked for. The answer is held on the event loop, and LiveKit cancels it
+    when the caller speaks again. The silence is counted from the VAD's end of speech, which
+    the session's `user_state_changed` event reports `vad_silence_s` after the silence began."""
 
-    def __init__(self, shared: TextTurnDetector, hold: GradedHold):
-        self.shared, self.hold = shared, hold
+    def __init__(self, shared: TextTurnDetector, hold: GradedHold,
+                 pauses: PauseMemory | None = None):
+        self.shared, self.hold, self.pauses = shared, hold, pauses
         self._quiet_since: float | None = None  # time.time() of the caller's last speech
+        self._holding: float | None = None  # the held answer's silence began then
 
     @property
     def model(self) -> str:
@@ -308,7 +377,7 @@ class SessionTurnDetector:
         return self.shared.provider
 
     async def unlikely_threshold(self, language: Any) -> float | None:
-        return min(self.hold.floor, self.shared.threshold)
+        return min(self.hold.floor or 1.0, self.shared.threshold)
 
     async def supports_language(self, language: Any) -> bool:
         return await self.shared.supports_language(language)
@@ -317,31 +386,60 @@ class SessionTurnDetector:
         self, chat_ctx: Any, *, timeout: float | None = None  # noqa: ASYNC109 (the protocol's)
     ) -> float:
         p = await self.shared.predict_end_of_turn(chat_ctx, timeout=timeout)
-        if self.hold.floor <= p < self.shared.threshold:
-            wait = self.wait_s(p)
-            log.debug("p(end of turn) %.3f: held %.3f s", p, wait)
-            await asyncio.sleep(wait)
+        if p < await self.unlikely_threshold(None):
+            return p  # LiveKit holds the turn for its maximum delay
+        quiet_since, silence = self.quiet_since(), self.silence_s(p)
+        wait = max(0.0, quiet_since + silence - time.time())
+        if wait:
+            log.debug("p(end of turn) %.3f: held %.3f s (for %.3f s of silence)", p, wait,
+                      silence)
+            self._holding = quiet_since
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._holding = None
+        if self.pauses is not None:
+            self.pauses.answered(quiet_since)
         return p
 
-    def wait_s(self, p: float) -> float:
-        """How much longer words scored `p` are held from now."""
-        now = time.time()
-        quiet_since = self._quiet_since if self._quiet_since is not None \
-            else now - self.hold.vad_silence_s  # asked before the VAD's end of speech was seen
-        return max(0.0, quiet_since + self.hold.silence_s(p, self.shared.threshold) - now)
+    def silence_s(self, p: float) -> float:
+        """The silence words scored `p` (at least the floor) need before they are answered."""
+        graded = self.hold.silence_s(p, self.shared.threshold) if self.hold.floor \
+            else self.hold.min_s
+        return max(graded, self.pauses.silence_s) if self.pauses is not None else graded
+
+    def quiet_since(self) -> float:
+        """When the caller's silence began (time.time())."""
+        if self._quiet_since is not None:
+            return self._quiet_since
+        return time.time() - self.hold.vad_silence_s  # asked before the VAD's end of speech
 
     def follow(self, session: Any) -> None:
-        """Score the session's transcripts ahead (`TextTurnDetector.follow`) and track when
-        the caller went quiet."""
+        """Score the session's transcripts ahead (`TextTurnDetector.follow`), track when the
+        caller went quiet, and learn from their pauses."""
         self.shared.follow(session)
 
-        def state(ev: Any) -> None:
+        def user(ev: Any) -> None:
             if ev.old_state == "speaking" and ev.new_state == "listening":
                 self._quiet_since = ev.created_at - self.hold.vad_silence_s
             elif ev.new_state == "speaking":
                 self._quiet_since = None
+                if self.pauses is None:
+                    return
+                if self._holding is not None:  # LiveKit cancels the held answer next
+                    self.pauses.held(ev.created_at - self._holding)
+                pause = self.pauses.resumed(ev.created_at)
+                if pause is not None:
+                    log.info("the caller resumed %.2f s into a pause the agent answered: "
+                             "their turns now wait for %.2f s of silence", pause,
+                             self.pauses.silence_s)
 
-        session.on("user_state_changed", state)
+        def agent(ev: Any) -> None:
+            if ev.new_state == "speaking" and self.pauses is not None:
+                self.pauses.agent_speaking(ev.created_at)
+
+        session.on("user_state_changed", user)
+        session.on("agent_state_changed", agent)
 
 
 def chat_messages(chat_ctx: Any) -> list[Message]:

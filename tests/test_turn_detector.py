@@ -4,6 +4,8 @@ unfinished turn open on it (scripted STT, LLM and TTS: the timing is the session
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from agent_fakes import FakeEngine, FakeSTT, FakeTTS
@@ -17,8 +19,11 @@ from agent.session import Models, load_turn_detector
 from agent.settings import load_settings
 from agent.turn_detector import (
     DEFAULT_THRESHOLD,
+    LEARNED_PAUSE_CAP_S,
+    PAUSE_DECAY,
     EndOfTurnScorer,
     GradedHold,
+    PauseMemory,
     TextTurnDetector,
     chat_messages,
 )
@@ -232,6 +237,114 @@ async def test_the_session_waits_less_for_words_just_under_the_threshold(detecto
     finally:
         shared.close()
     assert latency["likely"] + 0.5 < latency["graded"] < latency["cliff"] - 0.5, latency
+
+
+def test_a_pause_the_agent_answered_is_learned_and_eases_back():
+    """Timing logic: a caller who speaks again before they could be answering the agent's voice
+    was pausing; answering the agent, or a silence longer than the cap, is a turn of its own."""
+    pauses = PauseMemory(base_s=0.3, margin_s=0.2)
+    assert pauses.resumed(1.0) is None and pauses.silence_s == 0.3  # nothing was answered
+    pauses.answered(10.0)
+    pauses.agent_speaking(10.45)
+    assert pauses.resumed(10.6) == pytest.approx(0.6)  # 0.15 s into the agent's voice
+    assert pauses.silence_s == pytest.approx(0.8)
+    pauses.answered(20.0)
+    pauses.agent_speaking(20.5)
+    assert pauses.resumed(21.5) is None  # a second into the agent's voice: answering it
+    assert pauses.silence_s == pytest.approx(0.3 + 0.5 * PAUSE_DECAY)
+    pauses.answered(30.0)
+    assert pauses.resumed(30.5) == pytest.approx(0.5)  # before the agent spoke at all
+    assert pauses.silence_s == pytest.approx(0.3 + 0.5 * PAUSE_DECAY)  # shorter: kept
+    pauses.answered(40.0)
+    assert pauses.resumed(40.0 + LEARNED_PAUSE_CAP_S + 0.5) is None  # the agent was slow
+    pauses.answered(50.0)
+    assert pauses.resumed(51.1) == pytest.approx(1.1)
+    assert pauses.silence_s == LEARNED_PAUSE_CAP_S
+
+
+def test_a_pause_a_learned_silence_held_renews_it():
+    pauses = PauseMemory(base_s=0.3, margin_s=0.2)
+    pauses.held(0.9)
+    assert pauses.silence_s == 0.3  # the words held it: nothing was learned yet
+    pauses.answered(10.0)
+    assert pauses.resumed(10.6) == pytest.approx(0.6)
+    pauses.answered(20.0)
+    pauses.agent_speaking(20.5)
+    assert pauses.resumed(21.5) is None  # answering the agent: eases back
+    assert pauses.silence_s < 0.8
+    pauses.held(0.65)
+    assert pauses.silence_s == pytest.approx(0.85)
+
+
+async def test_a_caller_resumed_after_an_answer_is_held_longer_next_time(detector):
+    """Timing logic on the session events: words over the threshold are answered at once,
+    until the caller speaks again 0.5 s into a silence the agent answered; then the same words
+    wait for 0.5 + 0.2 s of silence. Without a pause memory nothing changes."""
+    import time
+    from types import SimpleNamespace as Ev
+
+    asked = llm.ChatContext()
+    asked.add_message(role="assistant", content="Hi! How can I help?")
+    asked.add_message(role="user", content=FINISHED_AND_CUT[0][0])
+    hold = GradedHold(floor=0.05, min_s=0.1, max_s=0.9, vad_silence_s=0.1)
+
+    async def turn(view, session, resume_s: float | None) -> float:
+        """A turn whose silence began 0.1 s ago (the VAD reports it now): the seconds until
+        its answer; then the caller speaks again `resume_s` after the silence began (the
+        agent's voice 0.1 s before)."""
+        quiet = time.time() - 0.1
+        session.handlers["user_state_changed"](Ev(old_state="speaking", new_state="listening",
+                                                  created_at=quiet + 0.1))
+        start = time.monotonic()
+        assert await view.predict_end_of_turn(asked) > THRESHOLD
+        answered_s = time.monotonic() - start
+        if resume_s is not None:
+            session.handlers["agent_state_changed"](Ev(new_state="speaking",
+                                                       created_at=quiet + resume_s - 0.1))
+            session.handlers["user_state_changed"](Ev(old_state="listening",
+                                                      new_state="speaking",
+                                                      created_at=quiet + resume_s))
+        return answered_s
+
+    await detector.predict_end_of_turn(asked)  # scored once: the timings are the hold's
+    for pauses, after in ((PauseMemory(base_s=0.1, margin_s=0.2), 0.6), (None, 0.0)):
+        view, session = detector.for_session(hold, pauses), _Session()
+        view.follow(session)
+        assert await turn(view, session, resume_s=0.5) < 0.1
+        assert after - 0.05 < await turn(view, session, resume_s=None) < after + 0.1
+
+
+@pytest.mark.slow
+async def test_the_session_waits_out_a_pause_it_once_answered(detector):
+    """A real AgentSession: "Thanks." and "that was really helpful." with 0.6 s of silence
+    between them, twice. The agent answers the first pause, and the caller goes on talking over
+    it; the second time, the agent waits for the rest, unless it does not learn pauses."""
+    import time
+
+    import numpy as np
+
+    first, rest = spoken("Thanks.", pad_s=0.0), spoken("that was really helpful.", pad_s=0.0)
+    speech = np.concatenate([first, np.zeros(int(0.6 * 16000), np.int16), rest])
+    vad = silero.VAD.load(min_silence_duration=0.3)
+    cut_in = {}
+    for learn in (True, False):
+        settings = load_settings(overrides=[
+            'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
+            "session.min_endpointing_delay_s=0.3", f"session.learn_pauses={str(learn).lower()}"])
+        models = Models(engine=FakeEngine(reply=["Sure. "]), tts=FakeTTS(), vad=vad,
+                        stt=FakeSTT(["Thanks.", "that was really helpful."] * 2),
+                        turn_detector=detector)
+        cut_in[learn] = []
+        async with Caller(settings, models) as caller:
+            for _ in range(2):
+                start = time.monotonic()
+                said = start + len(speech) / 16000
+                caller.say(speech)
+                await caller.wait_for(lambda c=caller, t=said: any(h > t for h, _ in c.heard),
+                                      within=15)
+                await asyncio.sleep(1.0)  # the reply plays out
+                cut_in[learn].append(any(start < h < said for h, _ in caller.heard))
+    assert cut_in == {True: [True, False], False: [True, True]}, cut_in
 
 
 async def test_prefetched_words_are_answered_from_their_score(detector):
