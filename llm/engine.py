@@ -633,6 +633,8 @@ class DiffusionEngine:
         """
         decode = decode or self.settings.decode
         room = self.kv.cap - decode.max_new_tokens
+        if self.settings.max_prompt_tokens:
+            room = min(room, self.settings.max_prompt_tokens)
         fitted = fit_conversation(messages, lambda m: len(self.tokenizer.encode_chat(m)), room)
         if len(fitted) < len(messages):
             log.debug("conversation over %d prompt tokens: its %d oldest messages left out",

@@ -100,6 +100,10 @@ class LLMSettings(BaseModel):
     # for timing runs without the checkpoint (replies are random words that run to
     # decode.max_new_tokens)
     model: str = "dv-small"
+    # the longest conversation (prompt tokens) a reply is asked after: older turns are left out
+    # a page at a time (`llm.engine.fit_conversation`). 0 = all the K/V holds with room for a
+    # reply. A model trained on short contexts drifts after long ones (configs/default.toml)
+    max_prompt_tokens: int = Field(0, ge=0)
     device: str = "cpu"  # "cuda" for a GPU
     # auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -457,6 +457,21 @@ def test_a_conversation_longer_than_the_kv_is_answered(tok):
         eng.close()
 
 
+def test_the_prompt_stays_within_max_prompt_tokens(tok):
+    eng = DiffusionEngine(tiny_model(tok.vocab_size), tok, LLMSettings(
+        max_prompt_tokens=64, decode=dict(max_new_tokens=8, block_length=8)))
+    try:
+        history = []
+        for i in range(8):
+            history.append({"role": "user", "content": PROMPTS[i % len(PROMPTS)]})
+            reply, stats = eng.generate(history, session_id="s")
+            assert stats.prompt_tokens <= 64
+            history.append({"role": "assistant", "content": reply})
+        assert len(tok.encode_chat(history)) > 128
+    finally:
+        eng.close()
+
+
 def greedy_reference(model, prompt: list[int], n: int, stop_ids) -> list[int]:
     x = torch.tensor([prompt])
     with torch.no_grad():
