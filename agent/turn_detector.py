@@ -328,7 +328,7 @@ class PauseMemory:
         """The caller spoke again `pause` into a silence whose answer was being held: a
         learned silence is still needed, so it is kept at least at `pause` plus the margin."""
         if self.silence_s > self.base_s and pause <= LEARNED_PAUSE_CAP_S:
-            self.silence_s = max(self.silence_s, min(LEARNED_PAUSE_CAP_S, pause + self.margin_s))
+            self._cover(pause)
 
     def resumed(self, at: float) -> float | None:
         """The caller speaks at `at`: the pause learned from it, or None (no answer was
@@ -343,8 +343,11 @@ class PauseMemory:
             return None
         if pause > LEARNED_PAUSE_CAP_S:  # a turn of its own, after an agent slow to speak
             return None
-        self.silence_s = max(self.silence_s, min(LEARNED_PAUSE_CAP_S, pause + self.margin_s))
+        self._cover(pause)
         return pause
+
+    def _cover(self, pause: float) -> None:
+        self.silence_s = max(self.silence_s, min(LEARNED_PAUSE_CAP_S, pause + self.margin_s))
 
 
 class SessionTurnDetector:

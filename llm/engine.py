@@ -635,11 +635,14 @@ class DiffusionEngine:
         room = self.kv.cap - decode.max_new_tokens
         if self.settings.max_prompt_tokens:
             room = min(room, self.settings.max_prompt_tokens)
-        fitted = fit_conversation(messages, lambda m: len(self.tokenizer.encode_chat(m)), room)
-        if len(fitted) < len(messages):
+        ids = self.tokenizer.encode_chat(messages)
+        if len(ids) > room:
+            fitted = fit_conversation(messages, lambda m: len(self.tokenizer.encode_chat(m)),
+                                      room)
             log.debug("conversation over %d prompt tokens: its %d oldest messages left out",
                       room, len(messages) - len(fitted))
-        return self.stream_ids(self.tokenizer.encode_chat(fitted), session_id=session_id,
+            ids = self.tokenizer.encode_chat(fitted)
+        return self.stream_ids(ids, session_id=session_id,
                                decode=decode, draft=draft)
 
     def stream_ids(self, ids: list[int], *, session_id: str | None = None,
