@@ -65,6 +65,28 @@ def test_engine_with_default_settings_ends_its_turn(shipped):
     assert text.strip()
 
 
+def test_the_deployment_answers_a_long_conversation_in_voice_sized_replies(shipped):
+    """dv-small learned from prompts of at most 158 tokens. Converse through the bench's 24
+    built-in turns with the deployment's settings: every reply ends its turn by itself. Given
+    256 tokens of conversation, 8-10 of the 24 replies ran to max_new_tokens in loops."""
+    from agent.bench import BUILTIN_TURNS
+
+    settings = load_settings(DEFAULT_CONFIG, [])
+    llm = settings.llm
+    messages = [{"role": "system", "content": llm.system_prompt},
+                {"role": "assistant", "content": settings.session.greeting}]
+    engine = DiffusionEngine(shipped.model, shipped.tokenizer, llm)
+    try:
+        for turn in BUILTIN_TURNS:
+            messages.append({"role": "user", "content": turn})
+            reply, stats = engine.generate(messages, session_id="long")
+            assert stats.finish_reason == "eot", (turn, reply)
+            assert stats.prompt_tokens <= llm.max_prompt_tokens
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("steps", [8, GEN_LENGTH])
 def test_reference_sampler_ends_the_turn_within_the_canvas(shipped, steps):
     tok = shipped.tokenizer
