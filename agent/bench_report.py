@@ -64,7 +64,16 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "failed_turns": sum(t["status"] == "failed" for t in turns),
         "cut_in_turns": sum(t["status"] == "cut_in" for t in turns),
         "gap_turns": sum((t.get("server_s") or {}).get("reply_gaps_s", 0) > 0 for t in turns),
+        "reply_words": reply_words(ok),
     }
+
+
+def reply_words(turns: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """How much the agent said: a latency is only comparable between replies of a voice's
+    length (a model that loops to its token limit can still answer as fast)."""
+    words = [len(t["reply_text"].split()) for t in turns if t.get("reply_text")]
+    return {"median": float(np.median(words)) if words else None,
+            "max": max(words, default=None)}
 
 
 def _means(turns: list[dict[str, Any]], key: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -96,6 +105,9 @@ def run_text(run: dict[str, Any]) -> str:
             lines.append(f"    {STAGE_LABELS[stage]:<18} {v * 1000:7.0f} ms  {share:5.1f}%")
         for hop, v in s["hop_mean_s"].items():
             lines.append(f"      of which {HOP_LABELS[hop]:<27} {v * 1000:5.0f} ms")
+    said = s["reply_words"]
+    if said["max"] is not None:
+        lines.append(f"  replies: median {said['median']:g} words, longest {said['max']}")
     for level in run["levels"]:
         w = level["summary"]["warm"]
         lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "

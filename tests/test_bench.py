@@ -98,6 +98,7 @@ async def test_an_agent_heard_before_the_last_word_is_a_cut_in():
     assert late["status"] == "dropped"  # never heard: not a cut-in
     s = bench_report.summarize([{**rec, "cold": False}, {**late, "cold": False}])
     assert s["cut_in_turns"] == 1 and s["dropped_turns"] == 1 and s["warm"]["n"] == 0
+    assert s["reply_words"] == {"median": None, "max": None}  # nothing was answered
 
 
 async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
@@ -228,6 +229,8 @@ def _check_report(out, transport: str, turns: int) -> None:
     summary = run["summary"]
     assert summary["warm"]["n"] == turns - 1 and summary["cold"]["n"] == 1
     assert summary["gap_turns"] == sum(t["server_s"]["reply_gaps_s"] > 0 for t in run["turns"])
+    words = [len(t["reply_text"].split()) for t in run["turns"]]
+    assert summary["reply_words"] == {"median": float(np.median(words)), "max": max(words)}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "bench.html").read_text()
     assert "data:image/png;base64," in page and run["turns"][0]["prompt_text"] in page
