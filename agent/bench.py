@@ -431,7 +431,7 @@ async def start_server(settings: Settings, models: Any) -> tuple[Any, str | None
     if settings.bench.transport == "twilio":
         from agent.phone import PhoneServer
 
-        phone = PhoneServer(settings, models)
+        phone = PhoneServer(settings, models, keep_events=True)
         return phone, f"ws://127.0.0.1:{await phone.start()}"
     return None, None
 

@@ -309,8 +309,9 @@ class _LineHeard:
 class TwilioBenchCaller:
     """A phone call over Twilio Media Streams (`diffvoice phone`), timed at the caller's playout.
 
-    The protocol has no channel for the server's turn metrics, so they are read from the call's
-    `TurnReporter` on a server running in this process (`server`, an `agent.phone.PhoneServer`).
+    The protocol has no channel for the server's turn metrics and texts, so they are read from
+    the call's events on a server running in this process (`server`, an
+    `agent.phone.PhoneServer` with `keep_events`).
     """
 
     def __init__(self, url: str, server: Any, *, level: int = AUDIBLE_LEVEL,
@@ -335,8 +336,8 @@ class TwilioBenchCaller:
     @property
     def events(self) -> list[dict]:
         for call in list(self.server.calls):
-            if call.stats.call_sid == self.caller.call_sid and call.reporter is not None:
-                return [{"type": "turn_metrics", **t} for t in call.reporter.turns]
+            if call.stats.call_sid == self.caller.call_sid and call.events is not None:
+                return call.events
         return []
 
     async def close(self) -> None:

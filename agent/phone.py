@@ -34,7 +34,7 @@ from websockets.asyncio.server import Server, ServerConnection
 
 from agent import twilio_io as tw
 from agent.audio_io import QueueAudioInput
-from agent.metrics import TurnReporter
+from agent.metrics import ClientTextOutput, TurnReporter
 from agent.session import Models, build_session, start_session
 from agent.settings import PhoneSettings, Settings
 from audio.codecs import StreamResampler, mulaw_decode, mulaw_encode
@@ -142,7 +142,8 @@ class _TooManyBad(Exception):
 class Call:
     """One phone call: the provider's socket bridged to its own `AgentSession`."""
 
-    def __init__(self, ws: ServerConnection, settings: Settings, models: Models) -> None:
+    def __init__(self, ws: ServerConnection, settings: Settings, models: Models, *,
+                 keep_events: bool = False) -> None:
         self.ws = ws
         self.settings = settings
         self.cfg: PhoneSettings = settings.phone
@@ -159,6 +160,10 @@ class Call:
         self._user_stopped_at: float | None = None
         self._sync: TranscriptSynchronizer | None = None
         self.reporter: TurnReporter | None = None
+        # the events a page would receive (transcripts, reply text, turn metrics), kept only
+        # for a caller in this process that reads them (`diffvoice bench`): a phone line has
+        # no channel for them
+        self.events: list[dict[str, Any]] | None = [] if keep_events else None
 
     @property
     def name(self) -> str:
@@ -236,9 +241,8 @@ class Call:
             send_now=self._outbox.put_nowait, mark_timeout_s=self.cfg.mark_timeout_s)
         session, agent = build_session(self.settings, self.models, session_id=start.call_sid)
         self.session = session
-        # kept: its per-turn metrics are this call's breakdown (read by `diffvoice bench`)
-        self.reporter = TurnReporter(start.call_sid, lambda _event: None,
-                                     self.cfg.metrics_log or None)
+        send = self.events.append if self.events is not None else _drop
+        self.reporter = TurnReporter(start.call_sid, send, self.cfg.metrics_log or None)
         self.reporter.attach(session)
         session.on("user_state_changed", self._on_user_state)
         session.on("close", self._on_session_close)
@@ -250,7 +254,8 @@ class Call:
         # enters the history cut where the caller stopped hearing it
         self._sync = TranscriptSynchronizer(next_in_chain_audio=self.audio_out,
                                             next_in_chain_text=None)
-        session.output.transcription = self._sync.text_output
+        session.output.transcription = ClientTextOutput(send,
+                                                        next_in_chain=self._sync.text_output)
         await start_session(session, agent, audio_in=self.audio_in,
                             audio_out=self._sync.audio_output,
                             greeting=self.settings.session.greeting)
@@ -395,6 +400,10 @@ class Call:
             _append_jsonl(Path(self.cfg.metrics_log), record)
 
 
+def _drop(_event: dict[str, Any]) -> None:
+    """A call's client events where nobody reads them."""
+
+
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -412,9 +421,10 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 class PhoneServer:
     """The Media Streams endpoint: one `Call` per WebSocket, at most `max_calls` at once."""
 
-    def __init__(self, settings: Settings, models: Models) -> None:
+    def __init__(self, settings: Settings, models: Models, *, keep_events: bool = False) -> None:
         self.settings = settings
         self.models = models
+        self.keep_events = keep_events  # each call's `events` (see `Call`)
         self.calls: set[Call] = set()
         self.finished: list[CallStats] = []  # recent ended calls, newest last
         self._server: Server | None = None
@@ -432,7 +442,7 @@ class PhoneServer:
             logger.warning("refused a call: %d calls in progress", len(self.calls))
             await ws.close(CLOSE_TRY_AGAIN, "busy")
             return
-        call = Call(ws, self.settings, self.models)
+        call = Call(ws, self.settings, self.models, keep_events=self.keep_events)
         self.calls.add(call)
         try:
             await call.run()

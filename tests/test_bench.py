@@ -224,11 +224,13 @@ def _check_report(out, transport: str, turns: int) -> None:
         h = t["hops_s"]
         assert set(h) == set(bench_report.HOPS) and h["playout_s"] > 0
         assert h["speech_end_lag_s"] + h["playout_s"] <= b["transport_playout_s"] + 0.005
-        assert t["server_s"]["reply_gaps_s"] >= 0  # a paced output on both transports
+        if transport != "twilio":  # a paced output (the phone line paces itself)
+            assert t["server_s"]["reply_gaps_s"] >= 0
     assert [t["cold"] for t in run["turns"]] == [True] + [False] * (turns - 1)
     summary = run["summary"]
     assert summary["warm"]["n"] == turns - 1 and summary["cold"]["n"] == 1
-    assert summary["gap_turns"] == sum(t["server_s"]["reply_gaps_s"] > 0 for t in run["turns"])
+    assert summary["gap_turns"] == sum(t["server_s"].get("reply_gaps_s", 0) > 0
+                                       for t in run["turns"])
     words = [len(t["reply_text"].split()) for t in run["turns"]]
     assert summary["reply_words"] == {"median": float(np.median(words)), "max": max(words)}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -242,11 +244,11 @@ _QUICK = ["--set", "llm.decode.max_new_tokens=24", "--set", "bench.settle_s=0.3"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["inprocess", "webrtc"])
+@pytest.mark.parametrize("transport", ["inprocess", "webrtc", "twilio"])
 def test_bench_command_end_to_end(transport, tmp_path, capsys):
     out = tmp_path / "bench"
-    # the WebRTC caller's microphone has a noise floor, as a real one does
-    noise = ["--set", "bench.noise_floor_dbfs=-60"] if transport == "webrtc" else []
+    # a caller's microphone has a noise floor, as a real one does
+    noise = ["--set", "bench.noise_floor_dbfs=-60"] if transport != "inprocess" else []
     rc = main(["bench", "--transport", transport, "--turns", "3", "--out", str(out), *_QUICK,
                *noise])
     printed = capsys.readouterr().out
