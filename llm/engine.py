@@ -141,6 +141,11 @@ def fit_conversation(messages: list[Message], tokens: Callable[[list[Message]], 
     return system + turns[-1:]
 
 
+def last_reply(messages: list[Message]) -> str:
+    """The assistant's latest message ("" before its first)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+
+
 class EngineStream:
     """Committed spans of one reply; an async and a sync iterator; `cancel()` is thread-safe."""
 
@@ -265,6 +270,7 @@ class _Request:
     stream: EngineStream
     t_submit: float
     draft: tuple[int, ...] = ()  # an earlier reply's tokens to re-denoise from (diffusion rows)
+    avoid: tuple[int, ...] = ()  # the speaker's previous reply: its n-grams are not repeated
 
 
 class StepRecord(NamedTuple):
@@ -467,7 +473,7 @@ class _DiffusionRow(_Row):
 
     def repeat_bans(self) -> list[tuple[int, int]]:
         bans = repeat_bans(self.tokens, self.P, self.bs, self.be, self.decode.no_repeat_ngram,
-                           self.mask_id, self.eng.tokenizer.words)
+                           self.mask_id, self.eng.tokenizer.words, self.req.avoid)
         return [(p - self.bs, t) for p, t in bans]
 
     def apply(self, new: list[int]) -> None:
@@ -520,7 +526,7 @@ class _ARRow(_Row):
     def repeat_bans(self) -> list[tuple[int, int]]:
         n, mask = len(self.tokens), self.eng.tokenizer.mask_id
         bans = repeat_bans([*self.tokens, mask], self.P, n, n + 1, self.decode.no_repeat_ngram,
-                           mask, self.eng.tokenizer.words)
+                           mask, self.eng.tokenizer.words, self.req.avoid)
         return [(0, t) for _, t in bans]
 
     def apply(self, new: list[int]) -> None:
@@ -642,16 +648,20 @@ class DiffusionEngine:
             log.debug("conversation over %d prompt tokens: its %d oldest messages left out",
                       room, len(messages) - len(fitted))
             ids = self.tokenizer.encode_chat(fitted)
-        return self.stream_ids(ids, session_id=session_id,
-                               decode=decode, draft=draft)
+        avoid: list[int] = []
+        if decode.no_repeat_ngram and decode.no_repeat_last_reply:
+            avoid = self.tokenizer.encode(last_reply(messages))
+        return self.stream_ids(ids, session_id=session_id, decode=decode, draft=draft,
+                               avoid=avoid)
 
     def stream_ids(self, ids: list[int], *, session_id: str | None = None,
                    decode: DecodeSettings | None = None,
-                   draft: Sequence[int] = ()) -> EngineStream:
-        """`stream` for an already rendered prompt (benchmarks use exact prompt lengths)."""
+                   draft: Sequence[int] = (), avoid: Sequence[int] = ()) -> EngineStream:
+        """`stream` for an already rendered prompt (benchmarks use exact prompt lengths).
+        `avoid`: tokens whose n-grams `decode.no_repeat_ngram` also rules out."""
         stream = EngineStream()
         self._inbox.put(_Request(list(ids), decode or self.settings.decode, session_id, stream,
-                                 time.perf_counter(), tuple(draft)))
+                                 time.perf_counter(), tuple(draft), tuple(avoid)))
         return stream
 
     def generate(self, messages: list[Message], **kw: Any) -> tuple[str, GenerationStats]:

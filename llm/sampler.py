@@ -118,7 +118,8 @@ def propose(logits: Tensor, x: Tensor, *, mask_id: int, temperature: float, top_
 
 
 def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: int,
-                mask_id: int, words: WordClasses | None = None) -> list[tuple[int, int]]:
+                mask_id: int, words: WordClasses | None = None,
+                also: Sequence[int] = ()) -> list[tuple[int, int]]:
     """(position, token) pairs in [lo, hi) whose token would repeat an n-gram of the reply.
 
     The n-grams are the reply's own (tokens[reply_start:], none with a mask), not the prompt's,
@@ -127,17 +128,23 @@ def repeat_bans(tokens: Sequence[int], reply_start: int, lo: int, hi: int, n: in
     decoding, for tokens that are committed in any order. Committing one token per step then
     never repeats an n-gram; tokens committed together in one step are not checked against
     each other. With `words`, tokens are compared as the words they spell ("I" = " I"), and a
-    ban covers every spelling of the word."""
+    ban covers every spelling of the word. `also`: more text whose n-grams are ruled out (the
+    speaker's previous reply)."""
     if n < 1:
         return []
     end = len(tokens)
-    cls = list(tokens) if words is None else [t if t == mask_id else words.of[t] for t in tokens]
+
+    def classes(ids: Sequence[int]) -> list[int]:
+        return list(ids) if words is None else [t if t == mask_id else words.of[t] for t in ids]
+
+    cls = classes(tokens)
     follows: dict[tuple[int, tuple[int, ...]], set[int]] = {}  # (slot, the others) -> classes
-    for s in range(reply_start, end - n + 1):
-        gram = tuple(cls[s:s + n])
-        if mask_id not in gram:
-            for j in range(n):
-                follows.setdefault((j, gram[:j] + gram[j + 1:]), set()).add(gram[j])
+    for seq in (cls[reply_start:], classes(also)):
+        for s in range(len(seq) - n + 1):
+            gram = tuple(seq[s:s + n])
+            if mask_id not in gram:
+                for j in range(n):
+                    follows.setdefault((j, gram[:j] + gram[j + 1:]), set()).add(gram[j])
     bans: set[tuple[int, int]] = set()
     for p in range(lo, hi):
         if tokens[p] != mask_id:

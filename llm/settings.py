@@ -39,6 +39,9 @@ class DecodeSettings(BaseModel):
     # words compared case and leading space aside, `ChatTokenizer.words`); 0 = off. Greedy
     # decoding of a small model otherwise loops ("I love the best ones. I love the best ones.")
     no_repeat_ngram: int = Field(0, ge=0)
+    # with no_repeat_ngram: nor one the assistant's previous message holds. A small model
+    # otherwise answers several turns in a row with the same stock phrase ("I like to read.")
+    no_repeat_last_reply: bool = False
     # the tokens a step commits by rank (all of "fixed"'s, "threshold"'s one below threshold) are
     # never adjacent while enough apart remain (`llm.sampler.spread_picks`): neighbours depend
     # on each other most, and committing both from one forward doubled words in few-step replies

@@ -170,6 +170,35 @@ def test_no_repeat_ngram_in_the_autoregressive_rows(tok):
     assert repeated_ngrams(words[0], 2) > 0 and repeated_ngrams(words[1], 2) == 0
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_repeat_last_reply_keeps_the_previous_replys_ngrams_out(tok, causal):
+    model = tiny_model(tok.vocab_size, seed=5, causal=causal)
+    with torch.no_grad():  # a few tokens dominate: the next reply would repeat this one's phrases
+        model.lm_head.weight[40:44] *= 6
+    decode = dict(strategy="fixed", max_new_tokens=16, block_length=8, steps_per_block=8,
+                  lookahead_blocks=8, no_repeat_ngram=2)
+    first = make_engine(tok, model, decode=decode)
+    try:
+        said = run(first, PROMPTS[1])[1]
+    finally:
+        first.close()
+    conversation = [*msgs(PROMPTS[1]), {"role": "assistant", "content": said},
+                    *msgs(PROMPTS[1])]
+    bigrams = {}
+    for avoid in (False, True):
+        eng = make_engine(tok, model, decode={**decode, "no_repeat_last_reply": avoid})
+        try:
+            reply = [t for span in eng.stream(conversation) for t in span.token_ids]
+        finally:
+            eng.close()
+        words = [tok.words.of[t] for t in reply]
+        bigrams[avoid] = {tuple(words[i:i + 2]) for i in range(len(words) - 1)}
+    before = [tok.words.of[t] for t in tok.encode(said)]
+    before_bigrams = {tuple(before[i:i + 2]) for i in range(len(before) - 1)}
+    assert bigrams[False] & before_bigrams  # the rule had something to do
+    assert not bigrams[True] & before_bigrams
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

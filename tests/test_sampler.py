@@ -363,6 +363,18 @@ def test_repeat_bans_where_the_rest_of_an_ngram_is_final():
     assert repeat_bans(tokens, 5, 5, 14, 2, M) == [(10, 3), (11, 3), (13, 2)]
 
 
+def test_repeat_bans_also_rule_out_the_ngrams_of_other_text():
+    from llm.sampler import repeat_bans
+
+    M = 99
+    prompt = [7, 8, 9]
+    said = [1, 2, 3, 4]  # the speaker's previous reply
+    assert repeat_bans(prompt + [5, 1, 2, M], 3, 3, 7, 3, M) == []
+    assert repeat_bans(prompt + [5, 1, 2, M], 3, 3, 7, 3, M, also=said) == [(6, 3)]
+    assert repeat_bans(prompt + [M, 3, 4], 3, 3, 6, 3, M, also=said) == [(3, 2)]
+    assert repeat_bans(prompt + [M, 3, 4], 3, 3, 6, 3, M, also=[2, M, 3, 4]) == []  # no gram
+
+
 def test_repeat_bans_compare_words_and_ban_every_spelling():
     from llm.sampler import repeat_bans
     from llm.tokenizer import WordClasses
