@@ -304,10 +304,11 @@ class PauseMemory:
     `LEARNED_PAUSE_CAP_S`). The pause runs from the start of the silence to the VAD's report of
     speech, which is also when LiveKit cancels a held answer. Each exchange in which the caller
     answers the agent's voice keeps `PAUSE_DECAY` of what was learned over `base_s` (a turn the
-    agent never spoke after, such as a noise, changes nothing), and a pause that a learned
-    silence held renews it. Times are the session events'
-    `time.time()`; the caller's echo is assumed cancelled, as LiveKit's barge-in assumes after
-    its AEC warm-up."""
+    agent never spoke after, such as a noise, changes nothing), and a pause the caller resumed
+    from before any answer renews it, whichever wait held it open (the learned silence or the
+    words' hold): a caller who keeps pausing keeps the silence they need. Times are the session
+    events' `time.time()`; the caller's echo is assumed cancelled, as LiveKit's barge-in
+    assumes after its AEC warm-up."""
 
     def __init__(self, base_s: float, margin_s: float):
         self.base_s, self.margin_s = base_s, margin_s
@@ -325,17 +326,20 @@ class PauseMemory:
             self._agent_voice = at
 
     def held(self, pause: float) -> None:
-        """The caller spoke again `pause` into a silence whose answer was being held: a
-        learned silence is still needed, so it is kept at least at `pause` plus the margin."""
+        """The caller spoke again `pause` into a silence nothing answered: a learned silence is
+        still needed, so it is kept at least at `pause` plus the margin."""
         if self.silence_s > self.base_s and pause <= LEARNED_PAUSE_CAP_S:
             self._cover(pause)
 
-    def resumed(self, at: float) -> float | None:
-        """The caller speaks at `at`: the pause learned from it, or None (no answer was
-        pending, or the caller is answering the agent)."""
+    def resumed(self, at: float, silent_since: float | None = None) -> float | None:
+        """The caller speaks at `at`, after a silence that began at `silent_since` (None: not
+        known): the pause learned from it, or None (nothing answered the silence, or the caller
+        is answering the agent)."""
         quiet_since, voice = self._answered, self._agent_voice
         self._answered = self._agent_voice = None
         if quiet_since is None:
+            if silent_since is not None:
+                self.held(at - silent_since)
             return None
         pause = at - quiet_since
         if voice is not None and at - voice >= REACTION_S:  # answering the agent's voice
@@ -369,7 +373,6 @@ class SessionTurnDetector:
                  pauses: PauseMemory | None = None):
         self.shared, self.hold, self.pauses = shared, hold, pauses
         self._quiet_since: float | None = None  # time.time() of the caller's last speech
-        self._holding: float | None = None  # the held answer's silence began then
 
     @property
     def model(self) -> str:
@@ -396,11 +399,7 @@ class SessionTurnDetector:
         if wait:
             log.debug("p(end of turn) %.3f: held %.3f s (for %.3f s of silence)", p, wait,
                       silence)
-            self._holding = quiet_since
-            try:
-                await asyncio.sleep(wait)
-            finally:
-                self._holding = None
+            await asyncio.sleep(wait)
         if self.pauses is not None:
             self.pauses.answered(quiet_since)
         return p
@@ -426,12 +425,10 @@ class SessionTurnDetector:
             if ev.old_state == "speaking" and ev.new_state == "listening":
                 self._quiet_since = ev.created_at - self.hold.vad_silence_s
             elif ev.new_state == "speaking":
-                self._quiet_since = None
+                quiet_since, self._quiet_since = self._quiet_since, None
                 if self.pauses is None:
                     return
-                if self._holding is not None:  # LiveKit cancels the held answer next
-                    self.pauses.held(ev.created_at - self._holding)
-                pause = self.pauses.resumed(ev.created_at)
+                pause = self.pauses.resumed(ev.created_at, quiet_since)
                 if pause is not None:
                     log.info("the caller resumed %.2f s into a pause the agent answered: "
                              "their turns now wait for %.2f s of silence", pause,

@@ -276,6 +276,24 @@ def test_a_pause_a_learned_silence_held_renews_it():
     assert pauses.silence_s == pytest.approx(0.85)
 
 
+def test_a_pause_nothing_answered_renews_a_learned_silence():
+    """Timing logic: the caller resumes 0.75 s into a silence that no answer ended (the words'
+    hold kept it open, not the learned silence): a caller who is still pausing keeps the
+    silence they need instead of easing back until the next cut-in."""
+    pauses = PauseMemory(base_s=0.3, margin_s=0.2)
+    assert pauses.resumed(5.75, silent_since=5.0) is None
+    assert pauses.silence_s == 0.3  # nothing learned: a held pause teaches nothing new
+    pauses.answered(10.0)
+    assert pauses.resumed(10.6) == pytest.approx(0.6)  # cut in: learned 0.8 s
+    for k in range(5):  # five exchanges in which the caller answers the agent
+        pauses.answered(20.0 + 10 * k)
+        pauses.agent_speaking(20.5 + 10 * k)
+        assert pauses.resumed(21.5 + 10 * k) is None
+    assert pauses.silence_s < 0.65
+    assert pauses.resumed(75.75, silent_since=75.0) is None  # mid-turn, nothing answered
+    assert pauses.silence_s == pytest.approx(0.95)
+
+
 async def test_a_caller_resumed_after_an_answer_is_held_longer_next_time(detector):
     """Timing logic on the session events: words over the threshold are answered at once,
     until the caller speaks again 0.5 s into a silence the agent answered; then the same words
