@@ -56,7 +56,8 @@ class SessionSettings(Section):
     # the "text" detector learns each caller's pauses: when the caller speaks again right after
     # the agent took the turn (too soon to be answering it), their turns wait for that pause
     # plus learned_pause_margin_s from then on, easing back on each exchange in which the
-    # caller answers the agent (agent/turn_detector.py, `PauseMemory`)
+    # caller answers the agent and renewed by each pause they resume from (agent/turn_detector.py,
+    # `PauseMemory`)
     learn_pauses: bool = True
     learned_pause_margin_s: float = Field(0.25, ge=0.0)
     # silence after speech before the turn may end; LiveKit's streaming default is 0.3-2.5 s
