@@ -159,7 +159,6 @@ class Call:
         self._digits = KeypadEntry(self.cfg.dtmf_gap_s, self._submit_digits)
         self._user_stopped_at: float | None = None
         self._sync: TranscriptSynchronizer | None = None
-        self.reporter: TurnReporter | None = None
         # the events a page would receive (transcripts, reply text, turn metrics), kept only
         # for a caller in this process that reads them (`diffvoice bench`): a phone line has
         # no channel for them
@@ -242,8 +241,7 @@ class Call:
         session, agent = build_session(self.settings, self.models, session_id=start.call_sid)
         self.session = session
         send = self.events.append if self.events is not None else _drop
-        self.reporter = TurnReporter(start.call_sid, send, self.cfg.metrics_log or None)
-        self.reporter.attach(session)
+        TurnReporter(start.call_sid, send, self.cfg.metrics_log or None).attach(session)
         session.on("user_state_changed", self._on_user_state)
         session.on("close", self._on_session_close)
         self.audio_out.on("playback_started", self._on_heard)
