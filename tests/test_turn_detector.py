@@ -143,14 +143,16 @@ async def _answered_after(said: str, heard: str, turn_detector, vad, *overrides:
 @pytest.mark.slow
 async def test_the_session_holds_unfinished_words_open(detector):
     """The same audio twice; the transcript decides: a finished question is answered after the
-    short endpointing delay, unfinished words only after the long one."""
+    short endpointing delay, unfinished words only after the long one. The long delay is far
+    above the short one so that a slow machine, which delays both answers alike, cannot blur
+    them (a loaded runner has answered the finished question 0.9 s late)."""
     vad = silero.VAD.load(min_silence_duration=0.3)
     finished, unfinished = [
         await _answered_after("How do I make a cup of tea?", words, detector, vad,
-                              "session.max_endpointing_delay_s=1.5")
+                              "session.max_endpointing_delay_s=3.0")
         for words in ("How do I make a cup of tea?", "How do I make a")]
     latency = {"finished": finished, "unfinished": unfinished}
-    assert finished < 1.2 and unfinished > finished + 0.6, latency
+    assert unfinished > 2.5 and finished < unfinished - 1.0, latency
 
 
 class _Session:
