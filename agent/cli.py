@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "livekit": "agent.livekit_worker",
     "bench": "agent.bench",
     "bench-turns": "agent.bench_turns",
+    "turn-head": "agent.turn_head",
     "chat": "llm.chat",
     "bench-llm": "llm.bench",
     "train": "llm.train",

@@ -102,7 +102,8 @@ def load_turn_detector(session: SessionSettings) -> Any | None:
     if session.turn_detector == "text":
         from agent.turn_detector import TextTurnDetector
 
-        return TextTurnDetector.load(session.text_turn_model, threshold)
+        return TextTurnDetector.load(session.text_turn_model, threshold,
+                                     head=session.text_turn_head)
     from livekit.agents import inference
 
     return inference.TurnDetector(
@@ -136,11 +137,12 @@ def session_turn_detector(settings: Settings, shared: Any | None) -> Any | None:
     learned pauses need the caller's silence); any other detector, or none, is used as it is."""
     s = settings.session
     for_session = getattr(shared, "for_session", None)
-    if for_session is None or not (s.turn_hold_floor or s.learn_pauses):
+    floor = shared.floor if for_session and s.turn_hold_floor is None else s.turn_hold_floor
+    if for_session is None or not (floor or s.learn_pauses):
         return shared
     from agent.turn_detector import GradedHold, PauseMemory
 
-    hold = GradedHold(floor=s.turn_hold_floor, min_s=s.min_endpointing_delay_s,
+    hold = GradedHold(floor=floor, min_s=s.min_endpointing_delay_s,
                       max_s=s.max_endpointing_delay_s,
                       vad_silence_s=settings.vad.min_silence_ms / 1000)
     pauses = PauseMemory(base_s=s.min_endpointing_delay_s, margin_s=s.learned_pause_margin_s) \

@@ -43,6 +43,9 @@ class SessionSettings(Section):
     turn_detector: Literal["v1-mini", "text", "vad"] = "text"
     # the causal model the "text" detector asks whether the caller's words end the turn
     text_turn_model: str = "dv-small-ar"
+    # score with the model folder's end-of-turn head where it has one (agent/turn_head.py:
+    # fitted on complete and cut-off chit-chat replies); false: the model's p(end) itself
+    text_turn_head: bool = True
     # end-of-turn probability under which the detector holds the turn open (up to the max delay
     # below); None = the model's calibrated value (v1-mini, English: 0.36; text: see
     # agent/turn_detector.py). Lower ends turns sooner after complete questions it scores low,
@@ -51,8 +54,9 @@ class SessionSettings(Section):
     # the "text" detector's graded hold: words scored under turn_end_threshold wait for a
     # silence that rises from min_endpointing_delay_s at the threshold to
     # max_endpointing_delay_s at this floor, linearly in log p (agent/turn_detector.py), instead
-    # of LiveKit's cliff from the minimum to the maximum at the threshold. 0 = the cliff
-    turn_hold_floor: float = Field(0.05, ge=0.0, lt=1.0)
+    # of LiveKit's cliff from the minimum to the maximum at the threshold. 0 = the cliff; None =
+    # the detector's calibrated floor (0.05 on p(end), or its end-of-turn head's)
+    turn_hold_floor: float | None = Field(None, ge=0.0, lt=1.0)
     # the "text" detector learns each caller's pauses: when the caller speaks again right after
     # the agent took the turn (too soon to be answering it), their turns wait for that pause
     # plus learned_pause_margin_s from then on, easing back on each exchange in which the

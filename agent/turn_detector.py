@@ -13,6 +13,9 @@ the model was trained to score, its trailing punctuation (Whisper's guess) strip
     p(end) = p(end-of-turn or eos | words) + sum over . ? ! of p(mark | words)
 
 from one forward: the words either stop here or finish a sentence with their next token.
+A model folder that holds an end-of-turn head (`agent.turn_head`, `diffvoice turn-head`)
+scores with it instead: a logistic read-out of the same forward's logits, fitted on complete
+and cut-off chit-chat replies, with its own threshold and floor.
 Words scored below the threshold hold the turn open for a silence that grows the lower their
 score, up to `session.max_endpointing_delay_s`, and a caller the agent answered in mid-sentence
 is given the pause they took from then on (`SessionTurnDetector`, `PauseMemory`). It implements
@@ -36,6 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from agent.turn_head import EndOfTurnHead
 from llm.engine import cpu_has_int8
 from llm.model import LayerKV, Transformer, pack_fp32, quantize_int8
 from llm.tokenizer import ChatTokenizer
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 # outside"); v1-mini lets 64-91% through at 0.25 (docs/benchmarks.md, "End of turn from the
 # words")
 DEFAULT_THRESHOLD = 0.15
+# p(end) at and under which the graded hold waits longest (`GradedHold`)
+DEFAULT_FLOOR = 0.05
 SENTENCE_MARKS = (".", "?", "!")
 HISTORY_MESSAGES = 4  # earlier messages kept as context (LiveKit's text models keep 6 turns)
 CACHED_SCORES = 32
@@ -75,6 +81,12 @@ class Scored(NamedTuple):
     words: tuple[int, ...]
 
 
+def end_token_ids(tokenizer: ChatTokenizer) -> list[int]:
+    """The tokens whose probabilities make p(end): the stop tokens and the sentence marks."""
+    marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
+    return sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
+
+
 class EndOfTurnScorer:
     """p(the last message ends its speaker's turn) from a causal LM and its tokenizer.
 
@@ -84,13 +96,13 @@ class EndOfTurnScorer:
     always scored against a context encoded on its own, so a score never depends on which
     scores came before it."""
 
-    def __init__(self, model: Transformer, tokenizer: ChatTokenizer):
+    def __init__(self, model: Transformer, tokenizer: ChatTokenizer,
+                 head: EndOfTurnHead | None = None):
         if not model.cfg.causal:
             raise ValueError("the text turn detector needs a causal (autoregressive) model, "
                              "e.g. dv-small-ar")
-        self.model, self.tok = model.eval(), tokenizer
-        marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
-        self.end_ids = sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
+        self.model, self.tok, self.head = model.eval(), tokenizer, head
+        self.end_ids = end_token_ids(tokenizer)
         self.max_tokens = model.cfg.max_seq_len
         # context tokens -> their K/V per layer (the detector's scoring thread, or a caller's)
         self._contexts: collections.OrderedDict[tuple[int, ...], list[LayerKV]] = \
@@ -123,7 +135,8 @@ class EndOfTurnScorer:
             logits, _ = self._last_logits(words, len(scored.context),
                                           self._context_kv(scored.context))
         probs = torch.softmax(logits[0].float(), dim=-1)
-        return float(probs[self.end_ids].sum())
+        p_end = float(probs[self.end_ids].sum())
+        return p_end if self.head is None else self.head.p_complete(logits[0], p_end)
 
     def prepare(self) -> None:
         """Trace the scoring forwards (a context's encode, words after it) ahead of a turn."""
@@ -166,7 +179,12 @@ class TextTurnDetector:
 
     def __init__(self, scorer: EndOfTurnScorer, *, name: str, threshold: float | None = None):
         self.scorer, self._name = scorer, name
-        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        head = scorer.head
+        if threshold is None:
+            threshold = DEFAULT_THRESHOLD if head is None else head.threshold
+        self.threshold = threshold
+        # the graded hold's floor where the session sets none (`session.turn_hold_floor`)
+        self.floor = DEFAULT_FLOOR if head is None else head.floor
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-detector")
         self._pool.submit(scorer.prepare)  # before the first score, off the loading thread
         # scores by the tokens scored: a transcript prefetched while the caller spoke is
@@ -178,7 +196,8 @@ class TextTurnDetector:
             Hashable, tuple[Scored, Future[float]]] = collections.OrderedDict()
 
     @classmethod
-    def load(cls, model: str, threshold: float | None = None) -> TextTurnDetector:
+    def load(cls, model: str, threshold: float | None = None,
+             head: bool = True) -> TextTurnDetector:
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
         loaded = load_checkpoint(resolve_model_path(model), device="cpu", dtype=torch.float32)
@@ -187,7 +206,8 @@ class TextTurnDetector:
         # reads the same (AUC 0.84 / 0.85; at 0.15 one cut-off clip of 184 more let through
         # in digital silence); elsewhere fp32, its projections prepacked for oneDNN
         net = quantize_int8(loaded.model) if cpu_has_int8() else pack_fp32(loaded.model)
-        scorer = EndOfTurnScorer(net, loaded.tokenizer)
+        fitted = EndOfTurnHead.load(loaded.path, loaded.model.cfg.vocab_size) if head else None
+        scorer = EndOfTurnScorer(net, loaded.tokenizer, fitted)
         return cls(scorer, name=model, threshold=threshold)
 
     @property

@@ -1,6 +1,7 @@
-"""The text end-of-turn detector: the shipped dv-small-ar scores finished words above the same
-words cut off, it speaks LiveKit's turn-detector protocol, and a real AgentSession holds an
-unfinished turn open on it (scripted STT, LLM and TTS: the timing is the session's)."""
+"""The text end-of-turn detector: the shipped dv-small-ar and its end-of-turn head score finished
+words above the same words cut off, it speaks LiveKit's turn-detector protocol, and a real
+AgentSession holds an unfinished turn open on it (scripted STT, LLM and TTS: the timing is the
+session's)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from voice_harness import Caller
 from agent.session import Models, load_turn_detector
 from agent.settings import load_settings
 from agent.turn_detector import (
-    DEFAULT_THRESHOLD,
     LEARNED_PAUSE_CAP_S,
     PAUSE_DECAY,
     EndOfTurnScorer,
@@ -28,7 +28,6 @@ from agent.turn_detector import (
     chat_messages,
 )
 
-THRESHOLD = 0.15
 FINISHED_AND_CUT = [
     ("How do I make a cup of tea?", "How do I make a"),
     ("I just got back from a long walk.", "I just got back from a"),
@@ -39,7 +38,8 @@ FINISHED_AND_CUT = [
 
 @pytest.fixture(scope="module")
 def detector():
-    detector = TextTurnDetector.load("dv-small-ar", threshold=THRESHOLD)
+    detector = TextTurnDetector.load("dv-small-ar")  # its head's threshold
+    assert detector.scorer.head is not None
     yield detector
     detector.close()
 
@@ -51,7 +51,7 @@ def p_end(detector: TextTurnDetector, words: str) -> float:
 
 @pytest.mark.parametrize(("finished", "cut"), FINISHED_AND_CUT)
 def test_finished_words_score_above_the_threshold_and_cut_ones_below(detector, finished, cut):
-    assert p_end(detector, cut) < THRESHOLD < p_end(detector, finished)
+    assert p_end(detector, cut) < detector.threshold < p_end(detector, finished)
 
 
 def test_whisper_punctuation_does_not_decide(detector):
@@ -87,7 +87,7 @@ def test_a_turns_context_is_encoded_once_and_scores_as_one_forward_would(detecto
         with torch.inference_mode():
             logits, _ = scorer.model(torch.tensor([scored.context + scored.words]))
         whole = float(torch.softmax(logits[0, -1], dim=-1)[scorer.end_ids].sum())
-        assert p == pytest.approx(whole, abs=1e-4)
+        assert p == pytest.approx(scorer.head.p_complete(logits[0, -1], whole), abs=1e-4)
 
 
 async def test_the_livekit_protocol_on_a_chat_context(detector):
@@ -106,7 +106,7 @@ def test_a_scorer_whose_forward_cannot_be_traced_scores_eagerly(detector, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("the tracer cannot record this")
 
-    scorer = EndOfTurnScorer(detector.scorer.model, detector.scorer.tok)
+    scorer = EndOfTurnScorer(detector.scorer.model, detector.scorer.tok, detector.scorer.head)
     monkeypatch.setattr("llm.traced.TracedForwards._trace", broken)
     scorer.prepare()
     words = [{"role": "user", "content": "How do I make a cup of tea?"}]
@@ -118,7 +118,9 @@ def test_settings_choose_it_and_a_diffusion_model_is_refused():
     session = load_settings(overrides=['session.turn_detector="text"']).session
     loaded = load_turn_detector(session.model_copy(update={"turn_end_threshold": None}))
     try:
-        assert isinstance(loaded, TextTurnDetector) and loaded.threshold == DEFAULT_THRESHOLD
+        assert isinstance(loaded, TextTurnDetector) and loaded.scorer.head is not None
+        assert (loaded.threshold, loaded.floor) == (loaded.scorer.head.threshold,
+                                                    loaded.scorer.head.floor)
     finally:
         loaded.close()
     tok = tiny_diffvoice_tokenizer()
@@ -176,10 +178,11 @@ def test_the_hold_rises_from_the_minimum_at_the_threshold_to_the_maximum_at_the_
 
 
 def _graded(detector: TextTurnDetector, p: float, *, min_s: float, max_s: float):
-    """A detector on the same scorer whose threshold is 2p and hold floor p/2: words scored p
-    wait halfway between `min_s` and `max_s`."""
-    shared = TextTurnDetector(detector.scorer, name="dv-small-ar", threshold=2 * p)
-    hold = GradedHold(floor=p / 2, min_s=min_s, max_s=max_s, vad_silence_s=0.1)
+    """A detector on the same scorer whose threshold is kp and hold floor p/k (k <= 2, kp < 1):
+    words scored p wait halfway between `min_s` and `max_s`."""
+    k = min(2.0, 0.98 / p)
+    shared = TextTurnDetector(detector.scorer, name="dv-small-ar", threshold=k * p)
+    hold = GradedHold(floor=p / k, min_s=min_s, max_s=max_s, vad_silence_s=0.1)
     return shared, hold
 
 
@@ -192,7 +195,7 @@ async def test_words_under_the_threshold_are_held_until_the_silence_is_long_enou
 
     words = FINISHED_AND_CUT[1][0]  # [0] stays unscored for the prefetch test
     p = p_end(detector, words)
-    assert THRESHOLD < p < 0.45
+    assert detector.threshold < p < 0.9
     asked = llm.ChatContext()
     asked.add_message(role="assistant", content="Hi! How can I help?")
     asked.add_message(role="user", content=words)
@@ -210,11 +213,11 @@ async def test_words_under_the_threshold_are_held_until_the_silence_is_long_enou
     try:
         await shared.predict_end_of_turn(asked)  # scored once: the timings are the hold's
         view = shared.for_session(hold)
-        assert await view.unlikely_threshold("en") == p / 2  # LiveKit holds under the floor
+        assert await view.unlikely_threshold("en") == hold.floor  # LiveKit holds under it
         assert 0.3 < await answer_s(view, quiet_s_ago=0.0) < 0.45
         assert 0.1 < await answer_s(view, quiet_s_ago=0.2) < 0.25  # partly waited already
-        assert await answer_s(detector.for_session(hold), 0.0) < 0.1  # p is over 0.15
-        assert await answer_s(shared.for_session(hold._replace(floor=p * 1.5)), 0.0) < 0.1
+        assert await answer_s(detector.for_session(hold), 0.0) < 0.1  # over its threshold
+        assert await answer_s(shared.for_session(hold._replace(floor=p * 1.01)), 0.0) < 0.1
     finally:
         shared.close()
 
@@ -226,13 +229,13 @@ async def test_the_session_waits_less_for_words_just_under_the_threshold(detecto
     well before LiveKit's cliff (its 3 s maximum) and well after words over the threshold."""
     words = FINISHED_AND_CUT[1][0]
     p = detector.scorer.p_end([{"role": "user", "content": words}])  # no greeting before it
-    assert THRESHOLD < p < 0.45
-    shared, _ = _graded(detector, p, min_s=0.3, max_s=3.0)
+    assert detector.threshold < p < 0.9
+    shared, hold = _graded(detector, p, min_s=0.3, max_s=3.0)
     vad = silero.VAD.load(min_silence_duration=0.3)
     latency = {}
     try:
-        for name, turn_detector, floor in (("likely", detector, p / 2), ("cliff", shared, 0),
-                                           ("graded", shared, p / 2)):
+        for name, turn_detector, floor in (("likely", detector, hold.floor),
+                                           ("cliff", shared, 0), ("graded", shared, hold.floor)):
             latency[name] = await _answered_after(
                 words, words, turn_detector, vad, "session.max_endpointing_delay_s=3.0",
                 f"session.turn_hold_floor={floor}")  # 0: LiveKit's cliff
@@ -316,7 +319,7 @@ async def test_a_caller_resumed_after_an_answer_is_held_longer_next_time(detecto
         session.handlers["user_state_changed"](Ev(old_state="speaking", new_state="listening",
                                                   created_at=quiet + 0.1))
         start = time.monotonic()
-        assert await view.predict_end_of_turn(asked) > THRESHOLD
+        assert await view.predict_end_of_turn(asked) > detector.threshold
         answered_s = time.monotonic() - start
         if resume_s is not None:
             session.handlers["agent_state_changed"](Ev(new_state="speaking",
@@ -336,14 +339,15 @@ async def test_a_caller_resumed_after_an_answer_is_held_longer_next_time(detecto
 
 @pytest.mark.slow
 async def test_the_session_waits_out_a_pause_it_once_answered(detector):
-    """A real AgentSession: "Thanks." and "that was really helpful." with 0.6 s of silence
+    """A real AgentSession: "Thanks a lot!" and "that was really helpful." with 0.6 s of silence
     between them, twice. The agent answers the first pause, and the caller goes on talking over
     it; the second time, the agent waits for the rest, unless it does not learn pauses."""
     import time
 
     import numpy as np
 
-    first, rest = spoken("Thanks.", pad_s=0.0), spoken("that was really helpful.", pad_s=0.0)
+    first = spoken("Thanks a lot!", pad_s=0.0)
+    rest = spoken("that was really helpful.", pad_s=0.0)
     speech = np.concatenate([first, np.zeros(int(0.6 * 16000), np.int16), rest])
     vad = silero.VAD.load(min_silence_duration=0.3)
     cut_in = {}
@@ -352,7 +356,7 @@ async def test_the_session_waits_out_a_pause_it_once_answered(detector):
             'session.turn_detector="text"', "session.aec_warmup_s=0.0", 'session.greeting=""',
             "session.min_endpointing_delay_s=0.3", f"session.learn_pauses={str(learn).lower()}"])
         models = Models(engine=FakeEngine(reply=["Sure. "]), tts=FakeTTS(), vad=vad,
-                        stt=FakeSTT(["Thanks.", "that was really helpful."] * 2),
+                        stt=FakeSTT(["Thanks a lot!", "that was really helpful."] * 2),
                         turn_detector=detector)
         cut_in[learn] = []
         async with Caller(settings, models) as caller:
