@@ -3,8 +3,9 @@
 The language model's p(end) (`agent.turn_detector`) answers "is the next token an end?", a
 question it learned in passing while learning to reply. The head asks the question itself: a
 logistic regression on the model's last hidden state (and log p(end)), fitted on the prepared
-chit-chat data's held-in replies, each whole (a complete turn) and cut at a random word (a turn
-the speaker has not finished), half of them after their conversation, half with none.
+chit-chat data's held-in replies, each whole (a complete turn) and cut at a random word inside a
+sentence (a turn the speaker has not finished), half of them after their conversation, half with
+none.
 
 The hidden state is what the model's output layer reads, `logits = W h`, so the head is stored as
 a read-out of the logits (`u` with `W^T u = v` for the fitted weights `v` on `h`): scoring stays
@@ -42,6 +43,7 @@ HEAD_FILE = "end_of_turn.safetensors"
 # p(end) is read in log space: a probability of 1e-9 or less says the same as 1e-9
 LOG_FLOOR = 1e-9
 _TRAILING = re.compile(r"[\s.?!,;:…]+$")  # Whisper's guess at the end, stripped before scoring
+_SENTENCE_END = re.compile(r"[.?!…][\"')]*$")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class Turn(NamedTuple):
 
 
 def turns(split, tok, n: int, seed: int, context_share: float = 0.5) -> list[Turn]:
-    """Up to n replies of `split` (at least two words), each whole and cut at a random word."""
+    """Up to n replies of `split` (at least two words), each whole and cut inside a sentence."""
     rng = random.Random(seed)
     bare = tok.encode_chat([], add_generation_prompt=True)
     out: list[Turn] = []
@@ -110,8 +112,13 @@ def turns(split, tok, n: int, seed: int, context_share: float = 0.5) -> list[Tur
         words = _TRAILING.sub("", text).split()
         if len(words) < 2:
             continue
+        # cut inside a sentence: a reply of several sentences could end after any of them, as
+        # a spoken turn can, and the words alone cannot tell whether more will follow
+        cuts = [k for k in range(1, len(words)) if not _SENTENCE_END.search(words[k - 1])]
+        if not cuts:
+            continue
         context = ids[:p].tolist() if rng.random() < context_share else bare
-        cut = rng.randrange(1, len(words))
+        cut = rng.choice(cuts)
         for kept, complete in ((words, True), (words[:cut], False)):
             out.append(Turn(context, tok.encode(_TRAILING.sub("", " ".join(kept))), complete))
     return out
