@@ -214,7 +214,7 @@ def summarise(rows: list[dict[str, Any]], in_use: float) -> dict[str, Any]:
         table = [{"threshold": t,
                   "complete_held": float(np.mean([p < t for p in complete])) if complete else 0.0,
                   "cut_through": float(np.mean([p >= t for p in cut])) if cut else 0.0}
-                 for t in sorted({*THRESHOLDS, round(in_use, 3)})]
+                 for t in sorted({*THRESHOLDS, in_use})]
         out[condition] = {
             "auc": auc(complete, cut), "thresholds": table,
             "complete": {"n": len(complete), "median": float(np.median(complete or [0.0]))},

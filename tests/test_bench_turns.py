@@ -63,7 +63,9 @@ def test_bench_turns_command_scores_real_turns(tmp_path, capsys):
 def test_bench_turns_scores_the_text_detector_on_whisper_transcripts(tmp_path, capsys):
     out = tmp_path / "turns.json"
     rc = main(["bench-turns", "--turns", "1", "--json", str(out)])  # the deployment's detector
-    assert rc == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert printed.count("<- in use") == 2  # the head's threshold, in both conditions' tables
     report = json.loads(out.read_text())
     assert report["settings"]["turn_detector"] == "text"
     detector = TextTurnDetector.load("dv-small-ar")
