@@ -246,13 +246,15 @@ def run(args: argparse.Namespace, settings) -> int:
                             ("floor", head.floor, DEFAULT_FLOOR)):
         info[name] = {"complete_held": float(np.mean(head_p[complete] < at)),
                       "cut_through": float(np.mean(head_p[~complete] >= at)),
+                      "p_end_complete_held": float(np.mean(lm[complete] < lm_at)),
                       "p_end_cut_through": float(np.mean(lm[~complete] >= lm_at))}
     path = head.save(Path(args.out) if args.out else loaded.path, info)
     print(f"{path}: AUC {info['auc']:.3f} (p(end): {info['auc_p_end']:.3f}) on "
           f"{len(sets['test'])} held-out turns")
     for name, at in (("threshold", head.threshold), ("floor", head.floor)):
         r = info[name]
-        print(f"  {name} {at:.3f}: holds {100 * r['complete_held']:.1f}% of complete turns, "
-              f"answers {100 * r['cut_through']:.1f}% of cut-off ones "
-              f"(p(end): {100 * r['p_end_cut_through']:.1f}%)")
+        print(f"  {name} {at:.3f}: holds {100 * r['complete_held']:.1f}% of complete turns "
+              f"(p(end): {100 * r['p_end_complete_held']:.1f}%), answers "
+              f"{100 * r['cut_through']:.1f}% of cut-off ones (p(end): "
+              f"{100 * r['p_end_cut_through']:.1f}%)")
     return 0

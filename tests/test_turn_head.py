@@ -55,7 +55,8 @@ def test_the_fitted_head_is_written_with_its_calibration(fitted, capsys):
         meta = f.metadata()
     info = json.loads(meta["fit"])
     assert info["auc"] > 0.9  # every complete turn ends "is it not": the head learns it
-    assert set(info["threshold"]) == {"complete_held", "cut_through", "p_end_cut_through"}
+    assert set(info["threshold"]) == {"complete_held", "cut_through", "p_end_complete_held",
+                                      "p_end_cut_through"}
     head = EndOfTurnHead.load(fitted, load_checkpoint(fitted).model.cfg.vocab_size)
     assert head is not None and 0 < head.floor <= head.threshold < 1
 
