@@ -171,11 +171,6 @@ def fit_logistic(X: Tensor, y: Tensor, weight_decay: float) -> tuple[Tensor, flo
     return w_raw, float(b.detach() - (mu * w_raw).sum())
 
 
-def auc(scores: np.ndarray, complete: np.ndarray) -> float:
-    pos, neg = scores[complete], scores[~complete]
-    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
-
-
 def matched(head: np.ndarray, lm: np.ndarray, complete: np.ndarray, lm_at: float) -> float:
     """The head's score that answers as many cut-off turns as p(end) at `lm_at` does."""
     share = float(np.mean(lm[~complete] >= lm_at))
@@ -204,8 +199,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder to write the head to (default: the model's)")
 
 
-def run(args: argparse.Namespace, settings) -> int:
+def fit_head(model, tok, sets: dict[str, list[Turn]], weight_decay: float,
+             ) -> tuple[EndOfTurnHead, dict]:
+    """The head fitted on sets["train"], calibrated on sets["test"], and what it measured."""
+    from agent.bench_turns import auc
     from agent.turn_detector import DEFAULT_FLOOR, DEFAULT_THRESHOLD, end_token_ids
+
+    end_ids = end_token_ids(tok)
+    feats = {k: features(model, t, end_ids, tok.pad_id) for k, t in sets.items()}
+    H, log_p = feats["train"]
+    y = torch.tensor([t.complete for t in sets["train"]], dtype=torch.float32)
+    w, bias = fit_logistic(torch.cat([H, log_p[:, None]], 1), y, weight_decay)
+    v, end_weight = w[:-1], float(w[-1])
+    H, log_p = feats["test"]
+    complete = np.array([t.complete for t in sets["test"]])
+    head_p = torch.sigmoid(H @ v + end_weight * log_p + bias).numpy()
+    lm = log_p.exp().numpy()
+    head = EndOfTurnHead(logit_readout(model, v), end_weight, bias,
+                         threshold=matched(head_p, lm, complete, DEFAULT_THRESHOLD),
+                         floor=matched(head_p, lm, complete, DEFAULT_FLOOR))
+    info: dict = {"turns": len(sets["train"]), "test_turns": len(sets["test"]),
+                  "auc": auc(head_p[complete], head_p[~complete]),
+                  "auc_p_end": auc(lm[complete], lm[~complete])}
+    for name, at, lm_at in (("threshold", head.threshold, DEFAULT_THRESHOLD),
+                            ("floor", head.floor, DEFAULT_FLOOR)):
+        info[name] = {"complete_held": float(np.mean(head_p[complete] < at)),
+                      "cut_through": float(np.mean(head_p[~complete] >= at)),
+                      "p_end_complete_held": float(np.mean(lm[complete] < lm_at)),
+                      "p_end_cut_through": float(np.mean(lm[~complete] >= lm_at))}
+    return head, info
+
+
+def run(args: argparse.Namespace, settings) -> int:
     from llm.checkpoints import load_checkpoint, resolve_model_path
     from llm.data import load_split, load_tokenizer
     from llm.eval import check_tokenizer
@@ -219,38 +244,17 @@ def run(args: argparse.Namespace, settings) -> int:
     if not (Path(args.data_dir) / "train_tokens.npy").exists():
         raise SystemExit(f"no prepared data in {args.data_dir}: run "
                          f"`diffvoice train --prepare {args.data_dir}`")
-    model, tok = loaded.model.eval(), loaded.tokenizer
     check_tokenizer(loaded, load_tokenizer(args.data_dir), args.data_dir)
-    end_ids = end_token_ids(tok)
-    split = {name: load_split(args.data_dir, name) for name in ("train", "test")}
-    sets = {"train": turns(split["train"], tok, args.examples, args.seed),
-            "test": turns(split["test"], tok, args.test_examples, args.seed + 1)}
-    feats = {k: features(model, t, end_ids, tok.pad_id) for k, t in sets.items()}
-    labels = {k: torch.tensor([t.complete for t in s]) for k, s in sets.items()}
-    X = torch.cat([feats["train"][0], feats["train"][1][:, None]], 1)
-    w, bias = fit_logistic(X, labels["train"].float(), args.weight_decay)
-    v, end_weight = w[:-1], float(w[-1])
-    H, log_p = feats["test"]
-    complete = labels["test"].numpy()
-    head_z = (H @ v + end_weight * log_p + bias).numpy()
-    lm = log_p.exp().numpy()
-    head_p = 1 / (1 + np.exp(-head_z))
-    head = EndOfTurnHead(logit_readout(model, v), end_weight, bias,
-                         threshold=matched(head_p, lm, complete, DEFAULT_THRESHOLD),
-                         floor=matched(head_p, lm, complete, DEFAULT_FLOOR))
-    info = {"turns": len(sets["train"]), "test_turns": len(sets["test"]),
-            "weight_decay": args.weight_decay, "seed": args.seed, "data_dir": str(args.data_dir),
-            "auc": auc(head_p, complete), "auc_p_end": auc(lm, complete),
-            "seconds": round(time.perf_counter() - t0, 1)}
-    for name, at, lm_at in (("threshold", head.threshold, DEFAULT_THRESHOLD),
-                            ("floor", head.floor, DEFAULT_FLOOR)):
-        info[name] = {"complete_held": float(np.mean(head_p[complete] < at)),
-                      "cut_through": float(np.mean(head_p[~complete] >= at)),
-                      "p_end_complete_held": float(np.mean(lm[complete] < lm_at)),
-                      "p_end_cut_through": float(np.mean(lm[~complete] >= lm_at))}
+    tok = loaded.tokenizer
+    sets = {"train": turns(load_split(args.data_dir, "train"), tok, args.examples, args.seed),
+            "test": turns(load_split(args.data_dir, "test"), tok, args.test_examples,
+                          args.seed + 1)}
+    head, info = fit_head(loaded.model.eval(), tok, sets, args.weight_decay)
+    info |= {"weight_decay": args.weight_decay, "seed": args.seed,
+             "data_dir": str(args.data_dir), "seconds": round(time.perf_counter() - t0, 1)}
     path = head.save(Path(args.out) if args.out else loaded.path, info)
     print(f"{path}: AUC {info['auc']:.3f} (p(end): {info['auc_p_end']:.3f}) on "
-          f"{len(sets['test'])} held-out turns")
+          f"{info['test_turns']} held-out turns")
     for name, at in (("threshold", head.threshold), ("floor", head.floor)):
         r = info[name]
         print(f"  {name} {at:.3f}: holds {100 * r['complete_held']:.1f}% of complete turns "
