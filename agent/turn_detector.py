@@ -34,16 +34,18 @@ import threading
 import time
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agent.turn_head import EndOfTurnHead
 from llm.engine import cpu_has_int8
 from llm.model import LayerKV, Transformer, pack_fp32, quantize_int8
 from llm.tokenizer import ChatTokenizer
 from llm.traced import TracedForwards, Variant, traceable
+
+if TYPE_CHECKING:
+    from agent.turn_head import EndOfTurnHead
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ LEARNED_PAUSE_CAP_S = 1.2
 # each exchange in which the caller answers the agent keeps this share of the learned silence
 # over the usual minimum
 PAUSE_DECAY = 0.9
-_TRAILING = re.compile(r"[\s.?!,;:…]+$")
+TRAILING = re.compile(r"[\s.?!,;:…]+$")  # Whisper's guess at the end, stripped before scoring
 Message = dict[str, str]
 
 
@@ -85,6 +87,11 @@ def end_token_ids(tokenizer: ChatTokenizer) -> list[int]:
     """The tokens whose probabilities make p(end): the stop tokens and the sentence marks."""
     marks = [tokenizer.encode(m) for m in SENTENCE_MARKS]
     return sorted({*tokenizer.stop_ids, *(m[0] for m in marks if len(m) == 1)})
+
+
+def end_probability(logits: Tensor, end_ids: list[int]) -> Tensor:
+    """p(end) from next-token logits (..., vocab) -> (...)."""
+    return torch.softmax(logits.float(), dim=-1)[..., end_ids].sum(-1)
 
 
 class EndOfTurnScorer:
@@ -118,7 +125,7 @@ class EndOfTurnScorer:
     def scored(self, messages: list[Message]) -> Scored | None:
         """The tokens scored for `messages` (None when the last one has no words)."""
         *history, last = messages[-(HISTORY_MESSAGES + 1):]
-        words = self.tok.encode(_TRAILING.sub("", last["content"].strip()))
+        words = self.tok.encode(TRAILING.sub("", last["content"].strip()))
         if not words:
             return None
         swap = {"user": "assistant", "assistant": "user"}
@@ -134,8 +141,7 @@ class EndOfTurnScorer:
             words = torch.tensor([scored.words], device=self.device)
             logits, _ = self._last_logits(words, len(scored.context),
                                           self._context_kv(scored.context))
-        probs = torch.softmax(logits[0].float(), dim=-1)
-        p_end = float(probs[self.end_ids].sum())
+        p_end = float(end_probability(logits[0], self.end_ids))
         return p_end if self.head is None else self.head.p_complete(logits[0], p_end)
 
     def prepare(self) -> None:
@@ -198,6 +204,7 @@ class TextTurnDetector:
     @classmethod
     def load(cls, model: str, threshold: float | None = None,
              head: bool = True) -> TextTurnDetector:
+        from agent.turn_head import EndOfTurnHead
         from llm.checkpoints import load_checkpoint, resolve_model_path
 
         loaded = load_checkpoint(resolve_model_path(model), device="cpu", dtype=torch.float32)

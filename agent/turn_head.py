@@ -36,13 +36,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from agent.turn_detector import (
+    DEFAULT_FLOOR,
+    DEFAULT_THRESHOLD,
+    TRAILING,
+    end_probability,
+    end_token_ids,
+)
+
 log = logging.getLogger(__name__)
 
 HELP = "fit the text turn detector's head: complete replies vs cut-off ones, on chit-chat data"
 HEAD_FILE = "end_of_turn.safetensors"
 # p(end) is read in log space: a probability of 1e-9 or less says the same as 1e-9
 LOG_FLOOR = 1e-9
-_TRAILING = re.compile(r"[\s.?!,;:…]+$")  # Whisper's guess at the end, stripped before scoring
 _SENTENCE_END = re.compile(r"[.?!…][\"')]*$")
 
 
@@ -109,7 +116,7 @@ def turns(split, tok, n: int, seed: int, context_share: float = 0.5) -> list[Tur
     for i in rng.sample(range(len(split)), min(n, len(split))):
         ids, p = split.example(i)
         text = tok.decode([t for t in ids[p:].tolist() if t not in tok.stop_ids]).strip()
-        words = _TRAILING.sub("", text).split()
+        words = TRAILING.sub("", text).split()
         if len(words) < 2:
             continue
         # cut inside a sentence: a reply of several sentences could end after any of them, as
@@ -120,7 +127,7 @@ def turns(split, tok, n: int, seed: int, context_share: float = 0.5) -> list[Tur
         context = ids[:p].tolist() if rng.random() < context_share else bare
         cut = rng.choice(cuts)
         for kept, complete in ((words, True), (words[:cut], False)):
-            out.append(Turn(context, tok.encode(_TRAILING.sub("", " ".join(kept))), complete))
+            out.append(Turn(context, tok.encode(TRAILING.sub("", " ".join(kept))), complete))
     return out
 
 
@@ -144,8 +151,7 @@ def features(model, turns_: list[Turn], end_ids: list[int], pad_id: int,
                 logits, _ = model(x)
                 at = torch.arange(len(rows))
                 H[idx] = hidden["h"][at, last].float()
-                p = torch.softmax(logits[at, last].float(), -1)[:, end_ids].sum(-1)
-                log_p[idx] = p.clamp_min(LOG_FLOOR).log()
+                log_p[idx] = end_probability(logits[at, last], end_ids).clamp_min(LOG_FLOOR).log()
     finally:
         hook.remove()
     return H, log_p
@@ -203,7 +209,6 @@ def fit_head(model, tok, sets: dict[str, list[Turn]], weight_decay: float,
              ) -> tuple[EndOfTurnHead, dict]:
     """The head fitted on sets["train"], calibrated on sets["test"], and what it measured."""
     from agent.bench_turns import auc
-    from agent.turn_detector import DEFAULT_FLOOR, DEFAULT_THRESHOLD, end_token_ids
 
     end_ids = end_token_ids(tok)
     feats = {k: features(model, t, end_ids, tok.pad_id) for k, t in sets.items()}
