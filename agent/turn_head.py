@@ -237,7 +237,7 @@ def fit_head(model, tok, sets: dict[str, list[Turn]], weight_decay: float,
 
 def run(args: argparse.Namespace, settings) -> int:
     from llm.checkpoints import load_checkpoint, resolve_model_path
-    from llm.data import load_split, load_tokenizer
+    from llm.data import check_prepared, load_split, load_tokenizer
     from llm.eval import check_tokenizer
 
     t0 = time.perf_counter()
@@ -246,9 +246,7 @@ def run(args: argparse.Namespace, settings) -> int:
                              dtype=torch.float32)
     if not loaded.model.cfg.causal:
         raise SystemExit(f"{loaded.path}: the head needs a causal (autoregressive) model")
-    if not (Path(args.data_dir) / "train_tokens.npy").exists():
-        raise SystemExit(f"no prepared data in {args.data_dir}: run "
-                         f"`diffvoice train --prepare {args.data_dir}`")
+    check_prepared(args.data_dir, "train")
     check_tokenizer(loaded, load_tokenizer(args.data_dir), args.data_dir)
     tok = loaded.tokenizer
     sets = {"train": turns(load_split(args.data_dir, "train"), tok, args.examples, args.seed),

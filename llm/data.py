@@ -260,6 +260,13 @@ def concat_splits(*splits: Split) -> Split:
                  np.concatenate([s.prompt_len for s in splits]))
 
 
+def check_prepared(data_dir: str | Path, split: str) -> None:
+    """FileNotFoundError, saying how to prepare it, unless `data_dir` holds `split`."""
+    if not (Path(data_dir) / f"{split}_tokens.npy").exists():
+        raise FileNotFoundError(f"no prepared data in {data_dir}: run "
+                                f"`diffvoice train --prepare {data_dir}`")
+
+
 def load_split(data_dir: str | Path, split: str) -> Split:
     d = Path(data_dir)
     names = ("tokens", "offsets", "prompt_len")

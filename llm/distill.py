@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm.checkpoints import load_checkpoint, resolve_model_path
-from llm.data import SPLITS, Split, load_split, load_tokenizer
+from llm.data import SPLITS, Split, check_prepared, load_split, load_tokenizer
 from llm.engine import DiffusionEngine
 from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack, repeats_words
 from llm.sampler import trim_reply
@@ -177,8 +177,7 @@ def distill(cfg: DistillConfig, decode: DecodeSettings | None = None) -> dict:
     decode = (decode or DecodeSettings()).model_copy(
         update={"max_new_tokens": cfg.gen_length + 1})
     src, out = Path(cfg.data_dir), Path(cfg.out)
-    if not (src / "train_tokens.npy").exists():
-        raise FileNotFoundError(f"no prepared data in {src}: run `diffvoice train --prepare {src}`")
+    check_prepared(src, "train")
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --data-dir: the source split is kept")
     teacher = load_checkpoint(resolve_model_path(cfg.teacher), device=cfg.device,

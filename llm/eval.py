@@ -78,7 +78,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
-from llm.data import Split, load_split, load_tokenizer
+from llm.data import Split, check_prepared, load_split, load_tokenizer
 from llm.engine import DiffusionEngine, engine_quantize, for_engine
 from llm.sampler import generate_few_step, generate_threshold, repeat_bans, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
@@ -522,9 +522,7 @@ def load_models(cfg: EvalConfig) -> tuple[LoadedModel, LoadedModel]:
 
 def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
-    if not (Path(cfg.data_dir) / "test_tokens.npy").exists():
-        raise FileNotFoundError(f"no prepared data in {cfg.data_dir}: run "
-                                f"`diffvoice train --prepare {cfg.data_dir}`")
+    check_prepared(cfg.data_dir, "test")
     diff, ar = load_models(cfg)
     data_tok = load_tokenizer(cfg.data_dir)
     check_tokenizer(diff, data_tok, cfg.data_dir)
