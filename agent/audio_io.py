@@ -78,6 +78,8 @@ class PacedAudioOutput(io.AudioOutput):
     Playback events follow LiveKit's contract: `on_playback_started` when a reply's first sample
     is pulled, `on_playback_finished(playback_position=seconds pulled, interrupted=...)` once per
     reply, when its last sample is pulled or when `clear_buffer()` drops the rest.
+    `last_reply_stopped_at` is the Unix time the last finished reply first went silent before its
+    end (paused for a possible interruption, or cleared), None when it played to its end unpaused.
 
     A reply whose audio runs out before its end (speech synthesised slower than it plays, or the
     next sentence not yet written) is played with silence in the gap: `last_reply_dry_s` is the
@@ -106,6 +108,8 @@ class PacedAudioOutput(io.AudioOutput):
         self._silent = 0  # samples of silence played since the current reply's last audio
         self._dry = 0  # samples of silence played between audio of the current reply
         self.last_reply_dry_s = 0.0  # seconds of silence played inside the last finished reply
+        self._stopped_at: float | None = None  # when the playing reply was first paused or cleared
+        self.last_reply_stopped_at: float | None = None
 
     # -- session side -------------------------------------------------------------------
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
@@ -132,6 +136,7 @@ class PacedAudioOutput(io.AudioOutput):
             self._queue.append(_SegmentEnd())
 
     def clear_buffer(self) -> None:
+        self._note_stop()
         ends = sum(isinstance(item, _SegmentEnd) for item in self._queue)
         self._queue.clear()
         if self._capturing:
@@ -141,11 +146,16 @@ class PacedAudioOutput(io.AudioOutput):
 
     def pause(self) -> None:
         super().pause()
+        self._note_stop()
         self._paused = True
 
     def resume(self) -> None:
         super().resume()
         self._paused = False
+
+    def _note_stop(self) -> None:
+        if self._started and not self._paused and self._stopped_at is None:
+            self._stopped_at = time.time()
 
     # -- transport side -----------------------------------------------------------------
     @property
@@ -200,6 +210,7 @@ class PacedAudioOutput(io.AudioOutput):
     def _finish(self, *, interrupted: bool) -> None:
         position = self.playback_position_s
         self.last_reply_dry_s = self._dry / self.rate
+        self.last_reply_stopped_at, self._stopped_at = self._stopped_at, None
         if self._dry:
             logger.info("%s: a reply's audio ran dry for %.0f ms of its %.2f s", self.label,
                         1000 * self.last_reply_dry_s, position)

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,12 +83,17 @@ LEAD_SILENCE_S = 0.2  # before each utterance, so the VAD sees a clean onset
 SPEECH_FIELDS = {"config_path", "noise_scale", "noise_w_scale", "lead_in_ms",
                  "max_sentence_chars"}
 QUIET_POLL_S = 0.05
+# said over a reply: the agent still audible this long after it could have stopped played on
+TALKED_OVER_S = 0.3
+# after a reply that played on: an answer to what was said over it starts within this, or none
+ANSWER_START_S = 3.0
 
 
 @dataclass(frozen=True)
 class Utterance:
     text: str  # what is said (the WAV's name for recorded inputs)
     pcm: np.ndarray  # (n,) int16 mono at MIC_RATE
+    over: Utterance | None = None  # said over the reply (`bench.barge_in_ms`), if anything
 
 
 Conversation = list[Utterance]
@@ -183,6 +188,9 @@ def load_conversations(args: argparse.Namespace, settings: Settings) -> list[Con
     if b.pause_ms is not None:
         convs = [[Utterance(u.text, stretch_pause(u.pcm, b.pause_ms, b.audible_level))
                   for u in conv] for conv in convs]
+    if b.barge_in_ms is not None:
+        over = Utterance(b.barge_in_text, spoken(b.barge_in_text, settings))
+        convs = [[replace(u, over=over) for u in conv] for conv in convs]
     return limit_turns(convs, b.turns)
 
 
@@ -264,13 +272,14 @@ def hops_s(m: dict[str, Any], t_end: float, t_heard: float,
             "playout_s": t_heard + wall_offset_s - started}
 
 
-async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> dict[str, Any] | None:
-    """The first `turn_metrics` event after index `start`, or None at the timeout."""
+async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> int | None:
+    """The index of the first `turn_metrics` event at or after index `start`, or None at the
+    timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for ev in caller.events[start:]:
-            if ev["type"] == "turn_metrics":
-                return ev
+        for i in range(start, len(caller.events)):
+            if caller.events[i]["type"] == "turn_metrics":
+                return i
         await asyncio.sleep(QUIET_POLL_S)
     return None
 
@@ -325,9 +334,13 @@ def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
-                       same_clock: bool = False) -> dict[str, Any]:
+                       same_clock: bool = False,
+                       interrupt_s: float | None = None) -> dict[str, Any]:
     """Speak one turn, wait for its reply to finish, and return the turn's record; with
-    `same_clock` (a server in this process) its transport/playout is split by `hops_s`."""
+    `same_clock` (a server in this process) its transport/playout is split by `hops_s`. A turn
+    with `utt.over` says it over the reply `bench.barge_in_ms` after the reply became audible
+    (`barge_in` in the record) to a session that stops for `interrupt_s` of speech (None: not
+    known; the reply then counts as talked over only past the caller's last word)."""
     start = len(caller.events)
     t_start = time.monotonic()
     t_end = await caller.speak(utt.pcm)
@@ -336,20 +349,116 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
         await _wait_quiet(caller, bench)
         return _record(utt, caller.events[start:], "cut_in", t_end, early)
     t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
+    over = None
+    if t_heard is not None and utt.over is not None:
+        over = await speak_over(caller, utt.over, t_heard + (bench.barge_in_ms or 0) / 1000,
+                                interrupt_s)
     # LiveKit reports a turn's metrics when its reply has finished playing: a long reply on a
     # busy machine takes a while, so only a reply that never became audible is dropped
     wait_s = bench.reply_timeout_s + (bench.metrics_timeout_s if t_heard is not None else 0.0)
-    metrics = await _wait_metrics(caller, start, wait_s)
+    at = await _wait_metrics(caller, start, wait_s)
+    metrics = None if at is None else caller.events[at]
+    if over is not None and at is not None:
+        await _wait_answer(caller, at + 1, bench, expected=bool(metrics.get("interrupted")))
     await _wait_quiet(caller, bench)
     ok = t_heard is not None and metrics is not None
-    rec = _record(utt, caller.events[start:], "ok" if ok else "dropped", t_end, t_heard)
+    # with an overlap: the caller's words until they spoke over the reply, the agent's until
+    # the reply's metrics (its item is added when it stops); the overlap and its answer after
+    events = caller.events
+    split = at if over is not None and at is not None else len(events)
+    rec = _record(utt, events[start:split], "ok" if ok else "dropped", t_end, t_heard)
     rec["latency_s"] = None if t_heard is None else t_heard - t_end
     rec["server_s"] = {k: v for k, v in (metrics or {}).items() if k.endswith("_s")}
+    offset = time.time() - time.monotonic() if same_clock else None
     if ok:
         rec["breakdown_s"] = breakdown_s(rec["latency_s"], rec["server_s"])
-        if same_clock:
-            rec["hops_s"] = hops_s(metrics, t_end, t_heard, time.time() - time.monotonic())
+        if offset is not None:
+            rec["hops_s"] = hops_s(metrics, t_end, t_heard, offset)
+    if over is not None:
+        rec["recognised_text"] = _texts(events[start:over.events_at])[0]
+        rec["barge_in"] = barge_in_record(over, metrics, offset, _texts(events[over.events_at:])[0],
+                                          _texts(events[split:])[1])
     return rec
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """What the caller heard while saying something over the agent's reply."""
+    text: str
+    events_at: int  # index of the first server event after the caller began
+    t_start_s: float  # the caller's first loud sample
+    t_end_s: float  # and last
+    t_stop_s: float | None  # the agent's last audible sample while the caller spoke
+    # the agent was audible past the moment it could have stopped, and then some: the caller's
+    # last word, or the session's minimum interruption after their first
+    talked_over: bool
+
+
+async def speak_over(caller: Any, utt: Utterance, at_s: float,
+                     interrupt_s: float | None) -> Overlap:
+    """Say `utt` so that its first loud sample goes out at `at_s` (caller clock), and note when
+    the agent fell silent; `interrupt_s` is the session's minimum speech to interrupt."""
+    first_s, last_s = loud_bounds_s(utt.pcm, MIC_RATE, caller.heard.level)
+    await asyncio.sleep(max(0.0, at_s - first_s - time.monotonic()))
+    events_at = len(caller.events)
+    t_end = await caller.speak(utt.pcm)
+    t_start = t_end - (last_s - first_s)
+    await asyncio.sleep(TALKED_OVER_S)
+    heard = caller.heard
+    could_stop = t_end if interrupt_s is None else min(t_end, t_start + interrupt_s)
+    return Overlap(utt.text, events_at, t_start, t_end, heard.last_audible_s(t_start, t_end),
+                   heard.last_audible_s(could_stop + TALKED_OVER_S, t_end + TALKED_OVER_S)
+                   is not None)
+
+
+def loud_bounds_s(pcm: np.ndarray, rate: int, level: int) -> tuple[float, float]:
+    """Offsets (s) of the first and the last sample of `pcm` above `level`."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > level)
+    return (float(loud[0]) / rate, float(loud[-1]) / rate) if len(loud) else (0.0, 0.0)
+
+
+async def _wait_answer(caller: Any, after: int, bench: BenchSettings, *, expected: bool) -> None:
+    """After a reply spoken over has finished: until the agent has answered what was said over
+    it (its metrics after event `after`). An interrupted reply is answered; after one that
+    played on, an answer may or may not come: wait for it only if it starts soon."""
+    if not expected:
+        t_done = time.monotonic()
+        t_answer = await _wait_audible(caller, t_done + TALKED_OVER_S, ANSWER_START_S)
+        if t_answer is None:
+            return
+    await _wait_metrics(caller, after, bench.reply_timeout_s + bench.metrics_timeout_s)
+
+
+def barge_in_record(o: Overlap, metrics: dict[str, Any] | None, wall_offset_s: float | None,
+                    recognised: str = "", reply: str = "") -> dict[str, Any]:
+    """The `barge_in` of a turn record: whether the agent stopped for what the caller said
+    over its reply (`status`), how soon the caller heard it stop (`stop_s`, from their first
+    loud sample to the agent's last audible one) and, on one clock with the server, where that
+    time went (`hops_s`); what was recognised of it and the agent's answer."""
+    m = metrics or {}
+    status = _overlap_status(o, m)
+    halted = status in ("stopped", "paused")
+    rec = {"text": o.text, "status": status, "recognised_text": recognised, "reply_text": reply,
+           "stop_s": o.t_stop_s - o.t_start_s if halted else None, "hops_s": None,
+           "t_start_s": o.t_start_s, "t_stop_s": o.t_stop_s if halted else None}
+    stopped_at, speech_at = m.get("reply_stopped_at"), m.get("overlap_speech_at")
+    if halted and wall_offset_s is not None and stopped_at is not None and speech_at is not None:
+        rec["hops_s"] = {"onset_s": speech_at - (o.t_start_s + wall_offset_s),
+                         "decide_s": stopped_at - speech_at,
+                         "playout_s": o.t_stop_s + wall_offset_s - stopped_at}
+    return rec
+
+
+def _overlap_status(o: Overlap, m: dict[str, Any]) -> str:
+    if o.t_stop_s is None:
+        return "ended"  # silent when the caller began: nothing to stop
+    if m.get("interrupted"):
+        return "stopped"
+    if m.get("reply_stopped_at") is not None:
+        return "paused"  # it went silent, then resumed: a false interruption
+    if o.talked_over:
+        return "talked_over"
+    return "ended"  # it ended on its own before it could have been stopped
 
 
 def _record(utt: Utterance, events: list[dict[str, Any]], status: str, t_end: float | None,
@@ -358,16 +467,18 @@ def _record(utt: Utterance, events: list[dict[str, Any]], status: str, t_end: fl
     recognised, reply = _texts(events)
     return {"prompt_text": utt.text, "recognised_text": recognised, "reply_text": reply,
             "status": status, "latency_s": None, "breakdown_s": None, "hops_s": None,
-            "server_s": {}, "t_speech_end_s": t_end, "t_first_audible_s": t_heard}
+            "server_s": {}, "barge_in": None, "t_speech_end_s": t_end,
+            "t_first_audible_s": t_heard}
 
 
 # ---- sessions -----------------------------------------------------------------------------------
 async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSettings,
                      tags: dict[str, Any], *, first_is_cold: bool, same_clock: bool = False,
-                     greets: bool = False) -> list[dict[str, Any]]:
+                     greets: bool = False,
+                     interrupt_s: float | None = None) -> list[dict[str, Any]]:
     """One simulated person: each conversation on a fresh connection, turns in order, the
     first after the greeting of a server of our own that `greets` (another server's greeting,
-    if any, once its session starts)."""
+    if any, once its session starts); `interrupt_s` as `measure_turn` takes it."""
     turns: list[dict[str, Any]] = []
     for ci, conv in enumerate(convs):
         c = caller(ci)
@@ -379,7 +490,8 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
             else:
                 await (_wait_greeted(c, bench, t_connect) if greets else _wait_quiet(c, bench))
             for ti, utt in enumerate(conv):
-                rec = await measure_turn(c, utt, bench, same_clock=same_clock)
+                rec = await measure_turn(c, utt, bench, same_clock=same_clock,
+                                         interrupt_s=interrupt_s)
                 cold = first_is_cold and ci == 0 and ti == 0
                 turns.append({**tags, "conversation": ci, "turn": ti, "cold": cold, **rec})
                 tags["progress"].update(1)
@@ -450,7 +562,8 @@ async def run_level(settings: Settings, models: Any, server: Any, url: str | Non
         tasks = [tg.create_task(run_caller(
             caller_factory(settings, models, server, url, s), convs, settings.bench,
             {**tags, "sessions": n, "session": s}, first_is_cold=cold, same_clock=same_clock,
-            greets=bool(settings.session.greeting.strip())))
+            greets=bool(settings.session.greeting.strip()),
+            interrupt_s=settings.session.min_interruption_duration_s))
             for s in range(n)]
     turns = [t for task in tasks for t in task.result()]
     for t in turns:

@@ -25,13 +25,18 @@ STAGE_LABELS = {
 # hops inside transport/playout, measured when the server shares the caller's clock
 HOPS = ("speech_end_lag_s", "playout_s")
 HOP_LABELS = {"speech_end_lag_s": "to the VAD's end of speech", "playout_s": "after playback start"}
+# said over a reply (`bench.barge_in_ms`): what became of the reply, and the hops of its stop
+BARGE_STATUSES = ("stopped", "paused", "talked_over", "ended")
+BARGE_HOPS = ("onset_s", "decide_s", "playout_s")
+BARGE_HOP_LABELS = {"onset_s": "to the VAD's report of speech", "decide_s": "interruption rule",
+                    "playout_s": "output stop to last sound heard"}
 PERCENTILES = (50, 95, 99)
 # every turn record of bench.json has exactly these keys (documented in docs/benchmarks.md);
 # failed turns add "error"
 TURN_KEYS = frozenset({
     "config", "sessions", "session", "conversation", "turn", "cold", "status", "prompt_text",
     "recognised_text", "reply_text", "latency_s", "breakdown_s", "hops_s", "server_s",
-    "t_speech_end_s", "t_first_audible_s",
+    "barge_in", "t_speech_end_s", "t_first_audible_s",
 })
 
 
@@ -65,7 +70,21 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
         "cut_in_turns": sum(t["status"] == "cut_in" for t in turns),
         "gap_turns": sum((t.get("server_s") or {}).get("reply_gaps_s", 0) > 0 for t in turns),
         "reply_words": reply_words(ok),
+        "barge_in": barge_in_summary(turns),
     }
+
+
+def barge_in_summary(turns: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Over the turns spoken over: how many replies ended each way, the stop as the caller
+    heard it (stopped or paused replies) and its mean hops; None when none was spoken over."""
+    over = [t["barge_in"] for t in turns if t.get("barge_in")]
+    if not over:
+        return None
+    halted = [b for b in over if b["stop_s"] is not None]
+    return {"turns": len(over),
+            "statuses": {s: sum(b["status"] == s for b in over) for s in BARGE_STATUSES},
+            "stop": latency_stats([b["stop_s"] for b in halted]),
+            "hop_mean_s": _means(halted, "hops_s", BARGE_HOPS)}
 
 
 def reply_words(turns: list[dict[str, Any]]) -> dict[str, float | int | None]:
@@ -108,6 +127,8 @@ def run_text(run: dict[str, Any]) -> str:
     said = s["reply_words"]
     if said["max"] is not None:
         lines.append(f"  replies: median {said['median']:g} words, longest {said['max']}")
+    if s["barge_in"]:
+        lines += barge_in_text(s["barge_in"])
     for level in run["levels"]:
         w = level["summary"]["warm"]
         lines.append(f"  sessions={level['sessions']}: warm p50={_ms(w['p50'])} "
@@ -118,6 +139,17 @@ def run_text(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def barge_in_text(b: dict[str, Any]) -> list[str]:
+    n, st = b["statuses"], b["stop"]
+    lines = [f"  spoken over {b['turns']} replies: stopped {n['stopped']}, paused and resumed "
+             f"{n['paused']}, talked over {n['talked_over']}, ended first {n['ended']}",
+             f"    stop heard: n={st['n']} p50={_ms(st['p50'])} p95={_ms(st['p95'])} "
+             f"max={_ms(st['max'])} ms (caller's first loud sample -> agent's last)"]
+    lines += [f"      of which {BARGE_HOP_LABELS[h]:<31} {v * 1000:5.0f} ms"
+              for h, v in b["hop_mean_s"].items()]
+    return lines
+
+
 def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Warm p50/p95 of each run and its ratio against the first run's (x = times slower)."""
     base = runs[0]["summary"]["warm"]
@@ -126,6 +158,8 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         w = run["summary"]["warm"]
         row: dict[str, Any] = {"config": run["config"], "warm_p50_s": w["p50"],
                                "warm_p95_s": w["p95"]}
+        over = run["summary"]["barge_in"]
+        row["stop_p50_s"] = over["stop"]["p50"] if over else None
         for p in ("p50", "p95"):
             ok = w[p] is not None and base[p]
             row[f"{p}_vs_first"] = w[p] / base[p] if ok else None
@@ -138,8 +172,9 @@ def comparison_text(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = "-" if r["p50_vs_first"] is None else f"{r['p50_vs_first']:.2f}x"
         ratio95 = "-" if r["p95_vs_first"] is None else f"{r['p95_vs_first']:.2f}x"
+        stop = "" if r["stop_p50_s"] is None else f"  stop p50={_ms(r['stop_p50_s'])} ms"
         lines.append(f"  {r['config']:<28} warm p50={_ms(r['warm_p50_s']):>6} ms ({ratio})  "
-                     f"p95={_ms(r['warm_p95_s']):>6} ms ({ratio95})")
+                     f"p95={_ms(r['warm_p95_s']):>6} ms ({ratio95}){stop}")
     return "\n".join(lines)
 
 
@@ -196,7 +231,8 @@ def html_report(report: dict[str, Any], png_path: Path) -> str:
     rows = "".join(_turn_row(t) for run in report["runs"] for t in run["turns"])
     head = "".join(f"<th>{h}</th>" for h in (
         "config", "sessions", "session", "conv", "turn", "cold", "status", "latency ms",
-        *(STAGE_LABELS[s] for s in STAGES), "said", "recognised", "reply"))
+        *(STAGE_LABELS[s] for s in STAGES), "said", "recognised", "reply", "spoken over",
+        "stop ms"))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>diffvoice bench</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
@@ -214,5 +250,7 @@ def _turn_row(t: dict[str, Any]) -> str:
     cells = [t["config"], t["sessions"], t["session"], t["conversation"], t["turn"], t["cold"],
              t["status"], _ms(t["latency_s"]), *(_ms(b.get(s)) for s in STAGES),
              t["prompt_text"], t["recognised_text"], t["reply_text"]]
+    over = t.get("barge_in") or {}
+    cells += [over.get("status", ""), _ms(over.get("stop_s"))]
     return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 

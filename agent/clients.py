@@ -70,6 +70,21 @@ class HeardAudio:
             return t_s + float(loud[0]) / rate
         return None
 
+    def last_audible_s(self, after_s: float, before_s: float) -> float | None:
+        return last_audible_s(self.chunks, self.level, after_s, before_s)
+
+
+def last_audible_s(chunks: list[tuple[float, int, np.ndarray]], level: int, after_s: float,
+                   before_s: float) -> float | None:
+    """Time of the last sample above `level` in the (arrival time, rate, samples) chunks that
+    arrived between `after_s` and `before_s`; None when none was audible then."""
+    for t_s, rate, pcm in reversed(chunks):
+        if after_s <= t_s <= before_s:
+            loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > level)
+            if len(loud):
+                return t_s + float(loud[-1]) / rate
+    return None
+
 
 UtteranceEnd = tuple[int, float, "asyncio.Future[float]"]
 
@@ -304,6 +319,9 @@ class _LineHeard:
 
     def first_audible_s(self, after_s: float = 0.0) -> float | None:
         return self.caller.first_audible_s(after_s=after_s, threshold=self.level)
+
+    def last_audible_s(self, after_s: float, before_s: float) -> float | None:
+        return last_audible_s(self.chunks, self.level, after_s, before_s)
 
 
 class TwilioBenchCaller:

@@ -12,8 +12,11 @@ Event dicts sent to the client (all have "type"):
   of the VAD's end of speech (`user_stopped_speaking_at`) and of the reply's playback start as
   the audio output reports it (`agent_started_speaking_at`), between which `e2e_latency_s` runs;
   `reply_gaps_s`, the silence played inside the reply because its audio ran out before its end
-  (transports with a paced output: WebRTC, in-process); plus `turn` and `interrupted`. Absent
-  keys were not measured for that turn.
+  (transports with a paced output: WebRTC, in-process); plus `turn` and `interrupted`. With a
+  paced output a reply that went silent before its end (paused for a possible interruption, or
+  cut) adds `reply_stopped_at`, when the output stopped playing it, and `overlap_speech_at`,
+  when the VAD last reported the user speaking over it before that. Absent keys were not
+  measured for that turn.
 """
 
 from __future__ import annotations
@@ -59,17 +62,23 @@ class TurnReporter:
         self.audio_out = audio_out  # the reply's gaps are read off it
         self.turns: list[dict[str, Any]] = []
         self._pending_user: dict[str, Any] = {}
+        self._speech_at: float | None = None  # the VAD's last report of the user speaking
 
     def attach(self, session: AgentSession) -> None:
         session.on("user_input_transcribed", self._on_transcript)
         session.on("conversation_item_added", self._on_item)
         session.on("agent_state_changed", self._on_agent_state)
+        session.on("user_state_changed", self._on_user_state)
 
     def _on_transcript(self, ev: Any) -> None:
         self.send({"type": "user_transcript", "text": ev.transcript, "final": ev.is_final})
 
     def _on_agent_state(self, ev: Any) -> None:
         self.send({"type": "agent_state", "state": ev.new_state})
+
+    def _on_user_state(self, ev: Any) -> None:
+        if ev.new_state == "speaking":  # when the VAD reports it (the event is backdated to
+            self._speech_at = time.time()  # where the speech began)
 
     def _on_item(self, ev: Any) -> None:
         item = ev.item
@@ -85,12 +94,25 @@ class TurnReporter:
         turn = {"turn": len(self.turns) + 1, **self._pending_user, **agent_metrics}
         if self.audio_out is not None:  # the reply has finished playing when its item is added
             turn["reply_gaps_s"] = self.audio_out.last_reply_dry_s
+            turn.update(self._overlap(self.audio_out.last_reply_stopped_at,
+                                      agent_metrics.get("agent_started_speaking_at")))
         turn["interrupted"] = interrupted
         self._pending_user = {}
         self.turns.append(turn)
         self.send({"type": "turn_metrics", **turn})
         logger.info("turn %d latency: %s", turn["turn"], _fmt(turn))
         self._append_log(turn)
+
+    def _overlap(self, stopped: float | None, started: float | None) -> dict[str, float]:
+        """When a reply that went silent before its end stopped, and when the VAD last
+        reported the user speaking while it played, before that."""
+        if stopped is None:
+            return {}
+        out = {"reply_stopped_at": stopped}
+        spoke = self._speech_at
+        if spoke is not None and spoke <= stopped and (started is None or spoke >= started):
+            out["overlap_speech_at"] = spoke
+        return out
 
     def _append_log(self, turn: dict[str, Any]) -> None:
         if self.log_path is None:

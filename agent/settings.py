@@ -169,6 +169,15 @@ class BenchSettings(Section):
     # caller hesitating mid-sentence. An agent heard before the turn's last word is a cut-in
     # (status "cut_in"), the price of a shorter turn decision. None: the turns as spoken
     pause_ms: int | None = Field(None, ge=20, le=5000)
+    # say `barge_in_text` over each reply, its first word this many ms after the reply became
+    # audible, and measure how soon the caller hears the agent stop (`barge_in` in bench.json:
+    # stopped, paused and resumed, talked over, or ended before it was stopped). Under ~0.5 s
+    # the session may take the caller for one who paused and went on (a learned pause). None:
+    # let every reply finish
+    barge_in_ms: int | None = Field(None, ge=0, le=10000)
+    # what the caller says over the reply: an interruption, or a backchannel ("Uh-huh.") that
+    # should not stop it
+    barge_in_text: str = Field("Sorry, wait, can I ask you something else?", min_length=1)
     # the WebRTC caller's receive jitter buffer: packets held before the agent's speech plays
     # (20 ms each). aiortc's default is 4, close to headless Chromium's own adaptive buffer on a
     # 2-core machine (45-111 ms mean over four runs: docs/benchmarks.md, "End-to-end turn

@@ -288,3 +288,83 @@ async def test_a_server_process_that_cannot_start_says_why(tmp_path):
         with pytest.raises(ServerProcessError, match="listening failed"):
             await busy.start()
     assert not busy._proc.is_alive()
+
+
+def test_heard_audio_times_the_last_loud_sample_in_a_window():
+    heard = HeardAudio(level=500)
+    loud = np.zeros(480, np.int16)
+    loud[:120] = 4000  # loud for the chunk's first 2.5 ms
+    heard.add(1.0, loud, 48000)
+    heard.add(1.02, loud, 48000)
+    heard.add(3.0, loud, 48000)
+    assert heard.last_audible_s(0.5, 2.0) == pytest.approx(1.02 + 119 / 48000)
+    assert heard.last_audible_s(1.0, 1.01) == pytest.approx(1.0 + 119 / 48000)
+    assert heard.last_audible_s(1.5, 2.9) is None
+
+
+def _overlap(**kw) -> bench.Overlap:
+    o = {"text": "Sorry, wait.", "events_at": 0, "t_start_s": 10.0, "t_end_s": 11.5,
+         "t_stop_s": 10.7, "talked_over": False}
+    return bench.Overlap(**{**o, **kw})
+
+
+def test_a_reply_spoken_over_is_stopped_paused_talked_over_or_ended():
+    # monotonic 10.0 = Unix 1000.0; the VAD heard the caller at 1000.1, the output stopped at
+    # 1000.62, the caller's last audible agent sample played at 10.7
+    m = {"interrupted": True, "reply_stopped_at": 1000.62, "overlap_speech_at": 1000.1}
+    rec = bench.barge_in_record(_overlap(), m, 990.0, "Sorry, wait.", "Sure.")
+    assert rec["status"] == "stopped" and rec["stop_s"] == pytest.approx(0.7)
+    assert rec["hops_s"] == pytest.approx({"onset_s": 0.1, "decide_s": 0.52, "playout_s": 0.08})
+    assert sum(rec["hops_s"].values()) == pytest.approx(rec["stop_s"])
+    assert (rec["recognised_text"], rec["reply_text"]) == ("Sorry, wait.", "Sure.")
+    assert bench.barge_in_record(_overlap(), m, None)["hops_s"] is None  # other clock
+    resumed = bench.barge_in_record(_overlap(), {**m, "interrupted": False}, 990.0)
+    assert resumed["status"] == "paused" and resumed["stop_s"] == pytest.approx(0.7)
+    over = bench.barge_in_record(_overlap(talked_over=True), {"interrupted": False}, 990.0)
+    assert over["status"] == "talked_over" and over["stop_s"] is None
+    for o, mm in ((_overlap(t_stop_s=None), m), (_overlap(), {"interrupted": False})):
+        ended = bench.barge_in_record(o, mm, 990.0)  # nothing playing, or it ended alone
+        assert ended["status"] == "ended" and ended["stop_s"] is None and ended["hops_s"] is None
+    turns = [{"status": "ok", "barge_in": r} for r in (rec, resumed, over)] + [
+        {"status": "ok", "barge_in": None}]
+    s = bench_report.barge_in_summary(turns)
+    assert s["turns"] == 3 and s["statuses"] == {"stopped": 1, "paused": 1, "talked_over": 1,
+                                                 "ended": 0}
+    assert s["stop"]["n"] == 2 and s["hop_mean_s"]["decide_s"] == pytest.approx(0.52)
+    assert bench_report.barge_in_summary(turns[3:]) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interruptions", [True, False])
+def test_bench_speaks_over_the_replies(interruptions, tmp_path, capsys):
+    """In-process, on the shipped models: the caller says something over each reply; with
+    interruptions the agent stops for it (and answers it), without them it talks on."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "--transport", "inprocess", "--turns", "2", "--out", str(out), *_QUICK,
+               "--set", "bench.barge_in_ms=300",
+               "--set", f"session.allow_interruptions={str(interruptions).lower()}"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "spoken over 2 replies" in printed
+    (run,) = json.loads((out / "bench.json").read_text())["runs"]
+    overs = [t["barge_in"] for t in run["turns"]]
+    assert all(t["status"] == "ok" for t in run["turns"]), run["turns"]
+    assert {o["status"] for o in overs} <= {"stopped", "ended"} if interruptions else {
+        o["status"] for o in overs} <= {"talked_over", "ended"}
+    halted = [o for o in overs if o["status"] != "ended"]
+    assert halted, overs  # at least one reply was still playing when the caller began
+    for o in halted:
+        if interruptions:
+            assert "wait" in o["recognised_text"].lower(), o
+            # the output stops once the VAD has heard 0.5 s of speech (the session's minimum);
+            # the caller may hear the last sound sooner, when the reply was between two words
+            h = o["hops_s"]
+            assert h["onset_s"] > 0 and h["decide_s"] > 0 and h["onset_s"] + h["decide_s"] > 0.4
+            assert 0.1 < o["stop_s"] < 3.0 and o["reply_text"], o  # and it was answered
+        else:
+            assert o["stop_s"] is None and o["hops_s"] is None
+    for t in run["turns"]:  # the reply spoken over is the turn's; the answer is the overlap's
+        assert t["reply_text"] and t["reply_text"] != t["barge_in"]["reply_text"]
+        assert "wait" not in t["recognised_text"].lower()
+    summary = run["summary"]["barge_in"]
+    assert summary["turns"] == 2 and sum(summary["statuses"].values()) == 2

@@ -4,6 +4,7 @@ false interruptions and preemptive drafts, with scripted STT/LLM/TTS timing."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from voice_harness import Caller
 
 from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
+from agent.metrics import TurnReporter
 from agent.session import (
     Models,
     build_session,
@@ -167,7 +169,9 @@ async def test_barge_in_stops_engine_and_keeps_heard_part(vad):
     spans = [f"This is sentence number {i} of a long answer. " for i in range(8)]
     engine = FakeEngine(reply=spans, step_s=0.1, steps_per_span=4)
     models = _models(engine, vad, FakeSTT([QUESTION, "Stop, please."]), FakeTTS())
+    sent: list[dict] = []
     async with Caller(_settings(), models) as caller:
+        TurnReporter("barge-in", sent.append, audio_out=caller.audio_out).attach(caller.session)
         caller.say(spoken(QUESTION))
         await caller.wait_for(lambda: caller.heard, within=10)
         await asyncio.sleep(0.5)
@@ -186,6 +190,9 @@ async def test_barge_in_stops_engine_and_keeps_heard_part(vad):
     cut = next(i for i, p in enumerate(caller.playouts) if p.interrupted)
     played_s = sum(p.playback_position for p in caller.playouts[:cut + 1])
     assert len(heard) <= played_s / 0.03 + 20
+    # the reporter tells when the caller's speech was heard and when the reply went silent
+    (m,) = [e for e in sent if e["type"] == "turn_metrics" and e["interrupted"]]
+    assert m["agent_started_speaking_at"] < m["overlap_speech_at"] < m["reply_stopped_at"]
 
 
 @pytest.mark.slow
@@ -194,7 +201,9 @@ async def test_false_interruption_resumes(vad):
     # the cough is heard by the VAD but has no words
     models = _models(engine, vad, FakeSTT([QUESTION, ""]), FakeTTS())
     settings = _settings(false_interruption_timeout_s=0.5, min_interruption_duration_s=0.2)
+    sent: list[dict] = []
     async with Caller(settings, models) as caller:
+        TurnReporter("cough", sent.append, audio_out=caller.audio_out).attach(caller.session)
         paused: list[bool] = []
         orig_pause, orig_resume = caller.audio_out.pause, caller.audio_out.resume
         caller.audio_out.pause = lambda: (paused.append(True), orig_pause())[1]
@@ -208,6 +217,9 @@ async def test_false_interruption_resumes(vad):
     reply = caller.messages("assistant")[0]
     assert not reply.interrupted
     assert any(n == "agent_false_interruption" for n, _ in caller.events)
+    # reported as a reply that went silent for the noise and was not interrupted
+    (m,) = [e for e in sent if e["type"] == "turn_metrics"]
+    assert not m["interrupted"] and m["overlap_speech_at"] < m["reply_stopped_at"]
 
 
 @pytest.mark.slow
@@ -325,6 +337,7 @@ async def test_paced_output_counts_the_silence_inside_a_reply():
     out.resume()
     out.pull(), out.pull()
     assert len(finished) == 3 and out.last_reply_dry_s == 0
+    assert out.last_reply_stopped_at is None  # paused before it started: nothing went silent
 
 
 async def test_paced_output_pause_and_clear():
@@ -333,14 +346,18 @@ async def test_paced_output_pause_and_clear():
     out.on("playback_finished", finished.append)
     await out.capture_frame(_tone_frame(800))
     out.pull()
+    paused_at = time.time()
     out.pause()
     assert not out.pull().any() and out.playback_position_s == pytest.approx(0.02)
     out.resume()
     out.pull()
+    cleared_at = time.time()
     out.clear_buffer()  # barge-in before the reply was flushed: finished at its flush
     assert not out.pull().any() and not finished
     out.flush()
     assert finished[0].interrupted and finished[0].playback_position == pytest.approx(0.04)
+    # it went silent at the pause (the first stop), not at the clear
+    assert paused_at <= out.last_reply_stopped_at <= cleared_at
 
 
 async def test_queue_input_ends_on_close():
