@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -83,7 +84,7 @@ LEAD_SILENCE_S = 0.2  # before each utterance, so the VAD sees a clean onset
 SPEECH_FIELDS = {"config_path", "noise_scale", "noise_w_scale", "lead_in_ms",
                  "max_sentence_chars"}
 QUIET_POLL_S = 0.05
-# said over a reply: the agent still audible this long after it could have stopped played on
+# said over a reply: still audible this long after it could have stopped, it played on
 TALKED_OVER_S = 0.3
 # after a reply that played on: an answer to what was said over it starts within this, or none
 ANSWER_START_S = 3.0
@@ -358,8 +359,10 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
     wait_s = bench.reply_timeout_s + (bench.metrics_timeout_s if t_heard is not None else 0.0)
     at = await _wait_metrics(caller, start, wait_s)
     metrics = None if at is None else caller.events[at]
+    answer = None
     if over is not None and at is not None:
-        await _wait_answer(caller, at + 1, bench, expected=bool(metrics.get("interrupted")))
+        answer = await _wait_answer(caller, at + 1, bench,
+                                    expected=bool(metrics.get("interrupted")))
     await _wait_quiet(caller, bench)
     ok = t_heard is not None and metrics is not None
     # with an overlap: the caller's words until they spoke over the reply, the agent's until
@@ -376,39 +379,35 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
             rec["hops_s"] = hops_s(metrics, t_end, t_heard, offset)
     if over is not None:
         rec["recognised_text"] = _texts(events[start:over.events_at])[0]
-        rec["barge_in"] = barge_in_record(over, metrics, offset, _texts(events[over.events_at:])[0],
+        rec["barge_in"] = barge_in_record(over, caller.heard, metrics, answer, offset,
+                                          _texts(events[over.events_at:])[0],
                                           _texts(events[split:])[1])
     return rec
 
 
 @dataclass(frozen=True)
 class Overlap:
-    """What the caller heard while saying something over the agent's reply."""
+    """What the caller said over the agent's reply, and when."""
     text: str
     events_at: int  # index of the first server event after the caller began
     t_start_s: float  # the caller's first loud sample
     t_end_s: float  # and last
-    t_stop_s: float | None  # the agent's last audible sample while the caller spoke
-    # the agent was audible past the moment it could have stopped, and then some: the caller's
-    # last word, or the session's minimum interruption after their first
-    talked_over: bool
+    # when the reply could have stopped at the soonest: the caller's last word, or the
+    # session's minimum interruption after their first
+    could_stop_s: float
 
 
 async def speak_over(caller: Any, utt: Utterance, at_s: float,
                      interrupt_s: float | None) -> Overlap:
-    """Say `utt` so that its first loud sample goes out at `at_s` (caller clock), and note when
-    the agent fell silent; `interrupt_s` is the session's minimum speech to interrupt."""
+    """Say `utt` so that its first loud sample goes out at `at_s` (caller clock);
+    `interrupt_s` is the session's minimum speech to interrupt, if known."""
     first_s, last_s = loud_bounds_s(utt.pcm, MIC_RATE, caller.heard.level)
     await asyncio.sleep(max(0.0, at_s - first_s - time.monotonic()))
     events_at = len(caller.events)
     t_end = await caller.speak(utt.pcm)
     t_start = t_end - (last_s - first_s)
-    await asyncio.sleep(TALKED_OVER_S)
-    heard = caller.heard
     could_stop = t_end if interrupt_s is None else min(t_end, t_start + interrupt_s)
-    return Overlap(utt.text, events_at, t_start, t_end, heard.last_audible_s(t_start, t_end),
-                   heard.last_audible_s(could_stop + TALKED_OVER_S, t_end + TALKED_OVER_S)
-                   is not None)
+    return Overlap(utt.text, events_at, t_start, t_end, could_stop)
 
 
 def loud_bounds_s(pcm: np.ndarray, rate: int, level: int) -> tuple[float, float]:
@@ -417,47 +416,62 @@ def loud_bounds_s(pcm: np.ndarray, rate: int, level: int) -> tuple[float, float]
     return (float(loud[0]) / rate, float(loud[-1]) / rate) if len(loud) else (0.0, 0.0)
 
 
-async def _wait_answer(caller: Any, after: int, bench: BenchSettings, *, expected: bool) -> None:
+async def _wait_answer(caller: Any, after: int, bench: BenchSettings, *,
+                       expected: bool) -> dict[str, Any] | None:
     """After a reply spoken over has finished: until the agent has answered what was said over
-    it (its metrics after event `after`). An interrupted reply is answered; after one that
-    played on, an answer may or may not come: wait for it only if it starts soon."""
+    it; the answer's metrics (the first after event `after`), or None. An interrupted reply is
+    answered; after one that played on, an answer may or may not come: wait for it only if it
+    starts soon."""
     if not expected:
         t_done = time.monotonic()
-        t_answer = await _wait_audible(caller, t_done + TALKED_OVER_S, ANSWER_START_S)
-        if t_answer is None:
-            return
-    await _wait_metrics(caller, after, bench.reply_timeout_s + bench.metrics_timeout_s)
+        if await _wait_audible(caller, t_done + TALKED_OVER_S, ANSWER_START_S) is None:
+            return None
+    at = await _wait_metrics(caller, after, bench.reply_timeout_s + bench.metrics_timeout_s)
+    return None if at is None else caller.events[at]
 
 
-def barge_in_record(o: Overlap, metrics: dict[str, Any] | None, wall_offset_s: float | None,
+def barge_in_record(o: Overlap, heard: Any, metrics: dict[str, Any] | None,
+                    answer: dict[str, Any] | None, wall_offset_s: float | None,
                     recognised: str = "", reply: str = "") -> dict[str, Any]:
     """The `barge_in` of a turn record: whether the agent stopped for what the caller said
-    over its reply (`status`), how soon the caller heard it stop (`stop_s`, from their first
-    loud sample to the agent's last audible one) and, on one clock with the server, where that
-    time went (`hops_s`); what was recognised of it and the agent's answer."""
+    over its reply (`status`), how soon the caller heard it stop for good (`stop_s`, from their
+    first loud sample to the reply's last audible one) and, on one clock with the server, where
+    that time went (`hops_s`); what was recognised of it and the agent's `answer`."""
     m = metrics or {}
-    status = _overlap_status(o, m)
-    halted = status in ("stopped", "paused")
+    t_stop = heard.last_audible_s(o.t_start_s, _reply_heard_until(o, answer, wall_offset_s))
+    status = _overlap_status(o, t_stop, m)
+    stopped = status == "stopped"
     rec = {"text": o.text, "status": status, "recognised_text": recognised, "reply_text": reply,
-           "stop_s": o.t_stop_s - o.t_start_s if halted else None, "hops_s": None,
-           "t_start_s": o.t_start_s, "t_stop_s": o.t_stop_s if halted else None}
+           "stop_s": t_stop - o.t_start_s if stopped else None, "hops_s": None,
+           "t_start_s": o.t_start_s, "t_stop_s": t_stop if stopped else None}
     stopped_at, speech_at = m.get("reply_stopped_at"), m.get("overlap_speech_at")
-    if halted and wall_offset_s is not None and stopped_at is not None and speech_at is not None:
+    if stopped and wall_offset_s is not None and stopped_at is not None and speech_at is not None:
         rec["hops_s"] = {"onset_s": speech_at - (o.t_start_s + wall_offset_s),
                          "decide_s": stopped_at - speech_at,
-                         "playout_s": o.t_stop_s + wall_offset_s - stopped_at}
+                         "playout_s": t_stop + wall_offset_s - stopped_at}
     return rec
 
 
-def _overlap_status(o: Overlap, m: dict[str, Any]) -> str:
-    if o.t_stop_s is None:
+def _reply_heard_until(o: Overlap, answer: dict[str, Any] | None,
+                       wall_offset_s: float | None) -> float:
+    """Caller time until which the agent's audio is the reply spoken over, not the answer:
+    the answer's playback start on a shared clock; without one, just past the caller's last
+    word (a reply stopped later than that is not seen)."""
+    if wall_offset_s is None:
+        return o.t_end_s + TALKED_OVER_S
+    started = (answer or {}).get("agent_started_speaking_at")
+    return math.inf if started is None else started - wall_offset_s
+
+
+def _overlap_status(o: Overlap, t_stop: float | None, m: dict[str, Any]) -> str:
+    if t_stop is None:
         return "ended"  # silent when the caller began: nothing to stop
     if m.get("interrupted"):
         return "stopped"
     if m.get("reply_stopped_at") is not None:
         return "paused"  # it went silent, then resumed: a false interruption
-    if o.talked_over:
-        return "talked_over"
+    if t_stop >= o.could_stop_s + TALKED_OVER_S:
+        return "talked_over"  # audible well past the moment it could have stopped
     return "ended"  # it ended on its own before it could have been stopped
 
 

@@ -76,7 +76,7 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
 
 def barge_in_summary(turns: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Over the turns spoken over: how many replies ended each way, the stop as the caller
-    heard it (stopped or paused replies) and its mean hops; None when none was spoken over."""
+    heard it (stopped replies) and its mean hops; None when none was spoken over."""
     over = [t["barge_in"] for t in turns if t.get("barge_in")]
     if not over:
         return None

@@ -304,33 +304,49 @@ def test_heard_audio_times_the_last_loud_sample_in_a_window():
 
 def _overlap(**kw) -> bench.Overlap:
     o = {"text": "Sorry, wait.", "events_at": 0, "t_start_s": 10.0, "t_end_s": 11.5,
-         "t_stop_s": 10.7, "talked_over": False}
+         "could_stop_s": 10.5}
     return bench.Overlap(**{**o, **kw})
+
+
+def _heard(*times: float) -> HeardAudio:
+    heard = HeardAudio(level=500)
+    for t in times:  # 10 ms chunks, loud throughout
+        heard.add(t, np.full(480, 4000, np.int16), 48000)
+    return heard
 
 
 def test_a_reply_spoken_over_is_stopped_paused_talked_over_or_ended():
     # monotonic 10.0 = Unix 1000.0; the VAD heard the caller at 1000.1, the output stopped at
-    # 1000.62, the caller's last audible agent sample played at 10.7
+    # 1000.62, the caller heard the reply's last sound at 10.7 and the answer from 12.0 on
+    reply = _heard(9.5, 10.0, 10.69, 12.0)
+    answer = {"agent_started_speaking_at": 1001.95}
     m = {"interrupted": True, "reply_stopped_at": 1000.62, "overlap_speech_at": 1000.1}
-    rec = bench.barge_in_record(_overlap(), m, 990.0, "Sorry, wait.", "Sure.")
-    assert rec["status"] == "stopped" and rec["stop_s"] == pytest.approx(0.7)
-    assert rec["hops_s"] == pytest.approx({"onset_s": 0.1, "decide_s": 0.52, "playout_s": 0.08})
+    rec = bench.barge_in_record(_overlap(), reply, m, answer, 990.0, "Sorry, wait.", "Sure.")
+    assert rec["status"] == "stopped" and rec["stop_s"] == pytest.approx(0.7, abs=1e-3)
+    assert rec["hops_s"] == pytest.approx({"onset_s": 0.1, "decide_s": 0.52, "playout_s": 0.08},
+                                           abs=1e-3)
     assert sum(rec["hops_s"].values()) == pytest.approx(rec["stop_s"])
     assert (rec["recognised_text"], rec["reply_text"]) == ("Sorry, wait.", "Sure.")
-    assert bench.barge_in_record(_overlap(), m, None)["hops_s"] is None  # other clock
-    resumed = bench.barge_in_record(_overlap(), {**m, "interrupted": False}, 990.0)
-    assert resumed["status"] == "paused" and resumed["stop_s"] == pytest.approx(0.7)
-    over = bench.barge_in_record(_overlap(talked_over=True), {"interrupted": False}, 990.0)
+    # on another clock: only what was heard until just after the caller's last word counts
+    other = bench.barge_in_record(_overlap(), reply, m, answer, None)
+    assert other["stop_s"] == pytest.approx(0.7, abs=1e-3) and other["hops_s"] is None
+    late = bench.barge_in_record(_overlap(t_end_s=10.3), _heard(10.0, 10.69), m, None, None)
+    assert late["stop_s"] == pytest.approx(0.01, abs=1e-3)  # stopped after 10.6: not seen
+    resumed = bench.barge_in_record(_overlap(), reply, {**m, "interrupted": False}, None, 990.0)
+    assert resumed["status"] == "paused" and resumed["stop_s"] is None
+    # not stopped: heard well past the moment it could have been (10.5 + 0.3), or not
+    played = {"interrupted": False}
+    over = bench.barge_in_record(_overlap(), _heard(10.0, 10.81), played, None, 990.0)
     assert over["status"] == "talked_over" and over["stop_s"] is None
-    for o, mm in ((_overlap(t_stop_s=None), m), (_overlap(), {"interrupted": False})):
-        ended = bench.barge_in_record(o, mm, 990.0)  # nothing playing, or it ended alone
+    for heard in (_heard(9.5, 10.79), _heard(9.5)):  # it ended by itself, or before the caller
+        ended = bench.barge_in_record(_overlap(), heard, played, None, 990.0)
         assert ended["status"] == "ended" and ended["stop_s"] is None and ended["hops_s"] is None
     turns = [{"status": "ok", "barge_in": r} for r in (rec, resumed, over)] + [
         {"status": "ok", "barge_in": None}]
     s = bench_report.barge_in_summary(turns)
     assert s["turns"] == 3 and s["statuses"] == {"stopped": 1, "paused": 1, "talked_over": 1,
                                                  "ended": 0}
-    assert s["stop"]["n"] == 2 and s["hop_mean_s"]["decide_s"] == pytest.approx(0.52)
+    assert s["stop"]["n"] == 1 and s["hop_mean_s"]["decide_s"] == pytest.approx(0.52, abs=1e-3)
     assert bench_report.barge_in_summary(turns[3:]) is None
 
 
