@@ -438,18 +438,29 @@ def barge_in_record(o: Overlap, heard: Any, metrics: dict[str, Any] | None,
     first loud sample to the reply's last audible one) and, on one clock with the server, where
     that time went (`hops_s`); what was recognised of it and the agent's `answer`."""
     m = metrics or {}
-    t_stop = heard.last_audible_s(o.t_start_s, _reply_heard_until(o, answer, wall_offset_s))
+    until = _reply_heard_until(o, answer, wall_offset_s)
+    t_stop = heard.last_audible_s(o.t_start_s, until)
     status = _overlap_status(o, t_stop, m)
     stopped = status == "stopped"
     rec = {"text": o.text, "status": status, "recognised_text": recognised, "reply_text": reply,
-           "stop_s": t_stop - o.t_start_s if stopped else None, "hops_s": None,
-           "t_start_s": o.t_start_s, "t_stop_s": t_stop if stopped else None}
+           "stop_s": t_stop - o.t_start_s if stopped else None,
+           "pause_s": longest_gap_s(heard.chunks, o.t_start_s, until) if status == "paused"
+           else None, "hops_s": None, "t_start_s": o.t_start_s,
+           "t_stop_s": t_stop if stopped else None}
     stopped_at, speech_at = m.get("reply_stopped_at"), m.get("overlap_speech_at")
     if stopped and wall_offset_s is not None and stopped_at is not None and speech_at is not None:
         rec["hops_s"] = {"onset_s": speech_at - (o.t_start_s + wall_offset_s),
                          "decide_s": stopped_at - speech_at,
                          "playout_s": t_stop + wall_offset_s - stopped_at}
     return rec
+
+
+def longest_gap_s(chunks: list[tuple[float, int, np.ndarray]], after_s: float,
+                  before_s: float) -> float:
+    """The longest silence between two audible chunks that arrived between `after_s` and
+    `before_s` (0 for fewer than two)."""
+    spans = [(t, t + len(pcm) / rate) for t, rate, pcm in chunks if after_s <= t <= before_s]
+    return max((b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False)), default=0.0)
 
 
 def _reply_heard_until(o: Overlap, answer: dict[str, Any] | None,

@@ -76,7 +76,8 @@ def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
 
 def barge_in_summary(turns: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Over the turns spoken over: how many replies ended each way, the stop as the caller
-    heard it (stopped replies) and its mean hops; None when none was spoken over."""
+    heard it (stopped replies) and its mean hops, how long paused replies were silent; None
+    when none was spoken over."""
     over = [t["barge_in"] for t in turns if t.get("barge_in")]
     if not over:
         return None
@@ -84,6 +85,7 @@ def barge_in_summary(turns: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"turns": len(over),
             "statuses": {s: sum(b["status"] == s for b in over) for s in BARGE_STATUSES},
             "stop": latency_stats([b["stop_s"] for b in halted]),
+            "pause": latency_stats([b["pause_s"] for b in over if b["pause_s"] is not None]),
             "hop_mean_s": _means(halted, "hops_s", BARGE_HOPS)}
 
 
@@ -141,8 +143,9 @@ def run_text(run: dict[str, Any]) -> str:
 
 def barge_in_text(b: dict[str, Any]) -> list[str]:
     n, st = b["statuses"], b["stop"]
+    paused = f" (silent p50 {_ms(b['pause']['p50'])} ms)" if b["pause"]["n"] else ""
     lines = [f"  spoken over {b['turns']} replies: stopped {n['stopped']}, paused and resumed "
-             f"{n['paused']}, talked over {n['talked_over']}, ended first {n['ended']}",
+             f"{n['paused']}{paused}, talked over {n['talked_over']}, ended first {n['ended']}",
              f"    stop heard: n={st['n']} p50={_ms(st['p50'])} p95={_ms(st['p95'])} "
              f"max={_ms(st['max'])} ms (caller's first loud sample -> agent's last)"]
     lines += [f"      of which {BARGE_HOP_LABELS[h]:<31} {v * 1000:5.0f} ms"

@@ -14,10 +14,12 @@ only the `DiffusionLLM` wrapper (which carries the conversation's K/V-cache id) 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm, stt, tts, vad
 from livekit.agents.types import NOT_GIVEN, FlushSentinel
 from livekit.agents.voice import io
@@ -73,6 +75,33 @@ def split_at_sentence_end(chunk: Any) -> list[Any]:
             for part in (text[: cuts[-1]], text[cuts[-1]:])]
 
 
+class Backchannels:
+    """A listener's murmurs: a transcript made only of these phrases (at most `MAX_WORDS`
+    words, case and punctuation aside) is one.
+
+    >>> "Uh-huh, okay." in Backchannels(["uh-huh", "okay"])
+    True
+    """
+
+    MAX_WORDS = 4
+
+    def __init__(self, phrases: Iterable[str]) -> None:
+        self.phrases = {tuple(_words(p)) for p in phrases} - {()}
+
+    def __contains__(self, text: object) -> bool:
+        words = _words(text) if isinstance(text, str) else []
+        return 0 < len(words) <= self.MAX_WORDS and self._covers(tuple(words))
+
+    def _covers(self, words: tuple[str, ...]) -> bool:
+        """Whether `words` is a run of phrases, one after another."""
+        return not words or any(words[:n] in self.phrases and self._covers(words[n:])
+                                for n in range(1, len(words) + 1))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower().replace("-", " "))
+
+
 class VoiceAgent(Agent):
     """The agent of every session: its reply is spoken sentence by sentence as committed.
 
@@ -80,7 +109,32 @@ class VoiceAgent(Agent):
     so text that ends a sentence is followed by a flush: TTS speaks it now instead of holding it
     until the next sentence has grown (LiveKit's sentence splitter only releases a sentence when
     it sees enough of the next one, which for a diffusion reply can be several denoising steps
-    later)."""
+    later).
+
+    A backchannel (`backchannels`) said while a reply plays is not passed on as a transcript,
+    so it neither interrupts the reply nor becomes a turn to answer."""
+
+    def __init__(self, *, instructions: str, backchannels: Backchannels | None = None) -> None:
+        super().__init__(instructions=instructions)
+        self.backchannels = backchannels or Backchannels(())
+
+    async def stt_node(
+        self, audio: AsyncIterable[rtc.AudioFrame], model_settings: ModelSettings
+    ) -> AsyncIterator[stt.SpeechEvent]:
+        async for ev in Agent.default.stt_node(self, audio, model_settings):
+            if self._murmur(ev):
+                logger.info("a backchannel while the agent speaks: not a turn")
+                continue
+            yield ev
+
+    def _murmur(self, ev: stt.SpeechEvent) -> bool:
+        if ev.type not in (stt.SpeechEventType.FINAL_TRANSCRIPT,
+                           stt.SpeechEventType.PREFLIGHT_TRANSCRIPT) or not ev.alternatives:
+            return False
+        speech = self.session.current_speech
+        if speech is None or speech.interrupted or speech.done():
+            return False
+        return ev.alternatives[0].text in self.backchannels
 
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
@@ -208,7 +262,8 @@ def build_session(
     follow = getattr(detector, "follow", None)
     if follow is not None:  # the text detector scores the words while the caller speaks
         follow(session)
-    agent = VoiceAgent(instructions=settings.llm.system_prompt)
+    agent = VoiceAgent(instructions=settings.llm.system_prompt,
+                       backchannels=Backchannels(s.backchannels))
     return session, agent
 
 

@@ -68,11 +68,22 @@ class SessionSettings(Section):
     min_endpointing_delay_s: float = Field(0.3, ge=0.0)
     max_endpointing_delay_s: float = Field(2.5, ge=0.0)
     allow_interruptions: bool = True
-    # speech shorter than this never interrupts the agent (coughs, "uh-huh")
+    # speech shorter than this never interrupts the agent (a cough, a click)
     min_interruption_duration_s: float = Field(0.5, ge=0.0)
+    # a listener's murmurs: said alone while the agent speaks (up to four words of them, case
+    # and punctuation aside) they neither stop it nor get an answer; a reply the VAD paused for
+    # one resumes after false_interruption_timeout_s. Whisper tiny.en hears a spoken "uh-huh"
+    # as "Oh." or "Wow.". Empty: any words interrupt
+    backchannels: list[str] = [
+        "uh-huh", "mm-hmm", "mhm", "mm", "hmm", "uh", "um", "oh", "ah", "wow", "yeah", "yep",
+        "yes", "okay", "ok", "right", "sure", "alright", "i see", "got it", "cool", "nice",
+    ]
     resume_false_interruption: bool = True
-    # an interruption followed by this much silence without words is false: resume speaking
-    false_interruption_timeout_s: float = Field(2.0, gt=0.0)
+    # an interruption followed by this much silence without words is false: resume speaking.
+    # The recognizer's final transcript comes within ~0.2 s of the VAD's end of speech, so the
+    # reply resumes after a murmur ~0.9 s after it went silent (LiveKit's default, 2 s, is sized
+    # for cloud recognizers: docs/benchmarks.md, "Speaking over the agent")
+    false_interruption_timeout_s: float = Field(0.8, gt=0.0)
     # start the reply on the preflight/final transcript before the turn is confirmed
     preemptive_generation: bool = True
     # synthesise the preemptive reply's speech too (LiveKit's default: the LLM only), so its

@@ -334,6 +334,7 @@ def test_a_reply_spoken_over_is_stopped_paused_talked_over_or_ended():
     assert late["stop_s"] == pytest.approx(0.01, abs=1e-3)  # stopped after 10.6: not seen
     resumed = bench.barge_in_record(_overlap(), reply, {**m, "interrupted": False}, None, 990.0)
     assert resumed["status"] == "paused" and resumed["stop_s"] is None
+    assert resumed["pause_s"] == pytest.approx(12.0 - 10.70, abs=1e-3)  # the longest silence
     # not stopped: heard well past the moment it could have been (10.5 + 0.3), or not
     played = {"interrupted": False}
     over = bench.barge_in_record(_overlap(), _heard(10.0, 10.81), played, None, 990.0)
@@ -346,7 +347,8 @@ def test_a_reply_spoken_over_is_stopped_paused_talked_over_or_ended():
     s = bench_report.barge_in_summary(turns)
     assert s["turns"] == 3 and s["statuses"] == {"stopped": 1, "paused": 1, "talked_over": 1,
                                                  "ended": 0}
-    assert s["stop"]["n"] == 1 and s["hop_mean_s"]["decide_s"] == pytest.approx(0.52, abs=1e-3)
+    assert s["pause"]["n"] == 1 and s["stop"]["n"] == 1
+    assert s["hop_mean_s"]["decide_s"] == pytest.approx(0.52, abs=1e-3)
     assert bench_report.barge_in_summary(turns[3:]) is None
 
 

@@ -19,6 +19,7 @@ from agent.audio_io import PacedAudioOutput, QueueAudioInput
 from agent.llm_plugin import DiffusionLLM
 from agent.metrics import TurnReporter
 from agent.session import (
+    Backchannels,
     Models,
     build_session,
     ends_sentence,
@@ -49,6 +50,16 @@ def vad():
 
 def _models(engine, vad, stt=None, tts=None) -> Models:
     return Models(engine=engine, stt=stt, tts=tts, vad=vad, turn_detector=None)
+
+
+def test_backchannels_are_whole_transcripts_of_murmurs():
+    murmurs = Backchannels(_settings().session.backchannels)
+    for said in ("Uh-huh.", "Mm-hmm", "Oh.", "Okay, I see.", "yeah yeah", "Got it!"):
+        assert said in murmurs, said
+    for said in ("Stop.", "Sorry, wait.", "Oh, I see what you mean.", "Okay, go on.", "",
+                 "yeah yeah yeah yeah yeah", "Yesterday."):
+        assert said not in murmurs, said
+    assert "Okay." not in Backchannels([])  # none: every word interrupts
 
 
 def test_turn_handling_from_settings():
@@ -193,6 +204,29 @@ async def test_barge_in_stops_engine_and_keeps_heard_part(vad):
     # the reporter tells when the caller's speech was heard and when the reply went silent
     (m,) = [e for e in sent if e["type"] == "turn_metrics" and e["interrupted"]]
     assert m["agent_started_speaking_at"] < m["overlap_speech_at"] < m["reply_stopped_at"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("said", ["Uh-huh.", "Okay, I see."])
+async def test_a_backchannel_neither_stops_the_reply_nor_is_answered(vad, said):
+    spans = [f"This is sentence number {i} of a long answer. " for i in range(3)]
+    engine = FakeEngine(reply=spans, step_s=0.05, steps_per_span=2)
+    models = _models(engine, vad, FakeSTT([QUESTION, said]), FakeTTS())
+    sent: list[dict] = []
+    async with Caller(_settings(), models) as caller:
+        TurnReporter("murmur", sent.append, audio_out=caller.audio_out).attach(caller.session)
+        caller.say(spoken(QUESTION))
+        await caller.wait_for(lambda: caller.heard, within=10)
+        await asyncio.sleep(0.5)
+        caller.say(spoken("Uh-huh, okay."))  # long enough for the VAD to pause the reply
+        await caller.wait_for(lambda: caller.messages("assistant"), within=20)
+        await asyncio.sleep(1.5)  # no answer to the murmur comes
+    (reply,) = caller.messages("assistant")
+    assert not reply.interrupted and reply.text_content.strip() == "".join(spans).strip()
+    assert [m.text_content for m in caller.messages("user")] == [QUESTION]
+    assert engine.streams[0].cancelled_at is None and len(engine.requests) == 1
+    (m,) = [e for e in sent if e["type"] == "turn_metrics"]
+    assert not m["interrupted"]
 
 
 @pytest.mark.slow
