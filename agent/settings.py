@@ -68,8 +68,10 @@ class SessionSettings(Section):
     min_endpointing_delay_s: float = Field(0.3, ge=0.0)
     max_endpointing_delay_s: float = Field(2.5, ge=0.0)
     allow_interruptions: bool = True
-    # speech shorter than this never interrupts the agent (a cough, a click)
-    min_interruption_duration_s: float = Field(0.5, ge=0.0)
+    # speech the VAD must hear before the agent falls silent (paused, then stopped once words
+    # come): the caller hears it stop ~0.46 s after they began at 0.3, ~0.64 s at LiveKit's 0.5
+    # (docs/benchmarks.md, "Speaking over the agent"); a shorter noise never stops it
+    min_interruption_duration_s: float = Field(0.3, ge=0.0)
     # a listener's murmurs: said alone while the agent speaks (up to four words of them, case
     # and punctuation aside) they neither stop it nor get an answer; a reply the VAD paused for
     # one resumes after false_interruption_timeout_s. Whisper tiny.en hears a spoken "uh-huh"

@@ -357,6 +357,8 @@ def test_a_reply_spoken_over_is_stopped_paused_talked_over_or_ended():
 def test_bench_speaks_over_the_replies(interruptions, tmp_path, capsys):
     """In-process, on the shipped models: the caller says something over each reply; with
     interruptions the agent stops for it (and answers it), without them it talks on."""
+    from agent.settings import load_settings
+
     out = tmp_path / "bench"
     rc = main(["bench", "--transport", "inprocess", "--turns", "2", "--out", str(out), *_QUICK,
                "--set", "bench.barge_in_ms=300",
@@ -364,6 +366,7 @@ def test_bench_speaks_over_the_replies(interruptions, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "spoken over 2 replies" in printed
+    least_s = load_settings(None, []).session.min_interruption_duration_s
     (run,) = json.loads((out / "bench.json").read_text())["runs"]
     overs = [t["barge_in"] for t in run["turns"]]
     assert all(t["status"] == "ok" for t in run["turns"]), run["turns"]
@@ -374,10 +377,11 @@ def test_bench_speaks_over_the_replies(interruptions, tmp_path, capsys):
     for o in halted:
         if interruptions:
             assert "wait" in o["recognised_text"].lower(), o
-            # the output stops once the VAD has heard 0.5 s of speech (the session's minimum);
-            # the caller may hear the last sound sooner, when the reply was between two words
+            # the output stops once the VAD has heard the session's minimum of speech; the
+            # caller may hear the last sound sooner, when the reply was between two words
             h = o["hops_s"]
-            assert h["onset_s"] > 0 and h["decide_s"] > 0 and h["onset_s"] + h["decide_s"] > 0.4
+            assert h["onset_s"] > 0 and h["decide_s"] > 0
+            assert h["onset_s"] + h["decide_s"] > 0.8 * least_s, (h, least_s)
             assert 0.1 < o["stop_s"] < 3.0 and o["reply_text"], o  # and it was answered
         else:
             assert o["stop_s"] is None and o["hops_s"] is None
