@@ -88,6 +88,9 @@ QUIET_POLL_S = 0.05
 TALKED_OVER_S = 0.3
 # after a reply that played on: an answer to what was said over it starts within this, or none
 ANSWER_START_S = 3.0
+# the reply spoken over went silent at least this long before its answer's playback start (the
+# answer waits for the caller's turn to end)
+ANSWER_MARGIN_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -466,12 +469,13 @@ def longest_gap_s(chunks: list[tuple[float, int, np.ndarray]], after_s: float,
 def _reply_heard_until(o: Overlap, answer: dict[str, Any] | None,
                        wall_offset_s: float | None) -> float:
     """Caller time until which the agent's audio is the reply spoken over, not the answer:
-    the answer's playback start on a shared clock; without one, just past the caller's last
-    word (a reply stopped later than that is not seen)."""
+    shortly before the answer's playback start on a shared clock (the phone path reports it
+    once the line has played its first frame); without one, just past the caller's last word
+    (a reply stopped later than that is not seen)."""
     if wall_offset_s is None:
         return o.t_end_s + TALKED_OVER_S
     started = (answer or {}).get("agent_started_speaking_at")
-    return math.inf if started is None else started - wall_offset_s
+    return math.inf if started is None else started - wall_offset_s - ANSWER_MARGIN_S
 
 
 def _overlap_status(o: Overlap, t_stop: float | None, m: dict[str, Any]) -> str:
