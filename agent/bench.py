@@ -444,12 +444,11 @@ def barge_in_record(o: Overlap, heard: Any, metrics: dict[str, Any] | None,
     until = _reply_heard_until(o, answer, wall_offset_s)
     t_stop = heard.last_audible_s(o.t_start_s, until)
     status = _overlap_status(o, t_stop, m)
-    stopped = status == "stopped"
+    stopped, paused = status == "stopped", status == "paused"
     rec = {"text": o.text, "status": status, "recognised_text": recognised, "reply_text": reply,
            "stop_s": t_stop - o.t_start_s if stopped else None,
-           "pause_s": longest_gap_s(heard.chunks, o.t_start_s, until) if status == "paused"
-           else None, "hops_s": None, "t_start_s": o.t_start_s,
-           "t_stop_s": t_stop if stopped else None}
+           "pause_s": longest_gap_s(heard.chunks, o.t_start_s, until) if paused else None,
+           "hops_s": None, "t_start_s": o.t_start_s, "t_stop_s": t_stop if stopped else None}
     stopped_at, speech_at = m.get("reply_stopped_at"), m.get("overlap_speech_at")
     if stopped and wall_offset_s is not None and stopped_at is not None and speech_at is not None:
         rec["hops_s"] = {"onset_s": speech_at - (o.t_start_s + wall_offset_s),
