@@ -82,10 +82,11 @@ class SessionSettings(Section):
     ]
     resume_false_interruption: bool = True
     # an interruption followed by this much silence without words is false: resume speaking.
-    # The recognizer's final transcript comes within ~0.2 s of the VAD's end of speech, so the
-    # reply resumes after a murmur ~0.9 s after it went silent (LiveKit's default, 2 s, is sized
-    # for cloud recognizers: docs/benchmarks.md, "Speaking over the agent")
-    false_interruption_timeout_s: float = Field(0.8, gt=0.0)
+    # The recognizer's final transcript comes within ~0.2 s of the VAD's end of speech (three
+    # callers on two cores included), so a reply paused for a murmur resumes ~0.85 s after it
+    # went silent (LiveKit's default, 2 s, is sized for cloud recognizers: docs/benchmarks.md,
+    # "Speaking over the agent")
+    false_interruption_timeout_s: float = Field(0.5, gt=0.0)
     # start the reply on the preflight/final transcript before the turn is confirmed
     preemptive_generation: bool = True
     # synthesise the preemptive reply's speech too (LiveKit's default: the LLM only), so its
