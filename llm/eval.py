@@ -80,7 +80,15 @@ from torch import Tensor, nn
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import Split, check_prepared, load_split, load_tokenizer
 from llm.engine import DiffusionEngine, engine_quantize, for_engine
-from llm.sampler import generate_few_step, generate_threshold, repeat_bans, trim_reply
+from llm.sampler import (
+    ban_repeats,
+    fill_after_end,
+    generate_few_step,
+    generate_threshold,
+    no_mask_proposals,
+    repeat_bans,
+    trim_reply,
+)
 from llm.settings import DecodeSettings, LLMSettings
 from llm.tokenizer import ChatTokenizer
 from llm.train import reply_nll
@@ -92,6 +100,7 @@ ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8
 L2R_CANVAS = 64  # the left-to-right NLL's reply canvas: the data's longest reply (with <|eot|>)
+HEADROOM_DISTANCES = 8  # proposals scored by their distance from the first masked position
 NEXT = -1  # stands for the position being chosen (no token id is negative)
 
 
@@ -126,6 +135,9 @@ class EvalConfig(BaseModel):
     # also the diffusion model's exact NLL read from the left (one forward per reply token:
     # ~4x the ELBO's time on t_grid 16)
     left_to_right: bool = False
+    # held-out prompts on which the reference threshold sampler's replies are decoded again by
+    # a commit rule that knows them (the headroom of any rule that keeps the replies); 0 = skip
+    headroom_prompts: int = Field(0, ge=0)
     decode: DecodeSettings = DecodeSettings()
     quantize: Literal["none", "int8"] = "none"  # the engine row's projections (llm.quantize)
 
@@ -156,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--left-to-right", action="store_true", default=None,
                         help="also the diffusion model's exact NLL read from the left, one "
                              "token per forward (slow: one forward per reply token)")
+    parser.add_argument("--headroom-prompts", type=int,
+                        help="held-out prompts on which a commit rule that knows the replies "
+                             "decodes them again: the tokens per forward any rule keeping "
+                             "them could reach (0: skip)")
     parser.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -489,6 +505,68 @@ def engine_replies(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Sp
             "decode": cfg.decode.model_dump()}
 
 
+def commit_headroom(cfg: EvalConfig, diff: LoadedModel, test: Split) -> dict:
+    """How many tokens per forward a commit rule could reach on this model without changing
+    its replies. Each held-out prompt is answered by the reference threshold sampler with the
+    deployment's decode settings (`cfg.decode`: threshold, block length, n-gram rule, ordered
+    end; the canvas `gen_length`); an oracle that knows the reply then decodes it again,
+    committing per forward the first masked token, as a left-to-right reading would, and every
+    other masked proposal that already equals its final token (within the active block, as a
+    filter in the engine could, and anywhere in the canvas). Also the share of proposals
+    equal to their final token, by distance from the first masked position."""
+    d, tok, net = cfg.decode, diff.tokenizer, diff.model
+    hits, seen = np.zeros(HEADROOM_DISTANCES), np.zeros(HEADROOM_DISTANCES)
+    tokens, forwards = 0, {"reference": 0, "block": 0, "anywhere": 0}
+    for i in spread(len(test), cfg.headroom_prompts):
+        ids, p = test.example(int(i))
+        prompt = torch.as_tensor(ids[:p])[None]
+        x, nfe = generate_threshold(
+            net, prompt, mask_id=tok.mask_id, gen_length=cfg.gen_length,
+            block_length=d.block_length, threshold=d.threshold, stop_ids=tok.stop_ids,
+            ordered_end=d.ordered_end, no_repeat_ngram=d.no_repeat_ngram, words=tok.words)
+        final = x[0, p:]
+        tokens += len(ended_reply(final, tok))
+        forwards["reference"] += nfe
+        forwards["block"] += oracle_forwards(net, prompt, final, d, tok, True, (hits, seen))
+        forwards["anywhere"] += oracle_forwards(net, prompt, final, d, tok, False)
+    return {"prompts": cfg.headroom_prompts, "reply_tokens": tokens,
+            "reference_tokens_per_forward": tokens / forwards["reference"],
+            "block_tokens_per_forward": tokens / forwards["block"],
+            "anywhere_tokens_per_forward": tokens / forwards["anywhere"],
+            "proposal_final": (hits / np.maximum(seen, 1)).round(4).tolist(),
+            "decode": {k: getattr(d, k) for k in ("threshold", "block_length",
+                                                  "no_repeat_ngram", "ordered_end")}}
+
+
+def oracle_forwards(net: nn.Module, prompt: Tensor, final: Tensor, d: DecodeSettings,
+                    tok: ChatTokenizer, within_block: bool,
+                    tally: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """Forwards an oracle needs to decode `final` (the reference's canvas after the prompt):
+    each commits the first masked token's final value and every other masked proposal equal to
+    its final token (only inside the first masked position's block when `within_block`).
+    `tally` (hits, seen) counts the proposals equal to their final token by distance from the
+    first mask."""
+    P, G = prompt.shape[1], final.shape[0]
+    x = torch.cat([prompt, torch.full((1, G), tok.mask_id)], dim=1)
+    n = 0
+    while masked := (x[0, P:] == tok.mask_id).nonzero().flatten().tolist():
+        logits = ban_repeats(net(x)[0].float(), x, reply_start=P, lo=P, hi=P + G,
+                             n=d.no_repeat_ngram, mask_id=tok.mask_id, words=tok.words)
+        n += 1
+        right = no_mask_proposals(logits, tok.mask_id)[0, P:].argmax(-1) == final
+        first = masked[0]
+        end = (first // d.block_length + 1) * d.block_length if within_block else G
+        if tally is not None:
+            near = [j for j in masked if j - first < HEADROOM_DISTANCES]
+            np.add.at(tally[0], [j - first for j in near], right[near].numpy())
+            np.add.at(tally[1], [j - first for j in near], 1)
+        commit = [first] + [j for j in masked[1:] if j < end and right[j]]
+        x[0, [P + j for j in commit]] = final[commit]
+        if d.ordered_end:
+            x = fill_after_end(x, P, mask_id=tok.mask_id, stop_ids=tok.stop_ids)
+    return n
+
+
 def step_target(rows: list[dict], gen_length: int) -> dict | None:
     by_steps = {r["steps"]: r for r in rows if r["sampler"] == "diffusion"}
     if TARGET_STEPS not in by_steps or gen_length not in by_steps:
@@ -533,6 +611,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         rows, texts, prompts = generation(cfg, diff, ar, test)
         context = context_use(cfg, diff, ar, test)
     # last: the engine fuses the model's projections in place
+    with torch.inference_mode():
+        headroom = commit_headroom(cfg, diff, test) if cfg.headroom_prompts else None
     engine = engine_replies(cfg, diff, ar, test) if cfg.engine_prompts else None
     samples = [{"context": last_user_message(p, diff.tokenizer),
                 "replies": {label: t[i] for label, t in texts.items()}}
@@ -540,7 +620,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     config = {**cfg.model_dump(), "params": diff.model.num_params()}
     return {"config": config, "perplexity": ppl, "generation": rows,
             "step_target": step_target(rows, cfg.gen_length), "context_use": context,
-            "engine": engine, "samples": samples,
+            "engine": engine, "headroom": headroom, "samples": samples,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -591,6 +671,16 @@ def print_report(r: dict) -> None:
         print(f"  {'engine as deployed':<34}{e['gen_ppl']:9.2f}{e['mean_tokens']:9.1f}"
               f"{e['tokens_per_forward']:9.2f}{e['ended']:9.2f}{e['loops']:9.2f}"
               f"{e['distinct_2']:9.3f}{e['seconds']:9.1f}")
+    h = r["headroom"]
+    if h is not None:
+        print(f"\ncommit headroom: {h['prompts']} held-out prompts, the reference threshold "
+              f"sampler ({h['decode']['threshold']:g}, blocks of {h['decode']['block_length']}) "
+              f"decoded again by a rule that knows its replies")
+        print(f"  tokens per forward: reference {h['reference_tokens_per_forward']:.2f}, "
+              f"the rule within the block {h['block_tokens_per_forward']:.2f}, anywhere "
+              f"{h['anywhere_tokens_per_forward']:.2f}")
+        print("  proposals already final, by distance from the first mask: "
+              + " ".join(f"{v:.2f}" for v in h["proposal_final"]))
     print("\ncontext use: reply NLL (nats/token) after the matching vs another example's context")
     for name, c_use in r["context_use"].items():
         print(f"  {name:<10} matching {c_use['matching_nll']:.3f}  mismatched "

@@ -14,6 +14,7 @@ from llm.checkpoints import load_checkpoint, save_checkpoint
 from llm.data import PrepareConfig, load_split, load_tokenizer, prepare
 from llm.model import ModelConfig, Transformer
 from llm.sampler import generate_few_step
+from llm.settings import DecodeSettings
 from llm.train import left_to_right_nll, make_batch
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=64, max_seq_len=256,
@@ -52,7 +53,8 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
                    "--batch-size", "2", "--engine-prompts", "3",
                    "--set", "llm.decode.block_length=4", "--set", "llm.decode.max_new_tokens=12",
                    "--set", "llm.decode.no_repeat_ngram=2",
-                   "--samples", "1", "--left-to-right", "--json", str(out_json)])
+                   "--samples", "1", "--left-to-right", "--headroom-prompts", "2",
+                   "--json", str(out_json)])
     assert rc == 0
     return capsys.readouterr().out, json.loads(out_json.read_text())
 
@@ -60,7 +62,13 @@ def _eval(setup, tmp_path, capsys, model: str = "diff") -> tuple[str, dict]:
 def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsys):
     out, r = _eval(setup, tmp_path, capsys)
     assert set(r) == {"config", "perplexity", "generation", "step_target", "context_use",
-                      "engine", "samples", "seconds"}
+                      "engine", "headroom", "samples", "seconds"}
+    h = r["headroom"]
+    assert h["prompts"] == 2 and h["reply_tokens"] >= 2 and h["decode"]["block_length"] == 4
+    assert 0 < h["reference_tokens_per_forward"] <= 8 and 0 < h["block_tokens_per_forward"] <= 8
+    assert len(h["proposal_final"]) == E.HEADROOM_DISTANCES
+    assert all(0 <= v <= 1 for v in h["proposal_final"])
+    assert "commit headroom: 2 held-out prompts" in out
     e = r["engine"]
     assert e["sampler"] == "engine" and e["prompts"] == 3 and e["steps"] >= 1
     assert 0 < e["tokens_per_forward"] <= 8 and 0 <= e["loops"] <= 1 and e["gen_ppl"] > 1
@@ -109,6 +117,43 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
                    "dist-2", "diffusion 1 token/step (8 steps)", "target <= 1.3x", "user: ",
                    "diffusion threshold 1e-06 (1.0 fwd)"):
         assert needle in out
+
+
+class Knows(torch.nn.Module):
+    """A model whose proposal at every reply position is `answer` (its final token, or not)."""
+
+    def __init__(self, answer: torch.Tensor, vocab: int):
+        super().__init__()
+        self.answer, self.vocab = answer, vocab
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        P = x.shape[1] - len(self.answer)
+        logits[0, torch.arange(P, x.shape[1]), self.answer] = 10.0
+        return logits, None
+
+
+@pytest.mark.parametrize("within_block", [True, False])
+def test_an_oracle_commits_the_first_mask_and_every_final_proposal(setup, within_block):
+    data, _ = setup
+    tok = load_tokenizer(data)
+    words = [i for i in range(tok.vocab_size) if i not in tok.stop_ids and i != tok.mask_id]
+    final = torch.tensor([*words[:5], tok.eot_id, tok.eos_id, tok.eos_id])  # 5 words, the end
+    prompt = torch.tensor([words[:3]])
+    decode = DecodeSettings(block_length=4, no_repeat_ngram=0)
+    right = E.oracle_forwards(Knows(final, tok.vocab_size), prompt, final, decode, tok,
+                              within_block)
+    assert right == (2 if within_block else 1)  # every proposal is final: a block per forward
+    wrong = final.clone()
+    wrong[:5] = torch.tensor(words[5:10])
+    hits, seen = np.zeros(E.HEADROOM_DISTANCES), np.zeros(E.HEADROOM_DISTANCES)
+    n = E.oracle_forwards(Knows(wrong, tok.vocab_size), prompt, final, decode, tok,
+                          within_block, (hits, seen))
+    # one word per forward, the first masked one; the end and its padding are proposed right
+    # and committed beside it (with the last block's word, or at once)
+    assert n == 5
+    assert seen[0] == 5 and hits[0] == 0
+    assert hits.sum() == (15 if within_block else 3)  # the end's 3 until they are committed
 
 
 def test_eval_takes_a_shifted_logits_diffusion_model(setup, tmp_path, capsys):
