@@ -502,12 +502,14 @@ def _record(utt: Utterance, events: list[dict[str, Any]], status: str, t_end: fl
 # ---- sessions -----------------------------------------------------------------------------------
 async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSettings,
                      tags: dict[str, Any], *, first_is_cold: bool, same_clock: bool = False,
-                     greets: bool = False,
-                     interrupt_s: float | None = None) -> list[dict[str, Any]]:
-    """One simulated person: each conversation on a fresh connection, turns in order, the
-    first after the greeting of a server of our own that `greets` (another server's greeting,
-    if any, once its session starts); `interrupt_s` as `measure_turn` takes it."""
+                     greets: bool = False, interrupt_s: float | None = None,
+                     start_after_s: float = 0.0) -> list[dict[str, Any]]:
+    """One simulated person, who calls `start_after_s` after the level began: each
+    conversation on a fresh connection, turns in order, the first after the greeting of a
+    server of our own that `greets` (another server's greeting, if any, once its session
+    starts); `interrupt_s` as `measure_turn` takes it."""
     turns: list[dict[str, Any]] = []
+    await asyncio.sleep(start_after_s)
     for ci, conv in enumerate(convs):
         c = caller(ci)
         try:
@@ -591,7 +593,8 @@ async def run_level(settings: Settings, models: Any, server: Any, url: str | Non
             caller_factory(settings, models, server, url, s), convs, settings.bench,
             {**tags, "sessions": n, "session": s}, first_is_cold=cold, same_clock=same_clock,
             greets=bool(settings.session.greeting.strip()),
-            interrupt_s=settings.session.min_interruption_duration_s))
+            interrupt_s=settings.session.min_interruption_duration_s,
+            start_after_s=s * settings.bench.stagger_s))
             for s in range(n)]
     turns = [t for task in tasks for t in task.result()]
     for t in turns:

@@ -197,6 +197,10 @@ class BenchSettings(Section):
     # 2-core machine (45-111 ms mean over four runs: docs/benchmarks.md, "End-to-end turn
     # latency")
     caller_jitter_prefetch_frames: int = Field(4, ge=1, le=8)
+    # with --sessions N, caller s starts s times this many seconds after the first, so callers'
+    # turns interleave as independent callers' would; 0: all start together and, saying the same
+    # turns, collide on every one (the worst case)
+    stagger_s: float = Field(0.0, ge=0.0, le=60.0)
     # the self-started WebRTC server runs in a process of its own, as a deployed one does; false:
     # in the bench's process, where the simulated caller's Python work (Opus, RTP, its
     # microphone) holds the GIL the server's event loop and engine wait for (docs/benchmarks.md)

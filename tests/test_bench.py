@@ -155,6 +155,51 @@ async def test_a_self_started_servers_greeting_is_heard_out_on_any_transport():
                                   time.monotonic())
 
 
+async def test_staggered_callers_call_one_after_another(monkeypatch):
+    """With `bench.stagger_s`, caller s connects s * stagger_s after the level starts."""
+    import time
+
+    from agent.settings import Settings
+
+    connected: dict[int, float] = {}
+
+    class Dialler(_Caller):
+        def __init__(self, session: int):
+            super().__init__(None, 0.0)
+            self.session = session
+
+        async def connect(self) -> None:
+            connected[self.session] = time.monotonic()
+
+        async def close(self) -> None:
+            pass
+
+    async def turn(caller, utt, b, **kw):
+        return {"status": "ok"}
+
+    async def quiet(caller, b):
+        pass
+
+    monkeypatch.setattr(bench, "caller_factory",
+                        lambda settings, models, server, url, s: lambda ci: Dialler(s))
+    monkeypatch.setattr(bench, "measure_turn", turn)
+    monkeypatch.setattr(bench, "_wait_quiet", quiet)
+    utt = bench.Utterance("Hi.", np.zeros(160, np.int16))
+    settings = Settings.model_validate({"bench": {"transport": "inprocess", "stagger_s": 0.15},
+                                        "session": {"greeting": ""}})
+
+    class Progress:
+        def update(self, n: int) -> None:
+            pass
+
+    t0 = time.monotonic()
+    turns = await bench.run_level(settings, None, None, None, [[utt]], 3,
+                                  {"progress": Progress()}, cold=False)
+    assert [t["session"] for t in turns] == [0, 1, 2] and all(t["status"] == "ok" for t in turns)
+    starts = [connected[s] - t0 for s in range(3)]
+    assert starts[0] < 0.1 and 0.15 <= starts[1] < 0.25 and 0.3 <= starts[2] < 0.4
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
