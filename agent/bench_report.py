@@ -186,14 +186,20 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_png(runs: list[dict[str, Any]], path: Path) -> None:
-    """Stacked per-stage bars for every measured turn (runs side by side) and latency CDFs."""
+    """Stacked per-stage bars for every measured turn (runs side by side), latency CDFs and,
+    for runs with several concurrency levels, warm latency against the number of callers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(2, 1))
+    levels = any(len(run["levels"]) > 1 for run in runs)
+    fig, axes = plt.subplots(1, 2 + levels, figsize=(13 + 4.5 * levels, 4.5),
+                             width_ratios=(2, 1, 1)[:2 + levels])
+    bars, cdf = axes[:2]
     _stacked_bars(bars, runs)
+    if levels:
+        _latency_by_callers(axes[2], runs)
     for run in runs:
         lat = np.sort([t["latency_s"] * 1000 for t in measured(run["turns"])])
         if len(lat):
@@ -206,6 +212,28 @@ def plot_png(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _latency_by_callers(ax: Any, runs: list[dict[str, Any]]) -> None:
+    """Warm p50 (solid) and p95 (dashed) per concurrency level, one colour per run; levels
+    that lost a turn (dropped or failed) are ringed."""
+    for i, run in enumerate(runs):
+        colour = f"C{i}"
+        n = [lv["sessions"] for lv in run["levels"]]
+        for q, style in (("p50", "-o"), ("p95", "--o")):
+            ms = [np.nan if (v := lv["summary"]["warm"][q]) is None else v * 1000
+                  for lv in run["levels"]]
+            ax.plot(n, ms, style, color=colour, label=f"{run['config']} {q}")
+        lost = [(lv["sessions"], lv["summary"]["warm"]["p95"]) for lv in run["levels"]
+                if lv["summary"]["dropped_turns"] + lv["summary"]["failed_turns"]]
+        for x, p95 in lost:
+            ax.plot(x, (p95 or 0) * 1000, "o", ms=14, mfc="none", color="red")
+    ax.set_xlabel("simultaneous callers")
+    ax.set_ylabel("warm client latency (ms)")
+    ax.set_title("latency vs callers")
+    ax.set_xticks(sorted({lv["sessions"] for run in runs for lv in run["levels"]}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _stacked_bars(ax: Any, runs: list[dict[str, Any]]) -> None:

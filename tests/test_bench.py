@@ -200,6 +200,37 @@ async def test_staggered_callers_call_one_after_another(monkeypatch):
     assert starts[0] < 0.1 and 0.15 <= starts[1] < 0.25 and 0.3 <= starts[2] < 0.4
 
 
+def test_the_plot_shows_latency_against_callers_for_a_sessions_run(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def turn(n: int, latency: float | None) -> dict:
+        status = "ok" if latency is not None else "dropped"
+        b = None if latency is None else {s: latency / len(bench_report.STAGES)
+                                          for s in bench_report.STAGES}
+        return {"sessions": n, "cold": False, "status": status, "latency_s": latency,
+                "breakdown_s": b}
+
+    by_level = {1: [0.6, 0.62], 2: [0.7, 0.9], 3: [1.1, None]}  # the third level lost a turn
+    turns = [turn(n, lat) for n, lats in by_level.items() for lat in lats]
+    levels = [{"sessions": n, "summary": bench_report.summarize([t for t in turns
+                                                                 if t["sessions"] == n])}
+              for n in by_level]
+    run = {"config": "a", "turns": turns, "levels": levels}
+    fig, ax = plt.subplots()
+    bench_report._latency_by_callers(ax, [run])
+    p50, p95, ring = ax.lines
+    assert list(p50.get_xdata()) == [1, 2, 3]
+    assert list(p50.get_ydata()) == pytest.approx([610, 800, 1100])
+    assert p95.get_ydata()[1] == pytest.approx(890)
+    assert list(ring.get_xdata()) == [3]  # only the level that lost a turn is ringed
+    plt.close(fig)
+    bench_report.plot_png([run], tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
