@@ -610,9 +610,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         ppl = perplexities(cfg, diff, ar, test)
         rows, texts, prompts = generation(cfg, diff, ar, test)
         context = context_use(cfg, diff, ar, test)
-    # last: the engine fuses the model's projections in place
-    with torch.inference_mode():
         headroom = commit_headroom(cfg, diff, test) if cfg.headroom_prompts else None
+    # last: the engine fuses the model's projections in place
     engine = engine_replies(cfg, diff, ar, test) if cfg.engine_prompts else None
     samples = [{"context": last_user_message(p, diff.tokenizer),
                 "replies": {label: t[i] for label, t in texts.items()}}
