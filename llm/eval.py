@@ -67,6 +67,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +75,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
@@ -141,6 +142,15 @@ class EvalConfig(BaseModel):
     decode: DecodeSettings = DecodeSettings()
     quantize: Literal["none", "int8"] = "none"  # the engine row's projections (llm.quantize)
 
+    @model_validator(mode="after")
+    def _headroom_canvas(self) -> EvalConfig:
+        # checked before the run, not after its perplexities and generation rows
+        if self.headroom_prompts and self.gen_length % self.decode.block_length:
+            raise ValueError(f"--headroom-prompts decodes a {self.gen_length}-token canvas in "
+                             f"blocks of llm.decode.block_length={self.decode.block_length}: "
+                             "make --gen-length a multiple of it")
+        return self
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusion model: shipped name or checkpoint folder "
@@ -185,7 +195,11 @@ def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    cfg = config_from_args(args, settings)
+    try:
+        cfg = config_from_args(args, settings)
+    except ValueError as e:  # pydantic's ValidationError is one
+        print(f"diffvoice eval-model: {e}", file=sys.stderr)
+        return 2
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
     result = evaluate(cfg)

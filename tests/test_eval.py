@@ -119,6 +119,17 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
         assert needle in out
 
 
+def test_a_headroom_canvas_that_does_not_split_into_blocks_is_refused_up_front(capsys):
+    decode = DecodeSettings(block_length=8)
+    with pytest.raises(ValueError, match="multiple"):
+        E.EvalConfig(model="m", gen_length=12, headroom_prompts=4, decode=decode)
+    E.EvalConfig(model="m", gen_length=12, decode=decode)  # no headroom: any canvas
+    for bad, named in ((["--gen-length", "12", "--headroom-prompts", "4"], "multiple"),
+                       (["--examples", "0"], "examples")):
+        assert cli.main(["eval-model", "--set", "llm.decode.block_length=8", *bad]) == 2
+        assert named in capsys.readouterr().err
+
+
 class Knows(torch.nn.Module):
     """A model whose proposal at every reply position is `answer` (its final token, or not)."""
 
