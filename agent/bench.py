@@ -688,6 +688,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.sessions < 1:
         print("diffvoice bench: --sessions must be >= 1", file=sys.stderr)
         return 2
+    if args.turns is not None and args.turns < 0:
+        print("diffvoice bench: --turns must be >= 0 (0: every turn)", file=sys.stderr)
+        return 2
     names = args.compare or [args.config]
     configs = [bench_settings(settings if not args.compare else
                               load_settings(n, args.overrides), args, args.url is None)

@@ -18,6 +18,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from llm.tokenizer import ChatTokenizer
 
 HELP = "diffusion engine speed: ms/step, first span, AR baseline ratio, weight-read bound"
 
+# the options that count something: none may be below 1
+COUNTS = ("prompt_tokens", "reply_tokens", "block_length", "tokens_per_step", "sessions",
+          "repeats")
 # named runs; command-line flags override single fields
 PRESETS: dict[str, dict[str, Any]] = {
     # the shipped models on a laptop CPU as deployed: a voice reply after a short conversation,
@@ -89,6 +93,11 @@ def run(args: argparse.Namespace, settings) -> int:
         if value is not None:
             opts[key] = value
     opts["profile"] = args.profile
+    small = [k for k in COUNTS if opts.get(k) is not None and opts[k] < 1]
+    if small:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in small)
+        print(f"diffvoice bench-llm: {names} must be at least 1", file=sys.stderr)
+        return 2
     llm = settings.llm.model_copy(update={"device": opts["device"]})
     if llm.device != "cpu":  # a GPU preset over the CPU deployment's config: no CPU int8
         llm = llm.model_copy(update={"quantize": "none"})

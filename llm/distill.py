@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -92,7 +93,12 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run(args: argparse.Namespace, settings) -> int:
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
-    meta = distill(config_from_args(args), settings.llm.decode)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # pydantic's ValidationError is one
+        print(f"diffvoice distill: {e}", file=sys.stderr)
+        return 2
+    meta = distill(cfg, settings.llm.decode)
     print(json.dumps(meta, indent=2))
     return 0
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -720,7 +721,11 @@ def recipe_from_args(args) -> TrainConfig:
 
 
 def run(args, settings=None) -> int:
-    cfg = recipe_from_args(args)
+    try:
+        cfg = recipe_from_args(args)
+    except (ValueError, FileNotFoundError) as e:  # a recipe not found or a bad --opt
+        print(f"diffvoice train: {e}", file=sys.stderr)
+        return 2
     if args.prepare:
         meta = prepare(args.prepare, cfg.prepare)
         print(json.dumps(meta, indent=2))
@@ -737,7 +742,6 @@ def run(args, settings=None) -> int:
 
 if __name__ == "__main__":
     import argparse
-    import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _parser = argparse.ArgumentParser(prog="python -m llm.train", description=HELP)

@@ -139,6 +139,23 @@ def test_cli_reports_bad_settings(capsys):
     assert cli.main(["chat", "--config", "no-such-config"]) == 2
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["bench-llm", "--prompt-tokens", "-5"], "--prompt-tokens must be at least 1"),
+    (["bench-llm", "--sessions", "0", "--repeats", "0"], "--sessions, --repeats must be"),
+    (["bench", "--turns", "-1"], "--turns must be >= 0"),
+    (["bench", "--sessions", "0"], "--sessions must be >= 1"),
+    (["train", "--recipe", "no-such-recipe"], "'no-such-recipe' not found"),
+    (["train", "--opt", "lr=abc"], "lr"),
+    (["distill", "--examples", "0"], "examples"),
+    (["eval-model", "--examples", "0"], "examples"),
+])
+def test_a_commands_bad_option_is_a_message_and_exit_2(argv, said, capsys):
+    """Refused before any model loads or any work starts: no traceback, nothing lost."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
 def test_defaults_are_written_once():
     # the root model builds every section from its own defaults, so both routes agree
     assert Settings().llm.decode == DecodeSettings()
