@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,10 @@ class EndOfTurnHead:
         z = float(logits.float() @ self.weight) + self.end_weight * math.log(
             max(p_end, LOG_FLOOR)) + self.bias
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.weight).all()) and all(map(math.isfinite, (
+            self.end_weight, self.bias, self.threshold, self.floor)))
 
     def save(self, folder: Path, info: dict) -> Path:
         from safetensors.torch import save_file
@@ -235,6 +240,11 @@ def fit_head(model, tok, sets: dict[str, list[Turn]], weight_decay: float,
     return head, info
 
 
+def _refuse(why: str) -> int:
+    print(f"diffvoice turn-head: {why}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace, settings) -> int:
     from llm.checkpoints import load_checkpoint, resolve_model_path
     from llm.data import check_prepared, load_split, load_tokenizer
@@ -242,17 +252,24 @@ def run(args: argparse.Namespace, settings) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    loaded = load_checkpoint(resolve_model_path(args.model or settings.session.text_turn_model),
-                             dtype=torch.float32)
+    if args.examples < 1 or args.test_examples < 1:
+        return _refuse("--examples and --test-examples must be at least 1")
+    try:
+        loaded = load_checkpoint(resolve_model_path(args.model or settings.session.text_turn_model),
+                                 dtype=torch.float32)
+        check_prepared(args.data_dir, "train")
+        check_tokenizer(loaded, load_tokenizer(args.data_dir), args.data_dir)
+    except (ValueError, FileNotFoundError) as e:  # a model or the data missing, or unmatched
+        return _refuse(str(e))
     if not loaded.model.cfg.causal:
-        raise SystemExit(f"{loaded.path}: the head needs a causal (autoregressive) model")
-    check_prepared(args.data_dir, "train")
-    check_tokenizer(loaded, load_tokenizer(args.data_dir), args.data_dir)
+        return _refuse(f"{loaded.path}: the head needs a causal (autoregressive) model")
     tok = loaded.tokenizer
     sets = {"train": turns(load_split(args.data_dir, "train"), tok, args.examples, args.seed),
             "test": turns(load_split(args.data_dir, "test"), tok, args.test_examples,
                           args.seed + 1)}
     head, info = fit_head(loaded.model.eval(), tok, sets, args.weight_decay)
+    if not head.is_finite():  # never written over a working head
+        return _refuse(f"the fit on {len(sets['train'])} turns gave no finite head")
     info |= {"weight_decay": args.weight_decay, "seed": args.seed,
              "data_dir": str(args.data_dir), "seconds": round(time.perf_counter() - t0, 1)}
     path = head.save(Path(args.out) if args.out else loaded.path, info)

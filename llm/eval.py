@@ -202,7 +202,12 @@ def run(args: argparse.Namespace, settings) -> int:
         return 2
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
-    result = evaluate(cfg)
+    try:
+        inputs = load_inputs(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a model or the data missing, or unmatched
+        print(f"diffvoice eval-model: {e}", file=sys.stderr)
+        return 2
+    result = evaluate(cfg, inputs)
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -612,14 +617,21 @@ def load_models(cfg: EvalConfig) -> tuple[LoadedModel, LoadedModel]:
     return diff, ar
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    t0 = time.perf_counter()
+def load_inputs(cfg: EvalConfig) -> tuple[LoadedModel, LoadedModel, Split]:
+    """The two models and the held-out split; ValueError or FileNotFoundError when a model or
+    the prepared data is missing or they do not share a tokenizer."""
     check_prepared(cfg.data_dir, "test")
     diff, ar = load_models(cfg)
     data_tok = load_tokenizer(cfg.data_dir)
     check_tokenizer(diff, data_tok, cfg.data_dir)
     check_tokenizer(ar, data_tok, cfg.data_dir)
-    test = load_split(cfg.data_dir, "test")
+    return diff, ar, load_split(cfg.data_dir, "test")
+
+
+def evaluate(cfg: EvalConfig,
+             inputs: tuple[LoadedModel, LoadedModel, Split] | None = None) -> dict:
+    t0 = time.perf_counter()
+    diff, ar, test = inputs or load_inputs(cfg)
     with torch.inference_mode():
         ppl = perplexities(cfg, diff, ar, test)
         rows, texts, prompts = generation(cfg, diff, ar, test)

@@ -148,6 +148,7 @@ def test_cli_reports_bad_settings(capsys):
     (["train", "--opt", "lr=abc"], "lr"),
     (["distill", "--examples", "0"], "examples"),
     (["eval-model", "--examples", "0"], "examples"),
+    (["eval-model", "--data-dir", "no-such-data"], "no prepared data"),
 ])
 def test_a_commands_bad_option_is_a_message_and_exit_2(argv, said, capsys):
     """Refused before any model loads or any work starts: no traceback, nothing lost."""

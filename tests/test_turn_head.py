@@ -61,6 +61,31 @@ def test_the_fitted_head_is_written_with_its_calibration(fitted, capsys):
     assert head is not None and 0 < head.floor <= head.threshold < 1
 
 
+def test_a_fit_without_a_finite_head_leaves_the_old_head_in_place(fitted, monkeypatch, capsys):
+    from agent import turn_head
+
+    before = (fitted / HEAD_FILE).read_bytes()
+    data = fitted.parent / "data"
+
+    def nan_fit(model, tok, sets, weight_decay):
+        head, info = fit(model, tok, sets, weight_decay)
+        return EndOfTurnHead(head.weight * float("nan"), head.end_weight, head.bias,
+                             head.threshold, head.floor), info
+
+    fit = turn_head.fit_head
+    monkeypatch.setattr(turn_head, "fit_head", nan_fit)
+    assert cli.main(["turn-head", "--model", str(fitted), "--data-dir", str(data),
+                     "--examples", "20", "--test-examples", "10"]) == 2
+    assert "no finite head" in capsys.readouterr().err
+    assert (fitted / HEAD_FILE).read_bytes() == before
+    for bad, said in ((["--examples", "0"], "at least 1"),
+                      (["--model", "no-such-model"], "not found"),
+                      (["--data-dir", str(fitted / "no-data")], "no prepared data")):
+        assert cli.main(["turn-head", "--model", str(fitted), "--data-dir", str(data),
+                         *bad]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_the_detector_scores_with_the_head_and_its_thresholds(fitted):
     detector = TextTurnDetector.load(str(fitted))
     try:
