@@ -155,6 +155,10 @@ class PhoneSettings(Section):
     livekit_agent_name: str = ""
 
 
+# a simulated microphone's noise floor above this (dBFS RMS) drowns the speech it carries
+MAX_NOISE_FLOOR_DBFS = -20.0
+
+
 class BenchSettings(Section):
     """`diffvoice bench`: end-to-end turn latency measured at the client."""
 
@@ -178,7 +182,7 @@ class BenchSettings(Section):
     # the simulated caller's microphone noise floor (dBFS RMS, white, under speech and pauses);
     # None: digital silence between words, which no real microphone sends. The end-of-turn
     # model hears the difference (docs/benchmarks.md, "End-of-turn threshold")
-    noise_floor_dbfs: float | None = Field(None, le=-20.0)
+    noise_floor_dbfs: float | None = Field(None, le=MAX_NOISE_FLOOR_DBFS)
     # lengthen the longest pause inside each spoken turn (between two words) to this many ms: a
     # caller hesitating mid-sentence. An agent heard before the turn's last word is a cut-in
     # (status "cut_in"), the price of a shorter turn decision. None: the turns as spoken

@@ -149,6 +149,9 @@ def test_cli_reports_bad_settings(capsys):
     (["distill", "--examples", "0"], "examples"),
     (["eval-model", "--examples", "0"], "examples"),
     (["eval-model", "--data-dir", "no-such-data"], "no prepared data"),
+    (["bench-turns", "--turns", "-3"], "--turns must be at least 1"),
+    (["bench-turns", "--noise-dbfs", "20"], "--noise-dbfs must be at most -20"),
+    (["bench-turns", "--set", 'session.turn_detector="vad"'], "no model to score"),
 ])
 def test_a_commands_bad_option_is_a_message_and_exit_2(argv, said, capsys):
     """Refused before any model loads or any work starts: no traceback, nothing lost."""
