@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -472,8 +473,14 @@ async def _serve(settings: Settings, models: Models) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.session import load_models
+    from agent.signalling import check_port_free
 
-    models = load_models(settings)  # before the loop: loading blocks for seconds
+    try:
+        check_port_free(settings.phone.host, settings.phone.port, "phone.port")
+        models = load_models(settings)  # before the loop: loading blocks for seconds
+    except (ValueError, FileNotFoundError) as e:  # a port taken, a model not found
+        print(f"diffvoice phone: {e}", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings, models))
     return 0

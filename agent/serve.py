@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 from agent.session import Models, load_models
 from agent.settings import Settings
-from agent.signalling import Notify, Signalling, check_bind
+from agent.signalling import Notify, Signalling, check_bind, check_port_free
 from agent.webrtc import Visitor
 
 HELP = "talk to the agent in your browser (WebRTC, local)"
@@ -79,11 +80,12 @@ async def serve(settings: Settings, models: Models) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         check_bind(settings.server)  # fail before the models load
+        check_port_free(settings.server.host, settings.server.port, "server.port")
         logger.info("loading models (%s)", settings.llm.model)
         # on the main thread, before the loop: LiveKit registers plugins on import, main only
         models = load_models(settings)
     except (ValueError, FileNotFoundError) as e:
-        print(f"diffvoice serve: {e}")
+        print(f"diffvoice serve: {e}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve(settings, models))

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,6 +71,20 @@ def check_bind(settings: ServerSettings) -> None:
             f"server.host={settings.host!r} is not loopback: set server.access_token "
             "(DIFFVOICE_SERVER__ACCESS_TOKEN) so only you can connect"
         )
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Fail before the models load when another process listens on the port (0: any port);
+    the server's own bind allows the same address reuse."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): another server "
+                             f"holds it? choose a port with --set {setting}=N") from e
 
 
 def parse_message(raw: str | bytes) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from webrtc_client import WebRTCCaller
 from agent.serve import BrowserServer
 from agent.session import Models
 from agent.settings import Settings, load_settings
-from agent.signalling import check_bind, parse_message
+from agent.signalling import check_bind, check_port_free, parse_message
 from agent.webrtc import OfferError, check_offer, set_jitter_prefetch
 
 # fixtures with the real models, shared by the modules that need them
@@ -301,7 +301,25 @@ def test_serve_command_refuses_an_open_bind_without_token(capsys):
     from agent.cli import main
 
     assert main(["serve", "--set", 'server.host="0.0.0.0"']) == 2  # before any model loads
-    assert "access_token" in capsys.readouterr().out
+    assert "access_token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "setting"), [("serve", "server.port"),
+                                                  ("phone", "phone.port")])
+def test_a_port_another_server_holds_is_refused_before_the_models_load(command, setting,
+                                                                      capsys):
+    import socket
+
+    from agent.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([command, "--set", f"{setting}={port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and setting in err
+    check_port_free("127.0.0.1", port, setting)  # free again: no error
 
 
 @pytest.mark.slow
