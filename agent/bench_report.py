@@ -208,10 +208,16 @@ def plot_png(runs: list[dict[str, Any]], path: Path) -> None:
     cdf.set_ylabel("fraction of turns")
     cdf.set_title("latency CDF")
     cdf.grid(alpha=0.3)
-    cdf.legend(fontsize=7)
+    _legend(cdf)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _legend(ax: Any, ncol: int = 1) -> None:
+    """A legend where something was drawn (a run whose every turn failed draws nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=ncol)
 
 
 def _latency_by_callers(ax: Any, runs: list[dict[str, Any]]) -> None:
@@ -233,7 +239,7 @@ def _latency_by_callers(ax: Any, runs: list[dict[str, Any]]) -> None:
     ax.set_title("latency vs callers")
     ax.set_xticks(sorted({lv["sessions"] for run in runs for lv in run["levels"]}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
 
 
 def _stacked_bars(ax: Any, runs: list[dict[str, Any]]) -> None:
@@ -253,7 +259,7 @@ def _stacked_bars(ax: Any, runs: list[dict[str, Any]]) -> None:
     ax.set_xlabel("turn (runs in order: " + ", ".join(r["config"] for r in runs) + ")")
     ax.set_ylabel("ms")
     ax.set_title("per-turn breakdown")
-    ax.legend(fontsize=7, ncol=3)
+    _legend(ax, ncol=3)
 
 
 def html_report(report: dict[str, Any], png_path: Path) -> str:

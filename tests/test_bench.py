@@ -231,6 +231,19 @@ def test_the_plot_shows_latency_against_callers_for_a_sessions_run(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_run_whose_turns_all_failed_still_plots_without_warnings(tmp_path):
+    import warnings
+
+    failed = {"sessions": 1, "cold": False, "status": "failed", "latency_s": None,
+              "breakdown_s": None}
+    run = {"config": "a", "turns": [failed],
+           "levels": [{"sessions": 1, "summary": bench_report.summarize([failed])}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench_report.plot_png([run], tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
 def test_mic_noise_floor_is_at_its_level_and_off_by_default():
     silence = np.zeros(48000, np.int16)
     rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
