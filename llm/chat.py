@@ -104,12 +104,16 @@ def chat_loop(engine: DiffusionEngine, system_prompt: str, lines: TextIO, out: T
         if text:
             history.append({"role": "user", "content": text})
             reply = stream_reply(engine, history, session_id, out, show_spans)
-            history.append({"role": "assistant", "content": reply})
+            if reply is None:  # refused: the conversation goes on without that message
+                history.pop()
+            else:
+                history.append({"role": "assistant", "content": reply})
 
 
 def stream_reply(engine: DiffusionEngine, history: list[dict], session_id: str, out: TextIO,
-                 show_spans: bool) -> str:
-    """Print committed spans as they land; Ctrl-C cancels the reply and keeps what was shown."""
+                 show_spans: bool) -> str | None:
+    """Print committed spans as they land; Ctrl-C cancels the reply and keeps what was shown.
+    None when the engine refused or failed the request (said on `out`)."""
     stream = engine.stream(history, session_id=session_id)
     parts: list[str] = []
     out.write("bot> ")
@@ -125,6 +129,9 @@ def stream_reply(engine: DiffusionEngine, history: list[dict], session_id: str, 
         stream.cancel()
         for span in stream:  # drain: the engine ends the row within one step
             parts.append(span.text)
+    except Exception as e:  # e.g. a message longer than the model's context
+        out.write(f"(no reply: {e})\n")
+        return None
     out.write("\n" + format_stats(stream.stats) + "\n")
     return "".join(parts)
 

@@ -54,6 +54,25 @@ def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
     assert re.search(r"\[\s*\d+ ms, step\s+\d+\]", out)  # --spans timing lines
 
 
+def test_a_message_too_long_for_the_model_is_refused_and_the_chat_goes_on(monkeypatch, capsys,
+                                                                         tmp_path):
+    write_diffvoice_checkpoint(tmp_path / "m")
+    calls: list[list[dict]] = []
+    original = DiffusionEngine.stream
+
+    def spy(self, messages, **kw):
+        calls.append([dict(m) for m in messages])
+        return original(self, messages, **kw)
+
+    monkeypatch.setattr(DiffusionEngine, "stream", spy)
+    long = " ".join(["words"] * 3000)  # past any K/V capacity of the tiny model
+    rc, out, _ = _chat(monkeypatch, capsys, f"first\n{long}\nsecond\n", "--model",
+                       str(tmp_path / "m"))
+    assert rc == 0 and "(no reply: prompt of" in out and len(STATS.findall(out)) == 2
+    # the refused message is not part of the conversation the next reply sees
+    assert [m["content"] for m in calls[-1] if m["role"] == "user"] == ["first", "second"]
+
+
 def test_missing_model_is_a_clear_error(monkeypatch, capsys, tmp_path):
     rc, _, err = _chat(monkeypatch, capsys, "hi\n", "--model", str(tmp_path / "absent"))
     assert rc == 2 and "model folder not found" in err and "--random-tiny" in err
