@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="shipped model name or checkpoint folder")
     parser.add_argument("--ar-model", help="the autoregressive baseline checkpoint")
     parser.add_argument("--shape", choices=sorted(SHAPES),
-                        help="random weights of this shape (used when --model is not found)")
+                        help="random weights of this shape (with --random, or for a preset "
+                             "that names no model)")
     parser.add_argument("--random", action="store_true", help="random weights even if shipped")
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--prompt-tokens", type=int)
@@ -93,6 +94,12 @@ def run(args: argparse.Namespace, settings) -> int:
         if value is not None:
             opts[key] = value
     opts["profile"] = args.profile
+    missing = [f"--{flag.replace('_', '-')} {name}" for flag in ("model", "ar_model")
+               if (name := getattr(args, flag)) and not args.random and not has_checkpoint(name)]
+    if missing:  # a name given on purpose: never times random weights in its place
+        print(f"diffvoice bench-llm: no checkpoint for {', '.join(missing)} (--random times "
+              "random weights of --shape)", file=sys.stderr)
+        return 2
     small = [k for k in COUNTS if opts.get(k) is not None and opts[k] < 1]
     if small:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in small)
@@ -128,12 +135,18 @@ class BenchModel:
     random: bool
 
 
+def has_checkpoint(name: str) -> bool:
+    from llm.checkpoints import resolve_model_path
+
+    return (resolve_model_path(name) / "config.json").is_file()
+
+
 def load_or_random(name: str | None, opts: dict, llm: LLMSettings, causal: bool,
                    force_random: bool) -> BenchModel:
     from llm.checkpoints import load_checkpoint, resolve_model_path
 
     device, dtype = torch.device(opts["device"]), engine_dtype(llm)
-    if name and not force_random and (resolve_model_path(name) / "config.json").is_file():
+    if name and not force_random and has_checkpoint(name):
         loaded = load_checkpoint(resolve_model_path(name), device=device, dtype=dtype)
         return BenchModel(for_engine(loaded.model.eval(), llm), loaded.tokenizer, name, False)
     tok = word_tokenizer(SHAPES[opts["shape"]]["vocab_size"])

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from llm.checkpoints import load_checkpoint, resolve_model_path
+from llm.checkpoints import LoadedModel, load_checkpoint, resolve_model_path
 from llm.data import SPLITS, Split, check_prepared, load_split, load_tokenizer
 from llm.engine import DiffusionEngine
 from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack, repeats_words
@@ -98,7 +98,12 @@ def run(args: argparse.Namespace, settings) -> int:
     except ValueError as e:  # pydantic's ValidationError is one
         print(f"diffvoice distill: {e}", file=sys.stderr)
         return 2
-    meta = distill(cfg, settings.llm.decode)
+    try:
+        inputs = load_teacher(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a teacher or the data missing, or unmatched
+        print(f"diffvoice distill: {e}", file=sys.stderr)
+        return 2
+    meta = distill(cfg, settings.llm.decode, inputs)
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -176,20 +181,28 @@ def teacher_split(cfg: DistillConfig, teacher, train: Split, indices: np.ndarray
                 [len(prompts[j]) for j in kept]), len(prompts) - len(kept)
 
 
-def distill(cfg: DistillConfig, decode: DecodeSettings | None = None) -> dict:
+def load_teacher(cfg: DistillConfig) -> tuple[LoadedModel, Split]:
+    """The teacher and the training split it answers; ValueError or FileNotFoundError when
+    either is missing, they do not share a tokenizer, or --out would overwrite the source."""
+    src = Path(cfg.data_dir)
+    check_prepared(src, "train")
+    if Path(cfg.out).resolve() == src.resolve():
+        raise ValueError("--out must differ from --data-dir: the source split is kept")
+    teacher = load_checkpoint(resolve_model_path(cfg.teacher), device=cfg.device,
+                              dtype=torch.float32)
+    check_tokenizer(teacher, load_tokenizer(src), str(src))
+    return teacher, load_split(src, "train")
+
+
+def distill(cfg: DistillConfig, decode: DecodeSettings | None = None,
+            inputs: tuple[LoadedModel, Split] | None = None) -> dict:
     """Write the distilled folder (see the module doc); returns its meta.json. `decode`: how a
     diffusion teacher decodes (default: the deployment's `DecodeSettings()`)."""
     # a diffusion teacher decodes as deployed, its reply cut like the AR teacher's
     decode = (decode or DecodeSettings()).model_copy(
         update={"max_new_tokens": cfg.gen_length + 1})
     src, out = Path(cfg.data_dir), Path(cfg.out)
-    check_prepared(src, "train")
-    if out.resolve() == src.resolve():
-        raise ValueError("--out must differ from --data-dir: the source split is kept")
-    teacher = load_checkpoint(resolve_model_path(cfg.teacher), device=cfg.device,
-                              dtype=torch.float32)
-    check_tokenizer(teacher, load_tokenizer(src), str(src))
-    train = load_split(src, "train")
+    teacher, train = inputs or load_teacher(cfg)
     indices = choose(len(train), cfg.examples, cfg.seed)
     with torch.inference_mode():
         split, dropped = teacher_split(cfg, teacher, train, indices, decode)

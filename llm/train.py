@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from llm.data import PrepareConfig, Split, concat_splits, load_split, load_tokenizer, prepare
+from llm.data import (
+    PrepareConfig,
+    Split,
+    check_prepared,
+    concat_splits,
+    load_split,
+    load_tokenizer,
+    prepare,
+)
 from llm.engine import cpu_has_bf16
 from llm.model import ModelConfig, Transformer
 from llm.settings import apply_override
@@ -519,6 +527,7 @@ def setup(cfg: TrainConfig) -> Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_prepared(cfg.data_dir, "train")
     tok = load_tokenizer(cfg.data_dir)
     train, test = training_split(cfg), load_split(cfg.data_dir, "test")
     run_dir = Path(cfg.run_dir)
@@ -609,10 +618,10 @@ def _maybe_eval(run: Run, bar) -> None:
         export_model(run.model, run.tok, run.run_dir / "best", run.cfg, run.step, result)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) `cfg.run_dir`; returns a summary. Exports `run_dir/model` at the end
-    and `run_dir/best` at each best held-out evaluation."""
-    run = setup(cfg)
+def train(cfg: TrainConfig, run: Run | None = None) -> dict:
+    """Train (or resume) `cfg.run_dir`, set up by `setup(cfg)` unless given; returns a summary.
+    Exports `run_dir/model` at the end and `run_dir/best` at each best held-out evaluation."""
+    run = run if run is not None else setup(cfg)
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     order = BatchOrder(len(run.train), cfg.batch_size, cfg.seed)
     clock = _Clock(run.step)
@@ -731,7 +740,12 @@ def run(args, settings=None) -> int:
         print(json.dumps(meta, indent=2))
         return 0
     torch.manual_seed(cfg.seed)
-    summary = train(cfg)
+    try:
+        run = setup(cfg)
+    except (ValueError, FileNotFoundError) as e:  # the data or an init checkpoint missing,
+        print(f"diffvoice train: {e}", file=sys.stderr)  # or a run resumed with other settings
+        return 2
+    summary = train(cfg, run)
     done = summary["steps_done"] / summary["max_steps"]
     print(json.dumps(summary, indent=2))
     if summary["stopped_by_time"]:
