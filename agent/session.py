@@ -176,14 +176,19 @@ def load_models(settings: Settings) -> Models:
     # LiveKit paces a reply's transcript by syllables and builds its hyphenation table on first
     # use: on the event loop, when the first reply's audio ends (0.04-0.7 s). Build it now.
     basic.hyphenate_word("warm")
-    return Models(
-        engine=start_engine(settings.llm),
-        stt=build_stt(settings),
-        tts=build_tts(settings),
-        vad=build_vad(settings),
-        turn_detector=load_turn_detector(settings.session),
-        model_name=settings.llm.model,
-    )
+    engine = start_engine(settings.llm)
+    try:
+        return Models(
+            engine=engine,
+            stt=build_stt(settings),
+            tts=build_tts(settings),
+            vad=build_vad(settings),
+            turn_detector=load_turn_detector(settings.session),
+            model_name=settings.llm.model,
+        )
+    except BaseException:  # a speech model that cannot load: no engine thread left behind
+        engine.close()
+        raise
 
 
 def session_turn_detector(settings: Settings, shared: Any | None) -> Any | None:

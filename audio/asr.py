@@ -128,7 +128,12 @@ def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
     """The Whisper model for these settings, loaded once per process and shared."""
     path = settings.model_path or bundled_model_path()
     threads = settings.cpu_threads or os.cpu_count() or 1
-    return _load(path, settings.device, settings.compute_type, threads)
+    model = _load(path, settings.device, settings.compute_type, threads)
+    if settings.language not in model.supported_languages:  # else every decode would fail
+        known = model.supported_languages
+        raise ValueError(f"asr.language={settings.language!r}: the Whisper model at {path} "
+                         f"knows {', '.join(known) if len(known) < 10 else f'{len(known)} codes'}")
+    return model
 
 
 class DecodeAbandoned(Exception):

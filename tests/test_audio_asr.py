@@ -152,6 +152,29 @@ def _blas_threads() -> list[int]:
     return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
 
+def test_a_language_the_model_does_not_know_is_refused_at_load(whisper):
+    assert "en" in whisper.supported_languages
+    with pytest.raises(ValueError, match="asr.language='xx'"):
+        load_whisper(ASR.model_copy(update={"language": "xx"}))
+
+
+def test_a_speech_model_that_fails_to_load_leaves_no_engine_running(monkeypatch):
+    from agent import session
+    from agent.settings import load_settings
+
+    def engines() -> int:
+        return sum(t.name == "diffusion-engine" for t in threading.enumerate())
+
+    before = engines()  # other tests' engines, if any
+    monkeypatch.setattr("audio.plugins.build_stt", lambda settings: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        session.load_models(load_settings(None, []))
+    deadline = time.monotonic() + 5
+    while engines() > before:
+        assert time.monotonic() < deadline, "the engine's worker outlived the failed load"
+        time.sleep(0.05)
+
+
 def test_loading_whisper_keeps_numpy_blas_on_the_calling_thread(monkeypatch):
     from threadpoolctl import threadpool_limits
 
