@@ -126,6 +126,9 @@ def _load(path: str, device: str, compute_type: str, cpu_threads: int):  # -> Wh
 
 def load_whisper(settings: AsrSettings):  # -> faster_whisper.WhisperModel
     """The Whisper model for these settings, loaded once per process and shared."""
+    if settings.model_path and not os.path.isdir(settings.model_path):  # never a hub id here
+        raise FileNotFoundError(f"asr.model_path: no CTranslate2 Whisper model folder at "
+                                f"{settings.model_path}")
     path = settings.model_path or bundled_model_path()
     threads = settings.cpu_threads or os.cpu_count() or 1
     model = _load(path, settings.device, settings.compute_type, threads)

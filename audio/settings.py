@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class VadSettings(BaseModel):
@@ -69,7 +69,7 @@ class TtsSettings(BaseModel):
 
     # a Piper .onnx voice (its .onnx.json beside it, or config_path); empty = bundled joe-medium
     voice_path: str = ""
-    config_path: str = ""
+    config_path: str = ""  # only with voice_path: the bundled voice has its own
     length_scale: float = Field(default=1.0, gt=0.0)  # > 1 speaks slower
     # Piper samples a voice's timbre (noise_scale) and phoneme durations (noise_w_scale) anew for
     # every sentence, so the same text never sounds twice the same; None keeps the voice's own
@@ -96,3 +96,9 @@ class TtsSettings(BaseModel):
     clause_split_chars: int = Field(default=60, ge=20)
     # text longer than this is refused (a clear error instead of minutes of synthesis)
     max_text_chars: int = Field(default=20000, ge=100)
+
+    @model_validator(mode="after")
+    def _config_with_its_voice(self) -> TtsSettings:
+        if self.config_path and not self.voice_path:
+            raise ValueError("tts.config_path is the config of tts.voice_path: set both")
+        return self

@@ -203,6 +203,9 @@ class PiperSynthesizer:
         voice_path, config = bundled_voice_paths() if not settings.voice_path else (
             settings.voice_path, settings.config_path
         )
+        for name, path in (("tts.voice_path", voice_path), ("tts.config_path", config)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{name}: no such file: {path}")
         parts = _vits_parts(voice_path) if settings.first_chunk_ms > 0 else None
         return cls(_load_voice(voice_path, config, parts is None), settings, parts)
 

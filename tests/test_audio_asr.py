@@ -156,6 +156,8 @@ def test_a_language_the_model_does_not_know_is_refused_at_load(whisper):
     assert "en" in whisper.supported_languages
     with pytest.raises(ValueError, match="asr.language='xx'"):
         load_whisper(ASR.model_copy(update={"language": "xx"}))
+    with pytest.raises(FileNotFoundError, match="asr.model_path"):  # not a hub id either
+        load_whisper(ASR.model_copy(update={"model_path": "no-such-folder"}))
 
 
 def test_a_speech_model_that_fails_to_load_leaves_no_engine_running(monkeypatch):

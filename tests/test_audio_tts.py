@@ -29,6 +29,17 @@ def synth() -> PiperSynthesizer:
     return PiperSynthesizer.load(TtsSettings())
 
 
+def test_a_voice_that_is_not_there_is_named_by_its_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tts.voice_path"):
+        PiperSynthesizer.load(TtsSettings(voice_path=str(tmp_path / "absent.onnx")))
+    voice, _ = bundled_voice_paths()
+    with pytest.raises(FileNotFoundError, match="tts.config_path"):
+        PiperSynthesizer.load(TtsSettings(voice_path=voice,
+                                          config_path=str(tmp_path / "absent.json")))
+    with pytest.raises(ValueError, match="set both"):  # the bundled voice has its own config
+        TtsSettings(config_path=str(tmp_path / "mine.json"))
+
+
 def test_split_sentences_bounds_length_and_drops_empty_pieces():
     text = "Hello there! How are you? " + "one, two, three, " * 40 + "done. ... !!"
     parts = split_sentences(text, 60)
