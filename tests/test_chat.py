@@ -33,8 +33,8 @@ def test_random_tiny_smoke_run(monkeypatch, capsys):
     assert out.count("bot> ") == 2
 
 
-def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
-    write_diffvoice_checkpoint(tmp_path / "m")
+def _record_prompts(monkeypatch) -> list[list[dict]]:
+    """The messages of every request the chat makes of the engine, in order."""
     calls: list[list[dict]] = []
     original = DiffusionEngine.stream
 
@@ -43,6 +43,12 @@ def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
         return original(self, messages, **kw)
 
     monkeypatch.setattr(DiffusionEngine, "stream", spy)
+    return calls
+
+
+def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
+    write_diffvoice_checkpoint(tmp_path / "m")
+    calls = _record_prompts(monkeypatch)
     rc, out, _ = _chat(monkeypatch, capsys, "first\n\nsecond\n/reset\nthird\n",
                        "--model", str(tmp_path / "m"), "--spans")
     assert rc == 0 and len(STATS.findall(out)) == 3
@@ -57,14 +63,7 @@ def test_multi_turn_history_and_reset(monkeypatch, capsys, tmp_path):
 def test_a_message_too_long_for_the_model_is_refused_and_the_chat_goes_on(monkeypatch, capsys,
                                                                          tmp_path):
     write_diffvoice_checkpoint(tmp_path / "m")
-    calls: list[list[dict]] = []
-    original = DiffusionEngine.stream
-
-    def spy(self, messages, **kw):
-        calls.append([dict(m) for m in messages])
-        return original(self, messages, **kw)
-
-    monkeypatch.setattr(DiffusionEngine, "stream", spy)
+    calls = _record_prompts(monkeypatch)
     long = " ".join(["words"] * 3000)  # past any K/V capacity of the tiny model
     rc, out, _ = _chat(monkeypatch, capsys, f"first\n{long}\nsecond\n", "--model",
                        str(tmp_path / "m"))
