@@ -47,6 +47,7 @@ from agent.clients import MIC_RATE, InProcessCaller, TwilioBenchCaller, WebRTCCa
 from agent.settings import BenchSettings, Settings, load_settings
 from audio.settings import TtsSettings
 from audio.speech_eval import MicNoise
+from llm.settings import UsageError, usage_errors
 
 HELP = "measure end-to-end turn latency at the client (WebRTC, Twilio, in-process), with breakdown"
 
@@ -686,24 +687,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     if args.sessions < 1:
-        print("diffvoice bench: --sessions must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--sessions must be >= 1")
     if args.turns is not None and args.turns < 0:
-        print("diffvoice bench: --turns must be >= 0 (0: every turn)", file=sys.stderr)
-        return 2
+        raise UsageError("--turns must be >= 0 (0: every turn)")
     names = args.compare or [args.config]
     configs = [bench_settings(settings if not args.compare else
                               load_settings(n, args.overrides), args, args.url is None)
                for n in names]
     if args.url is not None and (len(configs) > 1 or configs[0].bench.transport != "webrtc"):
-        print("diffvoice bench: --url takes a running `diffvoice serve` (webrtc) and one config; "
-              "--compare and the twilio transport start their own servers", file=sys.stderr)
-        return 2
-    try:
+        raise UsageError("--url takes a running `diffvoice serve` (webrtc) and one config; "
+                         "--compare and the twilio transport start their own servers")
+    with usage_errors(OSError, ValueError):
         convs = load_conversations(args, configs[0])
-    except (OSError, ValueError) as e:
-        print(f"diffvoice bench: {e}", file=sys.stderr)
-        return 2
     per_run = sum(map(len, convs)) * sum(range(1, args.sessions + 1))
     info = machine()
     with tqdm(total=per_run * len(configs), desc="turns", unit="turn", file=sys.stderr) as bar:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from agent.bench import BUILTIN_TURNS, machine, spoken
 from agent.clients import MIC_RATE, last_sound_index
 from agent.settings import MAX_NOISE_FLOOR_DBFS, Settings
 from audio.speech_eval import MicNoise
+from llm.settings import UsageError
 
 HELP = "score finished and cut-off spoken turns with the end-of-turn model, per threshold"
 
@@ -237,18 +237,13 @@ def report(summary: dict[str, Any], in_use: float, noise_dbfs: float) -> None:
                   f"{row['cut_through']:25.0%}{mark}")
 
 
-def _refuse(why: str) -> int:
-    print(f"diffvoice bench-turns: {why}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.session.turn_detector == "vad":
-        return _refuse("session.turn_detector is 'vad': no model to score")
+        raise UsageError("session.turn_detector is 'vad': no model to score")
     if args.turns is not None and args.turns < 1:
-        return _refuse("--turns must be at least 1")
+        raise UsageError("--turns must be at least 1")
     if args.noise_dbfs > MAX_NOISE_FLOOR_DBFS:
-        return _refuse(f"--noise-dbfs must be at most {MAX_NOISE_FLOOR_DBFS:g}")
+        raise UsageError(f"--noise-dbfs must be at most {MAX_NOISE_FLOOR_DBFS:g}")
     from livekit.agents.language import LanguageCode
 
     from agent.session import load_turn_detector

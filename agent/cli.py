@@ -1,7 +1,8 @@
 """`diffvoice` command line: one subcommand per job, each defined in its own module.
 
 A command module exposes `HELP` (one line), `add_arguments(parser)` and
-`run(args, settings) -> int`. Only the chosen command's module is imported, so
+`run(args, settings) -> int`, and refuses bad input by raising `llm.settings.UsageError`
+(printed here as one line, exit status 2). Only the chosen command's module is imported, so
 `diffvoice --help` stays fast. Settings come from `--config` and `--set`, never from
 defaults repeated here.
 """
@@ -14,7 +15,7 @@ import logging
 import sys
 
 from agent.settings import DEFAULT_CONFIG, load_settings
-from llm.settings import LOG_FORMAT
+from llm.settings import LOG_FORMAT, UsageError
 
 COMMANDS: dict[str, str] = {
     "serve": "agent.serve",
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffvoice: bad settings: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    return int(module.run(args, settings) or 0)
+    try:
+        return int(module.run(args, settings) or 0)
+    except UsageError as e:  # the command refused its input: one line, no traceback
+        print(f"diffvoice {command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

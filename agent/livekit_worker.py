@@ -28,6 +28,7 @@ from agent.metrics import TurnReporter
 from agent.phone import KeypadEntry, reply_to_keypad
 from agent.session import Models, build_session
 from agent.settings import Settings
+from llm.settings import UsageError
 
 HELP = "serve the agent to a LiveKit server (rooms and SIP phone calls): start | dev"
 
@@ -43,7 +44,7 @@ def missing_env(env: Mapping[str, str] = os.environ) -> list[str]:
 
 def missing_env_message(missing: list[str]) -> str:
     return (
-        f"diffvoice livekit: set {', '.join(missing)} to reach your LiveKit server, e.g.\n"
+        f"set {', '.join(missing)} to reach your LiveKit server, e.g.\n"
         "  export LIVEKIT_URL=wss://your-project.livekit.cloud   # or ws://127.0.0.1:7880\n"
         "  export LIVEKIT_API_KEY=...  LIVEKIT_API_SECRET=...      # from the server's keys\n"
         "(without a LiveKit server, `diffvoice serve` and `diffvoice phone` need none of these)"
@@ -102,8 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     missing = missing_env()
     if missing:
-        print(missing_env_message(missing), file=sys.stderr)
-        return 2
+        raise UsageError(missing_env_message(missing))
     from livekit.agents import cli
 
     from agent.session import load_models

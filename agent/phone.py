@@ -19,7 +19,6 @@ import contextlib
 import hmac
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from agent.metrics import ClientTextOutput, TurnReporter
 from agent.session import Models, build_session, start_session
 from agent.settings import PhoneSettings, Settings
 from audio.codecs import StreamResampler, mulaw_decode, mulaw_encode
+from llm.settings import usage_errors
 
 HELP = "answer phone calls: a Twilio Media Streams WebSocket server"
 
@@ -475,12 +475,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.session import load_models
     from agent.signalling import check_port_free
 
-    try:
+    with usage_errors():  # a port taken, a model not found
         check_port_free(settings.phone.host, settings.phone.port, "phone.port")
         models = load_models(settings)  # before the loop: loading blocks for seconds
-    except (ValueError, FileNotFoundError) as e:  # a port taken, a model not found
-        print(f"diffvoice phone: {e}", file=sys.stderr)
-        return 2
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings, models))
     return 0

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 
 from agent.session import Models, load_models
 from agent.settings import Settings
 from agent.signalling import Notify, Signalling, check_bind, check_port_free
 from agent.webrtc import Visitor
+from llm.settings import usage_errors
 
 HELP = "talk to the agent in your browser (WebRTC, local)"
 
@@ -78,15 +78,12 @@ async def serve(settings: Settings, models: Models) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    try:
+    with usage_errors():  # a bind refused, a port taken, a model not found
         check_bind(settings.server)  # fail before the models load
         check_port_free(settings.server.host, settings.server.port, "server.port")
         logger.info("loading models (%s)", settings.llm.model)
         # on the main thread, before the loop: LiveKit registers plugins on import, main only
         models = load_models(settings)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"diffvoice serve: {e}", file=sys.stderr)
-        return 2
     try:
         asyncio.run(serve(settings, models))
     finally:

@@ -27,7 +27,6 @@ import logging
 import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from agent.turn_detector import (
     end_probability,
     end_token_ids,
 )
+from llm.settings import UsageError, usage_errors
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,6 @@ def fit_head(model, tok, sets: dict[str, list[Turn]], weight_decay: float,
     return head, info
 
 
-def _refuse(why: str) -> int:
-    print(f"diffvoice turn-head: {why}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace, settings) -> int:
     from llm.checkpoints import load_checkpoint, resolve_model_path
     from llm.data import check_prepared, load_split, load_tokenizer
@@ -253,23 +248,21 @@ def run(args: argparse.Namespace, settings) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     if args.examples < 1 or args.test_examples < 1:
-        return _refuse("--examples and --test-examples must be at least 1")
-    try:
+        raise UsageError("--examples and --test-examples must be at least 1")
+    with usage_errors():  # a model or the data missing, or unmatched
         loaded = load_checkpoint(resolve_model_path(args.model or settings.session.text_turn_model),
                                  dtype=torch.float32)
         check_prepared(args.data_dir, "train")
         check_tokenizer(loaded, load_tokenizer(args.data_dir), args.data_dir)
-    except (ValueError, FileNotFoundError) as e:  # a model or the data missing, or unmatched
-        return _refuse(str(e))
     if not loaded.model.cfg.causal:
-        return _refuse(f"{loaded.path}: the head needs a causal (autoregressive) model")
+        raise UsageError(f"{loaded.path}: the head needs a causal (autoregressive) model")
     tok = loaded.tokenizer
     sets = {"train": turns(load_split(args.data_dir, "train"), tok, args.examples, args.seed),
             "test": turns(load_split(args.data_dir, "test"), tok, args.test_examples,
                           args.seed + 1)}
     head, info = fit_head(loaded.model.eval(), tok, sets, args.weight_decay)
     if not head.is_finite():  # never written over a working head
-        return _refuse(f"the fit on {len(sets['train'])} turns gave no finite head")
+        raise UsageError(f"the fit on {len(sets['train'])} turns gave no finite head")
     info |= {"weight_decay": args.weight_decay, "seed": args.seed,
              "data_dir": str(args.data_dir), "seconds": round(time.perf_counter() - t0, 1)}
     path = head.save(Path(args.out) if args.out else loaded.path, info)

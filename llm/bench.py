@@ -18,7 +18,6 @@ import json
 import platform
 import resource
 import statistics
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from llm.engine import DiffusionEngine, engine_dtype, for_engine
 from llm.model import Transformer, weight_bytes
 from llm.sampler import generate_llada, generate_threshold, trim_reply
-from llm.settings import DecodeSettings, LLMSettings, engine_threads
+from llm.settings import DecodeSettings, LLMSettings, UsageError, engine_threads
 from llm.shapes import SHAPES, random_model, random_word, word_tokenizer
 from llm.tokenizer import ChatTokenizer
 
@@ -97,14 +96,12 @@ def run(args: argparse.Namespace, settings) -> int:
     missing = [f"--{flag.replace('_', '-')} {name}" for flag in ("model", "ar_model")
                if (name := getattr(args, flag)) and not args.random and not has_checkpoint(name)]
     if missing:  # a name given on purpose: never times random weights in its place
-        print(f"diffvoice bench-llm: no checkpoint for {', '.join(missing)} (--random times "
-              "random weights of --shape)", file=sys.stderr)
-        return 2
+        raise UsageError(f"no checkpoint for {', '.join(missing)} (--random times random "
+                         "weights of --shape)")
     small = [k for k in COUNTS if opts.get(k) is not None and opts[k] < 1]
     if small:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in small)
-        print(f"diffvoice bench-llm: {names} must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"{names} must be at least 1")
     llm = settings.llm.model_copy(update={"device": opts["device"]})
     if llm.device != "cpu":  # a GPU preset over the CPU deployment's config: no CPU int8
         llm = llm.model_copy(update={"quantize": "none"})

@@ -22,7 +22,7 @@ from llm.checkpoints import CheckpointError, save_checkpoint
 from llm.data import train_tokenizer
 from llm.engine import WARMUP_LINES, DiffusionEngine, GenerationStats
 from llm.model import ModelConfig, Transformer
-from llm.settings import LLMSettings
+from llm.settings import LLMSettings, UsageError
 from llm.tokenizer import ChatTokenizer
 
 HELP = "chat with the diffusion LLM in the terminal, committed spans as they land"
@@ -62,8 +62,7 @@ def run(args: argparse.Namespace, settings) -> int:
         try:
             engine = DiffusionEngine.from_settings(llm)
         except CheckpointError as e:
-            print(f"diffvoice chat: {e}\n(try --random-tiny for a smoke run)", file=sys.stderr)
-            return 2
+            raise UsageError(f"{e}\n(try --random-tiny for a smoke run)") from e
         try:
             # the engine's first forwards wait for its traces and run TorchScript's profiling
             # passes (~2 s on a 2-core CPU): a throwaway reply first, so the first reply's

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from llm.data import SPLITS, Split, check_prepared, load_split, load_tokenizer
 from llm.engine import DiffusionEngine
 from llm.eval import check_tokenizer, ended_reply, greedy, left_pad, pack, repeats_words
 from llm.sampler import trim_reply
-from llm.settings import DecodeSettings, LLMSettings
+from llm.settings import DecodeSettings, LLMSettings, usage_errors
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +92,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run(args: argparse.Namespace, settings) -> int:
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
-    try:
+    with usage_errors():  # a bad option; a teacher or the data missing, or unmatched
         cfg = config_from_args(args)
-    except ValueError as e:  # pydantic's ValidationError is one
-        print(f"diffvoice distill: {e}", file=sys.stderr)
-        return 2
-    try:
         inputs = load_teacher(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a teacher or the data missing, or unmatched
-        print(f"diffvoice distill: {e}", file=sys.stderr)
-        return 2
     meta = distill(cfg, settings.llm.decode, inputs)
     print(json.dumps(meta, indent=2))
     return 0

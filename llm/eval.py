@@ -67,7 +67,6 @@ import json
 import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,7 +89,7 @@ from llm.sampler import (
     repeat_bans,
     trim_reply,
 )
-from llm.settings import DecodeSettings, LLMSettings
+from llm.settings import DecodeSettings, LLMSettings, usage_errors
 from llm.tokenizer import ChatTokenizer
 from llm.train import reply_nll
 
@@ -195,18 +194,12 @@ def config_from_args(args: argparse.Namespace, settings) -> EvalConfig:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    try:
+    with usage_errors():
         cfg = config_from_args(args, settings)
-    except ValueError as e:  # pydantic's ValidationError is one
-        print(f"diffvoice eval-model: {e}", file=sys.stderr)
-        return 2
     if settings.llm.threads > 0:
         torch.set_num_threads(settings.llm.threads)
-    try:
+    with usage_errors():  # a model or the data missing, or unmatched
         inputs = load_inputs(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a model or the data missing, or unmatched
-        print(f"diffvoice eval-model: {e}", file=sys.stderr)
-        return 2
     result = evaluate(cfg, inputs)
     print_report(result)
     if args.json:

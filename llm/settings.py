@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # the log lines of the CLI and of every process it spawns (engine, bench server)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class UsageError(Exception):
+    """A command's input refused before its work starts: `diffvoice COMMAND: <message>`, exit 2.
+
+    Raised by any command's `run`; the CLI prints it as one line (no traceback)."""
+
+
+@contextlib.contextmanager
+def usage_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Turns the given exceptions (default: bad values and missing files) into a UsageError."""
+    caught = kinds or (ValueError, FileNotFoundError)  # pydantic's ValidationError is a ValueError
+    try:
+        yield
+    except caught as e:
+        raise UsageError(str(e)) from e
 
 
 class DecodeSettings(BaseModel):

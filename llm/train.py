@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from llm.data import (
 )
 from llm.engine import cpu_has_bf16
 from llm.model import ModelConfig, Transformer
-from llm.settings import apply_override
+from llm.settings import apply_override, usage_errors
 from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -730,21 +729,15 @@ def recipe_from_args(args) -> TrainConfig:
 
 
 def run(args, settings=None) -> int:
-    try:
+    with usage_errors():  # a recipe not found or a bad --opt
         cfg = recipe_from_args(args)
-    except (ValueError, FileNotFoundError) as e:  # a recipe not found or a bad --opt
-        print(f"diffvoice train: {e}", file=sys.stderr)
-        return 2
     if args.prepare:
         meta = prepare(args.prepare, cfg.prepare)
         print(json.dumps(meta, indent=2))
         return 0
     torch.manual_seed(cfg.seed)
-    try:
+    with usage_errors():  # the data or an init checkpoint missing, or a resume mismatched
         run = setup(cfg)
-    except (ValueError, FileNotFoundError) as e:  # the data or an init checkpoint missing,
-        print(f"diffvoice train: {e}", file=sys.stderr)  # or a run resumed with other settings
-        return 2
     summary = train(cfg, run)
     done = summary["steps_done"] / summary["max_steps"]
     print(json.dumps(summary, indent=2))
@@ -753,11 +746,3 @@ def run(args, settings=None) -> int:
               f"({done:.0%} of the schedule)")
     return 0
 
-
-if __name__ == "__main__":
-    import argparse
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _parser = argparse.ArgumentParser(prog="python -m llm.train", description=HELP)
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
