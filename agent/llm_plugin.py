@@ -58,6 +58,13 @@ class EngineLike(Protocol):
     ) -> EngineStreamLike: ...
 
 
+def end_engine_session(engine: Any, session_id: str) -> None:
+    """Capability: `end_session(session_id)` frees what the engine keeps of a conversation."""
+    end = getattr(engine, "end_session", None)
+    if end is not None:
+        end(session_id)
+
+
 def engine_accepts_drafts(engine: Any) -> bool:
     """Capability flag: `stream(..., draft=token_ids)` re-denoises from a draft."""
     return bool(getattr(engine, "accepts_drafts", False))
@@ -170,6 +177,16 @@ class DiffusionLLM(llm.LLM):
         return DiffusionLLMStream(
             self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options
         )
+
+    def end_conversation(self) -> None:
+        """The conversation is over: the engine gives its kept K/V back now, not when its cache
+        would have evicted them (the session factory calls this when the session closes)."""
+        self.draft = None
+        end_engine_session(self.engine, self.session_id)
+
+    async def aclose(self) -> None:
+        self.end_conversation()
+        await super().aclose()
 
     def cached_draft(self, messages: list[Message]) -> Draft | None:
         """The finished draft for exactly this request, if drafts are on and one is kept."""

@@ -255,15 +255,18 @@ def build_session(
     """A new conversation: its session (shared models, own LLM wrapper) and its agent."""
     s = settings.session
     detector = session_turn_detector(settings, models.turn_detector)
+    agent_llm = agent_llm or build_llm(settings, models, session_id)
     session: AgentSession = AgentSession(
         stt=_given(models.stt),
         vad=models.vad,
-        llm=agent_llm or build_llm(settings, models, session_id),
+        llm=agent_llm,
         tts=_given(models.tts),
         turn_handling=turn_handling(s, detector),
         aec_warmup_duration=s.aec_warmup_s or None,
         user_away_timeout=s.user_away_timeout_s,
     )
+    if isinstance(agent_llm, DiffusionLLM):  # its kept K/V serve no later turn
+        session.on("close", lambda _event: agent_llm.end_conversation())
     follow = getattr(detector, "follow", None)
     if follow is not None:  # the text detector scores the words while the caller speaks
         follow(session)

@@ -273,6 +273,11 @@ class _Request:
     avoid: tuple[int, ...] = ()  # the speaker's previous reply: its n-grams are not repeated
 
 
+@dataclass
+class _EndSession:
+    session_id: str
+
+
 class StepRecord(NamedTuple):
     """One engine step of a group of rows, timed from planning to the applied commit decision;
     `forward_gpu_s` is the forward alone on the GPU's clock (CUDA only): the rest of `seconds`
@@ -593,7 +598,7 @@ class DiffusionEngine:
         self._solo_cache: dict[bool, tuple] = {}  # `_solo_forward`'s inputs per context
         # recent steps (forward + commit decision), for benchmarks
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=4096)
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Request | _EndSession | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
         self._thread.start()
 
@@ -664,6 +669,11 @@ class DiffusionEngine:
                                  time.perf_counter(), tuple(draft), tuple(avoid)))
         return stream
 
+    def end_session(self, session_id: str) -> None:
+        """The conversation is over: its kept K/V slot goes back to the pool now (or when a
+        reply of it still in flight finishes) instead of when the cache evicts it."""
+        self._inbox.put(_EndSession(session_id))
+
     def generate(self, messages: list[Message], **kw: Any) -> tuple[str, GenerationStats]:
         stream = self.stream(messages, **kw)
         text = "".join(span.text for span in stream)
@@ -703,7 +713,7 @@ class DiffusionEngine:
         pending: collections.deque[_Request] = collections.deque()
         with torch.inference_mode():
             self._prepare_traces()
-            while self._receive(pending, block=not rows and not pending):
+            while self._receive(pending, rows, block=not rows and not pending):
                 while pending and len(rows) < self.settings.engine.max_batch:
                     row = self._admit(pending.popleft())
                     rows += [] if row is None else [row]
@@ -719,17 +729,28 @@ class DiffusionEngine:
         for req in pending:
             _end_unstarted(req, "cancelled")
 
-    def _receive(self, pending: collections.deque[_Request], block: bool) -> bool:
-        """Move submitted requests to `pending`; False once the engine is closed."""
+    def _receive(self, pending: collections.deque[_Request], rows: list[_Row],
+                 block: bool) -> bool:
+        """Move submitted requests to `pending` and end the sessions said to be over; False
+        once the engine is closed."""
         try:
             item = self._inbox.get(block=block)
             while True:
                 if item is None:
                     return False
-                pending.append(item)
+                if isinstance(item, _EndSession):
+                    self._end_session(item.session_id, [r.req for r in rows] + list(pending))
+                else:
+                    pending.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _end_session(self, session_id: str, requests: list[_Request]) -> None:
+        self.sessions.drop(session_id)
+        for req in requests:
+            if req.session_id == session_id:
+                req.session_id = None  # its reply still finishes; its K/V are not kept
 
     def _admit(self, req: _Request) -> _Row | None:
         if req.stream.cancelled:

@@ -85,6 +85,9 @@ class ProcessEngine:
                             dict(session_id=session_id, decode=decode, draft=tuple(draft))))
         return stream
 
+    def end_session(self, session_id: str) -> None:
+        self._requests.put(("end_session", session_id))
+
     def generate(self, messages: list[Message], **kw: Any) -> tuple[str, Any]:
         stream = self.stream(messages, **kw)
         return "".join(span.text for span in stream), stream.stats
@@ -149,6 +152,9 @@ def _serve(llm: LLMSettings, requests: Any, replies: Any) -> None:
                 stream = streams.get(msg[1])
                 if stream is not None:
                     stream.cancel()
+                continue
+            if msg[0] == "end_session":
+                engine.end_session(msg[1])
                 continue
             _, rid, messages, kw = msg
             stream = streams[rid] = engine.stream(messages, **kw)

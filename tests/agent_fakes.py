@@ -92,12 +92,16 @@ class FakeEngine:
     fail_next: int = 0  # this many requests fail, then the engine works again
     requests: list[list[dict]] = field(default_factory=list)
     streams: list[FakeEngineStream] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)  # sessions said to be over
 
     def stream(self, messages, *, session_id=None, decode=None) -> FakeEngineStream:
         self.requests.append([dict(m) for m in messages])
         s = FakeEngineStream(self, list(self.reply))
         self.streams.append(s)
         return s
+
+    def end_session(self, session_id: str) -> None:
+        self.ended.append(session_id)
 
 
 # ---- speech stand-ins ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from helpers.engine_hooks import cancel_after_steps
+from helpers.engine_hooks import after_step, cancel_after_steps
 from helpers.tiny_ckpt import tiny_diffvoice_tokenizer, tiny_model
 
 from llm.engine import (
@@ -443,6 +443,25 @@ def test_conversation_reuse_encodes_only_new_tokens(tok):
         _, stats3 = eng.generate(second, session_id="other")
         assert stats3.cached_prompt_tokens == 0
         assert eng.sessions._entries["other"].slot != kept and len(eng.sessions) == 2
+    finally:
+        eng.close()
+
+
+def test_an_ended_session_gives_its_slot_back_even_with_a_reply_in_flight(tok):
+    decode = dict(strategy="fixed", max_new_tokens=64, block_length=8, steps_per_block=8)
+    eng = make_engine(tok, decode=decode)
+    try:
+        eng.generate(msgs(PROMPTS[0]), session_id="done")
+        kept = eng.sessions._entries["done"].slot
+        eng.end_session("done")
+        after_step(eng, 2, lambda: eng.end_session("live"))  # the caller hangs up mid-reply
+        _, _, stream = run(eng, PROMPTS[1], session_id="live")
+        assert stream.stats.finish_reason in ("eot", "length") and stream.stats.nfe > 2
+        eng.generate(msgs(PROMPTS[2]))  # the worker has seen everything submitted before
+        assert len(eng.sessions) == 0  # neither conversation is kept
+        assert kept in eng.kv._free  # the ended conversation's slot serves the next caller
+        _, stats = eng.generate(msgs(PROMPTS[0]), session_id="done")
+        assert stats.cached_prompt_tokens == 0  # nothing of it was reused
     finally:
         eng.close()
 

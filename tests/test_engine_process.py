@@ -55,6 +55,14 @@ def test_cancel_from_the_event_loop_reaches_the_engine_process(remote):
     assert remote.generate(GREETING)[1].finish_reason == "eot"  # the process serves on
 
 
+def test_an_ended_session_is_forgotten_in_the_engine_process(remote):
+    first = remote.generate(GREETING, session_id="call")[1]
+    again = remote.generate(GREETING, session_id="call")[1]
+    assert again.cached_prompt_tokens == first.prompt_tokens - 1  # the conversation was kept
+    remote.end_session("call")
+    assert remote.generate(GREETING, session_id="call")[1].cached_prompt_tokens == 0
+
+
 def test_a_closed_engine_process_refuses_requests_and_a_failed_start_says_why():
     engine = ProcessEngine(LLMSettings())
     engine.close()

@@ -100,10 +100,12 @@ async def test_text_mode_history_carries_across_turns():
 async def test_spoken_turn_through_custom_audio_io(vad):
     engine = FakeEngine(reply=["It is sunny. "])
     models = _models(engine, vad, FakeSTT([QUESTION]), FakeTTS())
-    async with Caller(_settings(), models) as caller:
+    async with Caller(_settings(), models, session_id="caller-1") as caller:
         caller.say(spoken(QUESTION))
         await caller.wait_for(lambda: caller.messages("assistant"), within=10)
         await caller.wait_for(lambda: caller.heard, within=5)
+        assert engine.ended == []
+    assert engine.ended == ["caller-1"]  # the closed session's kept K/V are given back
     (user,) = caller.messages("user")
     assert user.text_content == QUESTION, caller.events
     reply = caller.messages("assistant")[0]
