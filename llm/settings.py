@@ -84,7 +84,9 @@ class EngineSettings(BaseModel):
     kv_tokens: int = Field(0, ge=0)
     # conversations kept between turns so a new turn encodes only its new text; each keeps
     # its whole K/V slot (`kv_tokens` positions: 24 MiB for dv-small on the CPU, 1 GiB for
-    # LLaDA-8B at 2,048), which its next turn continues in without copying
+    # LLaDA-8B at 2,048), which its next turn continues in without copying, until its session
+    # ends (`DiffusionEngine.end_session`, called when the agent's session closes) or the
+    # least recently used conversation is evicted past these bounds
     session_cache_count: int = Field(32, ge=0)
     session_cache_mb: int = Field(512, ge=0)
     # a reply may be re-denoised from an earlier draft (preemptive generation: the draft for a

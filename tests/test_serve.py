@@ -139,8 +139,11 @@ async def test_two_visitors_then_everything_freed(vad):
         await _wait(lambda: all(_said(c, "sunny") for c in callers), within=20)
         assert len({m[0]["content"] for m in engine.requests}) == 1  # same system prompt
         assert len(server.visitors) == 2
+        ids = sorted(v.id for v in server.visitors)
         await callers[0].close()  # hang up mid-conversation: the other goes on
         await _wait(lambda: sum(not v.closed.is_set() for v in server.visitors) == 1, within=10)
+        gone = next(v.id for v in server.visitors if v.closed.is_set())
+        assert engine.ended == [gone]  # its kept K/V are given back, the other's are not
         callers[1].mic.say(spoken(QUESTION))
         await _wait(lambda: len(callers[1].of_type("turn_metrics")) >= 3, within=20)
     finally:
@@ -150,6 +153,7 @@ async def test_two_visitors_then_everything_freed(vad):
     await server.close()
     await asyncio.sleep(0.5)
     assert all(v.pc.connectionState == "closed" for v in server.visitors)
+    assert sorted(engine.ended) == ids
     assert len(asyncio.all_tasks()) <= tasks_before + 1  # this test's own task may remain
     assert _threads() <= threads_before
 
