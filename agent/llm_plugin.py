@@ -58,13 +58,6 @@ class EngineLike(Protocol):
     ) -> EngineStreamLike: ...
 
 
-def end_engine_session(engine: Any, session_id: str) -> None:
-    """Capability: `end_session(session_id)` frees what the engine keeps of a conversation."""
-    end = getattr(engine, "end_session", None)
-    if end is not None:
-        end(session_id)
-
-
 def engine_accepts_drafts(engine: Any) -> bool:
     """Capability flag: `stream(..., draft=token_ids)` re-denoises from a draft."""
     return bool(getattr(engine, "accepts_drafts", False))
@@ -182,7 +175,9 @@ class DiffusionLLM(llm.LLM):
         """The conversation is over: the engine gives its kept K/V back now, not when its cache
         would have evicted them (the session factory calls this when the session closes)."""
         self.draft = None
-        end_engine_session(self.engine, self.session_id)
+        end = getattr(self.engine, "end_session", None)  # an engine may keep nothing
+        if end is not None:
+            end(self.session_id)
 
     async def aclose(self) -> None:
         self.end_conversation()
