@@ -338,13 +338,18 @@ async def test_a_caller_resumed_after_an_answer_is_held_longer_next_time(detecto
 
 
 @pytest.mark.slow
-async def test_the_session_waits_out_a_pause_it_once_answered(detector):
+async def test_the_session_waits_out_a_pause_it_once_answered(detector, monkeypatch):
     """A real AgentSession: "Thanks a lot!" and "that was really helpful." with 0.6 s of silence
     between them, twice. The agent answers the first pause, and the caller goes on talking over
     it; the second time, the agent waits for the rest, unless it does not learn pauses."""
     import time
 
     import numpy as np
+
+    # with Piper's own silences the pause measures ~1.03 s to the VAD's report of the resumed
+    # speech, which a loaded machine reports late: past the 1.2 s cap, the pause would count as
+    # a turn of its own and nothing would be learned. The cap is not what this test is about.
+    monkeypatch.setattr("agent.turn_detector.LEARNED_PAUSE_CAP_S", 2.0)
 
     first = spoken("Thanks a lot!", pad_s=0.0)
     rest = spoken("that was really helpful.", pad_s=0.0)
