@@ -433,6 +433,7 @@ async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, va
         await phone.wait_ended(1)
         assert phone.server.finished[0].call_sid == gone.call_sid
         assert phone.server.finished[0].end_reason.startswith("socket closed")
+        await _eventually(lambda: models.engine.ended == [gone.call_sid])  # its K/V freed
         await silent.send_dtmf("9")  # the other call still works
         await _eventually(lambda: "I pressed 9 on the keypad." in _user_texts(models.engine))
         await silent.stop_line()  # now this caller goes quiet without hanging up
@@ -440,6 +441,7 @@ async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, va
         await silent.close()
     assert phone.server.finished[1].end_reason == "no media (caller vanished)"
     assert not phone.server.calls
+    assert models.engine.ended == [gone.call_sid, silent.call_sid]
 
 
 async def test_two_concurrent_calls_are_isolated(tmp_path, vad):
