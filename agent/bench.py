@@ -277,6 +277,14 @@ def hops_s(m: dict[str, Any], t_end: float, t_heard: float,
             "playout_s": t_heard + wall_offset_s - started}
 
 
+async def _poll(caller: Any) -> None:
+    """One poll interval of a wait; a caller whose connection is gone fails its turn at once
+    instead of waiting out the timeouts."""
+    if caller.lost is not None:
+        raise ConnectionError(caller.lost)
+    await asyncio.sleep(QUIET_POLL_S)
+
+
 async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> int | None:
     """The index of the first `turn_metrics` event at or after index `start`, or None at the
     timeout."""
@@ -285,7 +293,7 @@ async def _wait_metrics(caller: Any, start: int, timeout_s: float) -> int | None
         for i in range(start, len(caller.events)):
             if caller.events[i]["type"] == "turn_metrics":
                 return i
-        await asyncio.sleep(QUIET_POLL_S)
+        await _poll(caller)
     return None
 
 
@@ -295,7 +303,7 @@ async def _wait_audible(caller: Any, after_s: float, timeout_s: float) -> float 
     while (t := caller.heard.first_audible_s(after_s=after_s)) is None:
         if time.monotonic() > deadline:
             return None
-        await asyncio.sleep(QUIET_POLL_S)
+        await _poll(caller)
     return t
 
 
@@ -308,7 +316,7 @@ async def _wait_quiet(caller: Any, bench: BenchSettings) -> None:
         idle = not states or states[-1] == "listening"
         if idle and time.monotonic() - last_audio >= bench.settle_s:
             return
-        await asyncio.sleep(QUIET_POLL_S)
+        await _poll(caller)
 
 
 async def _wait_greeting(caller: Any, bench: BenchSettings) -> None:
@@ -319,7 +327,7 @@ async def _wait_greeting(caller: Any, bench: BenchSettings) -> None:
     while not any(e["type"] == "agent_state" for e in caller.events):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server's session did not start in {bench.reply_timeout_s} s")
-        await asyncio.sleep(QUIET_POLL_S)
+        await _poll(caller)
     await asyncio.sleep(bench.settle_s)  # a greeting is being synthesised meanwhile
     await _wait_quiet(caller, bench)
 
@@ -526,15 +534,23 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
                 cold = first_is_cold and ci == 0 and ti == 0
                 turns.append({**tags, "conversation": ci, "turn": ti, "cold": cold, **rec})
                 tags["progress"].update(1)
+        except ConnectionError as e:  # the server went away: no traceback to read
+            logger.warning("bench caller failed: %s", e)
+            turns += _failed_rest(tags, ci, conv, turns, e)
         except Exception as e:  # a failed connection or turn is a result, not a crash
             logger.warning("bench caller failed: %s", type(e).__name__, exc_info=True)
-            done = {(t["conversation"], t["turn"]) for t in turns}
-            turns += [_failed(tags, ci, ti, u, e) for ti, u in enumerate(conv)
-                      if (ci, ti) not in done]
+            turns += _failed_rest(tags, ci, conv, turns, e)
         finally:
             with contextlib.suppress(Exception):
                 await c.close()
     return turns
+
+
+def _failed_rest(tags: dict[str, Any], ci: int, conv: Conversation,
+                 turns: list[dict[str, Any]], e: Exception) -> list[dict[str, Any]]:
+    """The failed records of conversation `ci`'s turns not yet in `turns`."""
+    done = {(t["conversation"], t["turn"]) for t in turns}
+    return [_failed(tags, ci, ti, u, e) for ti, u in enumerate(conv) if (ci, ti) not in done]
 
 
 def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception) -> dict:

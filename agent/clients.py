@@ -162,10 +162,12 @@ class WebRTCCaller:
         self.audible_frames = 0
         self.first_audio_at: float | None = None
         self.ws: Any = None
+        self.lost: str | None = None  # why the connection is gone, once it is
         self._tasks: list[asyncio.Task] = []
 
     async def connect(self) -> None:
         self.pc.addTrack(self.mic)
+        self.pc.on("connectionstatechange", self._state_changed)
         if self.jitter_prefetch is not None:  # before any media can arrive
             set_jitter_prefetch(self.pc, self.jitter_prefetch)
         channel = self.pc.createDataChannel("events")
@@ -190,6 +192,11 @@ class WebRTCCaller:
                 self.signals.append(json.loads(raw))
         except websockets.ConnectionClosed:
             pass
+        self.lost = self.lost or "the server closed the signalling connection"
+
+    def _state_changed(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.lost = self.lost or f"the WebRTC connection {self.pc.connectionState}"
 
     async def _listen(self, track: MediaStreamTrack) -> None:
         while True:
@@ -225,6 +232,8 @@ class InProcessCaller:
     The microphone and speaker run on the loop's clock exactly like a transport would drive
     `QueueAudioInput` and `PacedAudioOutput`; events are the dicts a page would receive.
     """
+
+    lost: str | None = None  # no connection to lose
 
     def __init__(self, settings: Any, models: Any, *, session_id: str = "bench",
                  level: int = AUDIBLE_LEVEL, noise: MicNoise | None = None) -> None:
@@ -350,6 +359,10 @@ class TwilioBenchCaller:
         last = max(last_sound_index(pcm16k, self.heard.level), 0)
         t_sent = await self.caller.send_pcm(pcm16k, MIC_RATE)
         return t_sent - (len(pcm16k) - 1 - last) / MIC_RATE
+
+    @property
+    def lost(self) -> str | None:
+        return "the phone server ended the call" if self.caller.closed.is_set() else None
 
     @property
     def events(self) -> list[dict]:

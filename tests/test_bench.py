@@ -72,6 +72,7 @@ class _Caller:
 
     def __init__(self, t_audible: float | None, speech_s: float) -> None:
         self.heard, self.events, self.speech_s = HeardAudio(level=500), [], speech_s
+        self.lost: str | None = None
         if t_audible is not None:
             self.heard.add(t_audible, np.full(480, 4000, np.int16), 48000)
 
@@ -99,6 +100,45 @@ async def test_an_agent_heard_before_the_last_word_is_a_cut_in():
     s = bench_report.summarize([{**rec, "cold": False}, {**late, "cold": False}])
     assert s["cut_in_turns"] == 1 and s["dropped_turns"] == 1 and s["warm"]["n"] == 0
     assert s["reply_words"] == {"median": None, "max": None}  # nothing was answered
+
+
+async def test_a_caller_whose_server_went_away_fails_at_once_not_after_the_timeouts():
+    import asyncio
+    import time
+
+    from agent.settings import BenchSettings
+
+    b = BenchSettings(settle_s=0.0, reply_timeout_s=30.0, metrics_timeout_s=60.0)
+    utt = bench.Utterance("Is it going to rain?", np.zeros(160, np.int16))
+    caller = _Caller(None, 0.05)  # no reply will ever be heard
+
+    async def server_dies() -> None:
+        await asyncio.sleep(0.2)
+        caller.lost = "the server closed the signalling connection"
+
+    task = asyncio.create_task(server_dies())
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="signalling"):
+        await bench.measure_turn(caller, utt, b)
+    assert time.monotonic() - t0 < 1.0 and task.done()
+
+    class Gone(_Caller):  # connects, then the server is gone before its greeting
+        async def connect(self) -> None:
+            self.lost = "the WebRTC connection failed"
+
+        async def close(self) -> None:
+            pass
+
+    class Progress:
+        def update(self, n: int) -> None:
+            pass
+
+    t0 = time.monotonic()
+    turns = await bench.run_caller(lambda ci: Gone(None, 0.0), [[utt, utt]], b,
+                                   {"progress": Progress()}, first_is_cold=True)
+    assert [t["status"] for t in turns] == ["failed", "failed"]
+    assert all("WebRTC connection failed" in t["error"] for t in turns)
+    assert time.monotonic() - t0 < 1.0
 
 
 async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
