@@ -534,23 +534,17 @@ async def run_caller(caller: Any, convs: list[Conversation], bench: BenchSetting
                 cold = first_is_cold and ci == 0 and ti == 0
                 turns.append({**tags, "conversation": ci, "turn": ti, "cold": cold, **rec})
                 tags["progress"].update(1)
-        except ConnectionError as e:  # the server went away: no traceback to read
-            logger.warning("bench caller failed: %s", e)
-            turns += _failed_rest(tags, ci, conv, turns, e)
         except Exception as e:  # a failed connection or turn is a result, not a crash
-            logger.warning("bench caller failed: %s", type(e).__name__, exc_info=True)
-            turns += _failed_rest(tags, ci, conv, turns, e)
+            lost = isinstance(e, ConnectionError)  # the server went away: no traceback to read
+            logger.warning("bench caller failed: %s", e if lost else type(e).__name__,
+                           exc_info=not lost)
+            done = {(t["conversation"], t["turn"]) for t in turns}
+            turns += [_failed(tags, ci, ti, u, e) for ti, u in enumerate(conv)
+                      if (ci, ti) not in done]
         finally:
             with contextlib.suppress(Exception):
                 await c.close()
     return turns
-
-
-def _failed_rest(tags: dict[str, Any], ci: int, conv: Conversation,
-                 turns: list[dict[str, Any]], e: Exception) -> list[dict[str, Any]]:
-    """The failed records of conversation `ci`'s turns not yet in `turns`."""
-    done = {(t["conversation"], t["turn"]) for t in turns}
-    return [_failed(tags, ci, ti, u, e) for ti, u in enumerate(conv) if (ci, ti) not in done]
 
 
 def _failed(tags: dict[str, Any], ci: int, ti: int, utt: Utterance, e: Exception) -> dict:
