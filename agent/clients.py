@@ -233,8 +233,6 @@ class InProcessCaller:
     `QueueAudioInput` and `PacedAudioOutput`; events are the dicts a page would receive.
     """
 
-    lost: str | None = None  # no connection to lose
-
     def __init__(self, settings: Any, models: Any, *, session_id: str = "bench",
                  level: int = AUDIBLE_LEVEL, noise: MicNoise | None = None) -> None:
         from agent.audio_io import PacedAudioOutput, QueueAudioInput
@@ -252,6 +250,7 @@ class InProcessCaller:
         self._tasks: list[asyncio.Task] = []
         self.session: Any = None
         self._sync: Any = None
+        self.lost: str | None = None  # no connection to lose, but a session can end itself
 
     async def connect(self) -> None:
         from livekit.agents.voice.transcription import TranscriptSynchronizer
@@ -263,6 +262,7 @@ class InProcessCaller:
                                             session_id=self.session_id)
         TurnReporter(self.session_id, self.events.append,
                      audio_out=self.audio_out).attach(self.session)
+        self.session.on("close", self._closed)
         self._sync = sync = TranscriptSynchronizer(
             next_in_chain_audio=self.audio_out, next_in_chain_text=None)
         self.session.output.transcription = ClientTextOutput(
@@ -270,6 +270,9 @@ class InProcessCaller:
         await start_session(self.session, agent, audio_in=self.audio_in,
                             audio_out=sync.audio_output, greeting=self.settings.session.greeting)
         self._tasks = [asyncio.create_task(self._mic()), asyncio.create_task(self._speaker())]
+
+    def _closed(self, event: Any) -> None:
+        self.lost = self.lost or f"the session closed ({event.reason.value})"
 
     async def speak(self, pcm16k: np.ndarray) -> float:
         step = MIC_RATE // 50

@@ -141,6 +141,26 @@ async def test_a_caller_whose_server_went_away_fails_at_once_not_after_the_timeo
     assert time.monotonic() - t0 < 1.0
 
 
+async def test_an_in_process_caller_knows_when_its_session_ended_itself():
+    from agent_fakes import FakeEngine, FakeSTT, FakeTTS
+    from livekit.plugins import silero
+
+    from agent.clients import InProcessCaller
+    from agent.session import Models
+    from agent.settings import Settings
+
+    settings = Settings.model_validate({"session": {"turn_detector": "vad", "greeting": "",
+                                                    "aec_warmup_s": 0.0}})
+    models = Models(engine=FakeEngine(), stt=FakeSTT([]), tts=FakeTTS(), vad=silero.VAD.load(),
+                    turn_detector=None)
+    caller = InProcessCaller(settings, models)
+    await caller.connect()
+    assert caller.lost is None
+    await caller.session.aclose()  # as LiveKit does after repeated unrecoverable errors
+    assert caller.lost == "the session closed (user_initiated)"
+    await caller.close()
+
+
 async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
     import asyncio
     import time
