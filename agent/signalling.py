@@ -7,13 +7,16 @@ Protocol (JSON text frames on `/ws`):
     server -> page  {"type": "error", "message": "..."}  bad input, busy, ICE timeout
     page -> server  {"type": "bye"}                      or just close the socket
 
-Closing the socket ends the visitor's conversation and frees its peer. Guards: an access token
+Closing the socket ends the visitor's conversation and frees its peer; a conversation that
+ends on the server's side (ICE timeout, connection failed, session closed) closes the socket,
+so the page hangs up and the visitor's place is free. Guards: an access token
 (`/ws?token=...`) when configured, the Origin header, a cap on concurrent visitors and on the
 size of each message (larger frames close the socket with code 1009).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import http
 import ipaddress
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 WS_PATH = "/ws"
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_NORMAL = 1000
 
 
 class SignallingError(ValueError):
@@ -46,6 +50,8 @@ class SignallingError(ValueError):
 
 class Peer(Protocol):
     """What signalling needs of a visitor (see `agent.webrtc.Visitor`)."""
+
+    closed: asyncio.Event  # set once the peer has freed everything it held
 
     async def accept_offer(self, sdp: str) -> str: ...
     async def close(self) -> None: ...
@@ -181,16 +187,20 @@ class Signalling:
             return
         self.active.add(ws)
         peers: list[Peer] = []  # filled as soon as a peer exists, so a drop mid-offer frees it
+        hang_ups: list[asyncio.Task[None]] = []
         try:
-            await self._serve_socket(ws, peers)
+            await self._serve_socket(ws, peers, hang_ups)
         except ConnectionClosed:
             pass
         finally:
             self.active.discard(ws)
+            for task in hang_ups:
+                task.cancel()
             for peer in peers:
                 await peer.close()
 
-    async def _serve_socket(self, ws: ServerConnection, peers: list[Peer]) -> None:
+    async def _serve_socket(self, ws: ServerConnection, peers: list[Peer],
+                            hang_ups: list[asyncio.Task[None]]) -> None:
         async for raw in ws:
             try:
                 msg = parse_message(raw)
@@ -203,6 +213,7 @@ class Signalling:
                 await _send(ws, {"type": "error", "message": "already connected"})
                 continue
             peers.append(self.peer_factory(lambda event: _send(ws, event)))
+            hang_ups.append(asyncio.create_task(_hang_up_when_closed(ws, peers[0])))
             await self._answer(ws, peers[0], msg["sdp"])
 
     async def _answer(self, ws: ServerConnection, peer: Peer, sdp: str) -> None:
@@ -222,6 +233,12 @@ class Signalling:
         await _send(ws, {"type": "error", "message": message})
         await peer.close()
         await ws.close()
+
+
+async def _hang_up_when_closed(ws: ServerConnection, peer: Peer) -> None:
+    """A conversation the server ended closes its socket: the page hangs up, the place frees."""
+    await peer.closed.wait()
+    await ws.close(CLOSE_NORMAL, "conversation ended")
 
 
 async def _send(ws: ServerConnection, event: dict[str, Any]) -> None:

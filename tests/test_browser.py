@@ -109,14 +109,16 @@ def _done(s: dict) -> bool:
 async def test_chromium_talks_with_the_agent(real_settings, real_models, tmp_path):
     settings = real_settings.model_copy(deep=True)
     settings.session.greeting = ""  # the first agent audio must answer the question
+    settings.server.max_sessions = 1  # a second tab is turned away
     server = BrowserServer(settings, real_models)
     await server.start()
     url = f"http://127.0.0.1:{server.signalling.port}/?autoconnect"
     browser = _launch(url, _microphone_wav(tmp_path), tmp_path / "profile")
     state: dict = {}
+    busy: dict = {}
     try:
-        async with websockets.connect(await _page_socket(tmp_path / "profile"),
-                                      max_size=None) as ws:
+        page = await _page_socket(tmp_path / "profile")
+        async with websockets.connect(page, max_size=None) as ws:
             devtools = DevTools(ws)
             deadline = time.monotonic() + 60
             while not _done(state) and time.monotonic() < deadline:
@@ -126,6 +128,7 @@ async def test_chromium_talks_with_the_agent(real_settings, real_models, tmp_pat
             shot = await devtools.call("Page.captureScreenshot", format="png")
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "browser-turn.png").write_bytes(base64.b64decode(shot["data"]))
+            busy = await _second_tab(devtools, page, url)
     finally:
         browser.terminate()
         await asyncio.to_thread(browser.wait, 10)
@@ -140,3 +143,23 @@ async def test_chromium_talks_with_the_agent(real_settings, real_models, tmp_pat
             1000 * audio["jitterBufferDelay"] / audio["jitterBufferEmittedCount"]))
     # the page measured the turn as a listener would: its last sound to the agent's first
     assert state["heardLatencies"] and state["heardLatencies"][0] > 0, state
+    # the server's reason stays on screen (not a generic "closed") and the page can retry
+    assert busy["errors"] == ["server busy: too many conversations"], busy
+    assert not busy["connected"] and busy["canConnect"], busy
+
+
+async def _second_tab(devtools: DevTools, page_socket: str, url: str) -> dict:
+    """Open the page in a second tab while the first holds the server's only place."""
+    target = (await devtools.call("Target.createTarget", url=url))["targetId"]
+    async with websockets.connect(page_socket.rsplit("/", 1)[0] + "/" + target) as ws:
+        tab = DevTools(ws)
+        state: dict = {}
+        deadline = time.monotonic() + 20
+        while not state.get("errors") and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            state = await tab.state()
+        await asyncio.sleep(1.0)  # anything the page would do after the socket closes
+        state = await tab.state()
+        result = await tab.call("Runtime.evaluate", returnByValue=True,
+                                expression="!document.getElementById('connect').disabled")
+        return {**state, "canConnect": result["result"]["value"]}

@@ -223,7 +223,8 @@ async def test_token_origin_and_session_cap(vad):
 
 @pytest.mark.slow
 async def test_peer_that_never_completes_ice_is_dropped(vad):
-    server, url = await _server(_settings("server.ice_timeout_s=1.0"), _models(vad))
+    settings = _settings("server.ice_timeout_s=1.0", "server.max_sessions=1")
+    server, url = await _server(settings, _models(vad))
     caller = WebRTCCaller(url)
     try:
         caller.pc.addTrack(caller.mic)
@@ -233,7 +234,30 @@ async def test_peer_that_never_completes_ice_is_dropped(vad):
             await ws.send(json.dumps({"type": "offer", "sdp": caller.pc.localDescription.sdp}))
             assert json.loads(await ws.recv())["type"] == "answer"  # never applied: no ICE
             assert "timed out" in json.loads(await ws.recv())["message"]
+            with pytest.raises(websockets.ConnectionClosedOK):  # the server hangs up the page
+                async with asyncio.timeout(5):
+                    await ws.recv()
         await _wait(lambda: all(v.closed.is_set() for v in server.visitors), within=5)
+        await _wait(lambda: not server.signalling.active, within=5)  # its place is free
+        async with websockets.connect(url) as again:
+            await again.send(json.dumps({"type": "bye"}))
+    finally:
+        await caller.close()
+        await server.close()
+
+
+@pytest.mark.slow
+async def test_a_conversation_the_server_ends_hangs_up_the_page(vad):
+    server, url = await _server(_settings("server.max_sessions=1"), _models(vad))
+    caller = WebRTCCaller(url)
+    try:
+        await caller.connect()
+        await _wait(lambda: any(v.session is not None for v in server.visitors), within=10)
+        (visitor,) = server.visitors
+        await visitor.session.aclose()  # as a session ends on a fatal error
+        await _wait(lambda: caller.ws.close_code is not None, within=5)  # the page hangs up
+        assert caller.ws.close_code == 1000 and caller.ws.close_reason == "conversation ended"
+        await _wait(lambda: not server.signalling.active, within=5)  # and its place is free
     finally:
         await caller.close()
         await server.close()

@@ -16,7 +16,7 @@ const MAX_TURN_GAP_MS = 20000; // speech longer ago than this was not the questi
 
 const state = {
   pc: null, ws: null, mic: null, statsTimer: null, agentLine: null,
-  audioCtx: null, levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0,
+  audioCtx: null, levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0, serverSaid: null,
 };
 window.diffvoice = {
   connected: false, userFinals: [], userInterims: 0, agentTexts: [], turns: [], errors: [],
@@ -202,11 +202,25 @@ function waitForIceGathering(pc) {
 function onSignal(message) {
   let msg;
   try { msg = JSON.parse(message.data); } catch { return; }
-  if (msg.type === "answer") {
-    state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+  if (msg.type === "answer" && state.pc) {
+    state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp }).catch((e) => {
+      showMessage(`The server's answer was refused: ${e.message}`);
+      hangUp();
+    });
   } else if (msg.type === "error") {
+    state.serverSaid = msg.message;
     showMessage(msg.message);
   }
+}
+
+function onSignallingClosed(ev) {
+  if (!state.pc) return;
+  // the server says why before it closes (busy, a refused offer, an ICE timeout): keep that
+  if (!state.serverSaid) {
+    showMessage(ev.reason ? `The server ended the conversation (${ev.reason}).`
+      : "The server closed the connection.");
+  }
+  hangUp();
 }
 
 async function pollStats() {
@@ -237,9 +251,20 @@ async function connect() {
     return;
   }
   state.ws.onmessage = onSignal;
-  state.ws.onclose = () => { if (state.pc) { showMessage("The server closed the connection."); hangUp(); } };
+  state.ws.onclose = onSignallingClosed;
   const pc = new RTCPeerConnection({ iceServers: [] });
   state.pc = pc;
+  try {
+    await offer(pc);
+  } catch (e) {
+    if (state.pc !== pc) return; // hung up meanwhile: that said why
+    hangUp();
+    showMessage(`Could not connect: ${e.message}`);
+  }
+}
+
+// the peer connection's offer; returns early when the call was hung up during a step
+async function offer(pc) {
   for (const track of state.mic.getAudioTracks()) pc.addTrack(track, state.mic);
   const channel = pc.createDataChannel("events");
   channel.onmessage = onEvent;
@@ -256,6 +281,7 @@ async function connect() {
   };
   await pc.setLocalDescription(await pc.createOffer());
   await waitForIceGathering(pc);
+  if (state.pc !== pc) return;
   state.ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp }));
   state.statsTimer = setInterval(pollStats, STATS_INTERVAL_MS);
   setButtons(true);
@@ -276,7 +302,7 @@ function hangUp() {
   clearInterval(state.statsTimer);
   clearInterval(state.levelTimer);
   Object.assign(state, { pc: null, ws: null, mic: null, statsTimer: null, agentLine: null,
-    levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0 });
+    levelTimer: null, lastSpeechAt: 0, lastAgentAt: 0, serverSaid: null });
   window.diffvoice.connected = false;
   setButtons(false);
   $("mute").textContent = "Mute";
