@@ -89,6 +89,7 @@ class AsrStats:
     interims_abandoned: int = 0  # interim decodes stopped because a final decode was due
     speculations_abandoned: int = 0  # discarded speculations stopped before their decoder ran
     chunks: int = 0
+    failed_decodes: int = 0  # decodes that raised: their audio's text is lost, not the stream
 
 
 def bundled_model_path() -> str:
@@ -420,6 +421,13 @@ class StreamingRecognizer:
         try:
             text = await asyncio.to_thread(transcribe, self._model, audio, self.settings,
                                            retry, stop)
+        except DecodeAbandoned:
+            raise
+        except Exception:
+            # one failed decode costs its words, not the caller's later turns
+            logger.exception("a decode of %.2f s of speech failed", len(audio) / SAMPLE_RATE)
+            self.stats.failed_decodes += 1
+            return None
         finally:
             if final:
                 self._queue.finals -= 1

@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import APIConnectOptions, stt, utils
+from livekit.agents import APIConnectionError, APIConnectOptions, stt, utils
 from livekit.agents.language import LanguageCode
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 
@@ -103,6 +103,10 @@ class WhisperRecognizeStream(stt.RecognizeStream):
         try:
             async for ev in rec:
                 self._send(ev)
+        except Exception as e:
+            # retryable: LiveKit runs the stream again on the same input (and recreates it
+            # once the retries are spent); any other error would leave the session deaf
+            raise APIConnectionError(f"speech recognition failed: {type(e).__name__}") from e
         finally:
             await utils.aio.cancel_and_wait(feeder)
             await rec.aclose()

@@ -196,6 +196,68 @@ async def test_stt_stream_sends_the_speculative_final_as_a_preflight_first(whisp
     assert preflight.alternatives[0].text == final.alternatives[0].text != ""
 
 
+class FailingWhisper:
+    """The real model, whose decodes raise while `failing` is set."""
+
+    def __init__(self, model) -> None:
+        self.real, self.failing = model, True
+
+    def __getattr__(self, name: str):
+        if self.failing and name in ("transcribe", "feature_extractor"):
+            raise RuntimeError("the decoder ran out of memory")
+        return getattr(self.real, name)
+
+
+async def test_a_failed_decode_loses_one_utterance_not_the_stream(whisper_stt, caplog):
+    model = FailingWhisper(whisper_stt._model)
+    stream = WhisperSTT(SETTINGS.asr, SETTINGS.vad, model=model).stream()
+    T = stt.SpeechEventType
+    events: list[stt.SpeechEvent] = []
+
+    async def collect() -> None:
+        async for ev in stream:
+            events.append(ev)
+            if ev.type == T.END_OF_SPEECH:
+                model.failing = False  # the next utterance decodes again
+
+    collector = asyncio.create_task(collect())
+    question = float_to_int16(pad(spoken_16k(QUESTION), 0.3, 1.5))
+    t0 = time.perf_counter()
+    for i, f in enumerate(frames(np.concatenate([question, question]), SAMPLE_RATE, FRAME_MS)):
+        stream.push_frame(to_frame(f))
+        await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME_MS / 1000 - time.perf_counter()))
+    stream.end_input()
+    await asyncio.wait_for(collector, 30)  # no error: the stream went on
+    types = [e.type for e in events if e.type != T.RECOGNITION_USAGE]
+    assert types[:2] == [T.START_OF_SPEECH, T.END_OF_SPEECH]  # the failed one: no text
+    finals = [e.alternatives[0].text for e in events if e.type == T.FINAL_TRANSCRIPT]
+    assert len(finals) == 1 and word_error_rate([QUESTION], finals) <= 0.15
+    assert "decode" in caplog.text and QUESTION not in caplog.text
+
+
+async def test_a_recognizer_that_fails_is_run_again_on_the_same_audio(whisper_stt, monkeypatch):
+    from audio import livekit_stt
+
+    class FailsOnce(livekit_stt.StreamingRecognizer):
+        pushes = 0
+
+        async def _on_audio(self, audio: np.ndarray) -> None:
+            FailsOnce.pushes += 1
+            if FailsOnce.pushes == 5:  # in the silence before the question
+                raise RuntimeError("the VAD failed")
+            await super()._on_audio(audio)
+
+    monkeypatch.setattr(livekit_stt, "StreamingRecognizer", FailsOnce)
+    plugin = WhisperSTT(SETTINGS.asr, SETTINGS.vad, model=whisper_stt._model)
+    errors: list = []
+    plugin.on("error", errors.append)
+    events = await stream_events(plugin, float_to_int16(pad(spoken_16k(QUESTION), 0.3, 1.5)))
+    assert [e.recoverable for e in errors] == [True]  # LiveKit retried the stream
+    final = stt.SpeechEventType.FINAL_TRANSCRIPT
+    finals = [e.alternatives[0].text for e in events if e.type == final]
+    assert len(finals) == 1 and word_error_rate([QUESTION], finals) <= 0.15
+
+
 async def test_stt_batch_recognize_any_rate(whisper_stt):
     from audio.codecs import resample
 
