@@ -144,8 +144,11 @@ class Call:
     """One phone call: the provider's socket bridged to its own `AgentSession`."""
 
     def __init__(self, ws: ServerConnection, settings: Settings, models: Models, *,
-                 keep_events: bool = False) -> None:
+                 keep_events: bool = False, admit: Callable[[Call], bool] = lambda call: True,
+                 ) -> None:
         self.ws = ws
+        self.admit = admit  # asked once `start` checks out: is there a place for this call?
+        self.started = False  # admitted: the call holds a session
         self.settings = settings
         self.cfg: PhoneSettings = settings.phone
         self.models = models
@@ -226,6 +229,11 @@ class Call:
         if secret and not hmac.compare_digest(given.encode(), secret.encode()):
             return await self._refuse(f"wrong or missing custom parameter "
                                       f"{self.cfg.secret_parameter!r}")
+        if not self.admit(self):
+            logger.warning("%s: refused: %d calls in progress", self.name, self.cfg.max_calls)
+            self.stats.end_reason = "refused: busy"
+            await self.ws.close(CLOSE_TRY_AGAIN, "busy")
+            return False
         return True
 
     async def _refuse(self, reason: str) -> bool:
@@ -437,17 +445,26 @@ class PhoneServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, ws: ServerConnection) -> None:
-        if len(self.calls) >= self.settings.phone.max_calls:
-            logger.warning("refused a call: %d calls in progress", len(self.calls))
+        unstarted = sum(not call.started for call in self.calls)
+        if unstarted >= self.settings.phone.max_unstarted:
+            logger.warning("refused a socket: %d sockets have not started a call", unstarted)
             await ws.close(CLOSE_TRY_AGAIN, "busy")
             return
-        call = Call(ws, self.settings, self.models, keep_events=self.keep_events)
+        call = Call(ws, self.settings, self.models, keep_events=self.keep_events,
+                    admit=self._admit)
         self.calls.add(call)
         try:
             await call.run()
         finally:
             self.calls.discard(call)
             self.finished = [*self.finished[-(MAX_FINISHED - 1):], call.stats]
+
+    def _admit(self, call: Call) -> bool:
+        """A call whose `start` checked out takes a place, if one is free."""
+        if sum(c.started for c in self.calls) >= self.settings.phone.max_calls:
+            return False
+        call.started = True
+        return True
 
     async def aclose(self) -> None:
         if self._server is not None:

@@ -132,6 +132,10 @@ class PhoneSettings(Section):
     shared_secret: str = ""
     secret_parameter: str = "token"
     max_calls: int = Field(8, ge=1)  # each holds a session; the engine batches their replies
+    # sockets not yet past `start` (anyone can open one; the secret is checked at `start`):
+    # they hold no session, so they are capped apart from the calls and far higher, and idle
+    # sockets cannot take the calls' places
+    max_unstarted: int = Field(32, ge=1)
     # a media frame is ~250 bytes of JSON and `start` ~1 KiB; anything far larger is hostile
     max_message_bytes: int = Field(16 * 1024, ge=1024)
     # the provider streams 50 frames/s; frames past this sustained rate are dropped (a flood or

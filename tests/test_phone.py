@@ -424,10 +424,11 @@ async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, va
         gone.start_line()
         silent = await phone.caller()
         silent.start_line()
-        third = TwilioCaller(phone.url)  # refused: max_calls is 2
-        await third.connect()
+        third = await phone.caller()  # refused at its start: max_calls is 2
         await asyncio.wait_for(third.closed.wait(), 5)
         assert third._ws.close_code == 1013
+        await phone.wait_ended(1)
+        assert phone.server.finished.pop().end_reason == "refused: busy"
         gone._line.cancel()
         gone._ws.transport.abort()  # the TCP connection just dies: no stop, no close frame
         await phone.wait_ended(1)
@@ -442,6 +443,24 @@ async def test_a_vanished_caller_ends_its_call_and_the_others_go_on(tmp_path, va
     assert phone.server.finished[1].end_reason == "no media (caller vanished)"
     assert not phone.server.calls
     assert models.engine.ended == [gone.call_sid, silent.call_sid]
+
+
+async def test_sockets_that_never_start_take_no_call_s_place(tmp_path, vad):
+    settings = _settings(tmp_path, max_calls=1, max_unstarted=2, shared_secret="s3cret")
+    async with _Phone(settings, _scripted(vad, reply=["Okay."])) as phone:
+        idle = [TwilioCaller(phone.url) for _ in range(3)]  # anyone may open a socket
+        await idle[0].connect()
+        call = await phone.caller(custom_parameters={"token": "s3cret"})
+        call.start_line()  # the real call gets the only place
+        await _eventually(lambda: any(c.started for c in phone.server.calls))
+        await idle[1].connect()
+        await idle[2].connect()  # a third socket waiting for its start: refused
+        await asyncio.wait_for(idle[2].closed.wait(), 5)
+        assert idle[2]._ws.close_code == 1013
+        assert not any(socket.closed.is_set() for socket in (*idle[:2], call))
+        for caller in (*idle[:2], call):
+            await caller.close()
+        await phone.wait_ended(3)
 
 
 async def test_two_concurrent_calls_are_isolated(tmp_path, vad):
