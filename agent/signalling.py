@@ -99,8 +99,8 @@ def parse_message(raw: str | bytes) -> dict[str, Any]:
         raise SignallingError("signalling frames must be JSON text")
     try:
         msg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise SignallingError(f"malformed JSON: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # also: 4,300-digit integers, deep nesting
+        raise SignallingError(f"malformed JSON: {getattr(e, 'msg', e)}") from None
     if not isinstance(msg, dict) or msg.get("type") not in ("offer", "bye"):
         raise SignallingError('expected {"type": "offer" | "bye", ...}')
     if msg["type"] == "offer" and not isinstance(msg.get("sdp"), str):

@@ -155,7 +155,7 @@ def parse_message(raw: str | bytes) -> TwilioEvent:
         raise ProtocolError("binary-frame", f"{len(raw)} bytes; the protocol is JSON text")
     try:
         msg = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # also: 4,300-digit integers, deep nesting
         raise ProtocolError("not-json", str(e)) from None
     if not isinstance(msg, dict):
         raise ProtocolError("not-json", f"a JSON {type(msg).__name__}, not an object")

@@ -59,6 +59,8 @@ def test_parse_media_dtmf_mark_stop():
     (b"\x00\x01", "binary-frame"),
     ("{not json", "not-json"),
     ("[1, 2]", "not-json"),
+    ('{"n": ' + "9" * 5000 + "}", "not-json"),  # past Python's int digit limit
+    ("[" * 100_000, "not-json"),  # nested past the recursion limit
     ('{"event": "hello"}', "unknown-event"),
     ('{"streamSid": "MZ0123"}', "unknown-event"),
     ('{"event": "media", "streamSid": "MZ0123", "media": {"payload": "@@@"}}', "bad-base64"),

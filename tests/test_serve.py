@@ -17,7 +17,7 @@ from webrtc_client import WebRTCCaller
 from agent.serve import BrowserServer
 from agent.session import Models
 from agent.settings import Settings, load_settings
-from agent.signalling import check_bind, check_port_free, parse_message
+from agent.signalling import SignallingError, check_bind, check_port_free, parse_message
 from agent.webrtc import OfferError, check_offer, set_jitter_prefetch
 
 # fixtures with the real models, shared by the modules that need them
@@ -85,8 +85,9 @@ async def test_the_microphone_jitter_prefetch_is_set_before_media_flows():
 
 def test_message_parsing():
     assert parse_message('{"type": "bye"}') == {"type": "bye"}
-    for bad in ("{", "[]", '{"type": "hack"}', '{"type": "offer"}', b"\x00"):
-        with pytest.raises(ValueError):
+    huge_int, deep = '{"n": ' + "9" * 5000 + "}", "[" * 100_000
+    for bad in ("{", "[]", '{"type": "hack"}', '{"type": "offer"}', b"\x00", huge_int, deep):
+        with pytest.raises(SignallingError):  # sent back to the page, not a dead handler
             parse_message(bad)
 
 
