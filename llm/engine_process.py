@@ -23,7 +23,11 @@ from typing import Any
 from llm.engine import DiffusionEngine, EngineStream, Message
 from llm.settings import LOG_FORMAT, DecodeSettings, LLMSettings
 
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0  # loading (and warming up) the model in the child
+# how often the idle child looks whether its parent still runs: an orphan holding the model
+# exits within about this long of its parent's death
+PARENT_CHECK_S = 1.0
 
 
 class EngineProcessError(RuntimeError):
@@ -137,7 +141,7 @@ def start_engine(llm: LLMSettings) -> DiffusionEngine | ProcessEngine:
 
 
 def _serve(llm: LLMSettings, requests: Any, replies: Any) -> None:
-    """The child: load the engine, then run requests until told to stop."""
+    """The child: load the engine, then run requests until told to stop or orphaned."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         engine = DiffusionEngine.from_settings(llm)
@@ -147,21 +151,44 @@ def _serve(llm: LLMSettings, requests: Any, replies: Any) -> None:
     replies.put(("ready", {"accepts_drafts": engine.accepts_drafts}))
     streams: dict[int, EngineStream] = {}
     try:
-        while (msg := requests.get()) is not None:
+        while (msg := _next_request(requests, replies)) is not None:
             if msg[0] == "cancel":
                 stream = streams.get(msg[1])
                 if stream is not None:
                     stream.cancel()
-                continue
-            if msg[0] == "end_session":
+            elif msg[0] == "end_session":
                 engine.end_session(msg[1])
-                continue
-            _, rid, messages, kw = msg
-            stream = streams[rid] = engine.stream(messages, **kw)
-            threading.Thread(target=_forward, args=(rid, stream, streams, replies),
-                             daemon=True).start()
+            else:
+                _start(engine, msg, streams, replies)
     finally:
         engine.close()
+
+
+def _next_request(requests: Any, replies: Any) -> Any:
+    """The parent's next message, or None once it says stop or has died: a SIGKILLed parent
+    says nothing, and the child holds both ends of the spawned queues' pipes, so a plain
+    `get()` would wait forever with the model (and its GPU memory) held."""
+    while True:
+        try:
+            return requests.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:
+            parent = mp.parent_process()
+            if parent is not None and not parent.is_alive():
+                log.warning("the parent process has exited: the engine process stops")
+                replies.cancel_join_thread()  # nobody reads them: exiting must not wait
+                return None
+
+
+def _start(engine: DiffusionEngine, msg: tuple, streams: dict[int, EngineStream],
+           replies: Any) -> None:
+    """Submit one request; one that fails (e.g. a chat role the template lacks) fails alone."""
+    _, rid, messages, kw = msg
+    try:
+        stream = streams[rid] = engine.stream(messages, **kw)
+    except Exception as e:
+        replies.put((rid, "error", (None, _as_text(e))))
+        return
+    threading.Thread(target=_forward, args=(rid, stream, streams, replies), daemon=True).start()
 
 
 def _forward(rid: int, stream: EngineStream, streams: dict[int, EngineStream],
@@ -170,9 +197,13 @@ def _forward(rid: int, stream: EngineStream, streams: dict[int, EngineStream],
         for span in stream:
             replies.put((rid, "span", span))
         replies.put((rid, "end", stream.stats))
-    except Exception as e:  # the row failed: the caller's stream raises it (as text: an
-        # exception that does not pickle would be lost in the queue's feeder thread)
-        error = RuntimeError(f"{type(e).__name__}: {e}")
-        replies.put((rid, "error", (stream.stats, error)))
+    except Exception as e:  # the row failed: the caller's stream raises it
+        replies.put((rid, "error", (stream.stats, _as_text(e))))
     finally:
         streams.pop(rid, None)
+
+
+def _as_text(error: Exception) -> RuntimeError:
+    """`error` as the parent's stream raises it: as text, since an exception that does not
+    pickle would be lost in the queue's feeder thread."""
+    return RuntimeError(f"{type(error).__name__}: {error}")

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +67,57 @@ def test_an_ended_session_is_forgotten_in_the_engine_process(remote):
     assert again.cached_prompt_tokens == first.prompt_tokens - 1  # the conversation was kept
     remote.end_session("call")
     assert remote.generate(GREETING, session_id="call")[1].cached_prompt_tokens == 0
+
+
+def test_a_bad_request_fails_alone_and_the_engine_process_serves_on(remote):
+    good = remote.stream(GREETING)
+    bad = remote.stream([{"role": "tool", "content": "42"}])  # a role no chat template has
+    with pytest.raises(RuntimeError, match="TokenizerError: unknown chat role 'tool'"):
+        list(bad)
+    assert "".join(s.text for s in good) and good.stats.finish_reason == "eot"
+    assert remote.generate(GREETING)[1].finish_reason == "eot"
+
+
+# a parent that starts an engine process, says its pid and waits to be killed
+PARENT = """
+import time
+from llm.engine_process import ProcessEngine
+from llm.settings import LLMSettings
+engine = ProcessEngine(LLMSettings(model="random:tiny", dtype="float32", threads=1))
+print(engine._proc.pid, flush=True)
+time.sleep(600)
+"""
+ORPHAN_EXIT_S = 10.0  # the child looks for its parent every second
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_engine_process_exits_when_its_parent_is_killed():
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=root, stdout=subprocess.PIPE,
+                              text=True)
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)  # no clean-up of any kind
+        parent.wait()
+        deadline = time.monotonic() + ORPHAN_EXIT_S
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(child)
+    finally:
+        parent.kill()
+        parent.wait()
+        if child is not None and running(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_a_closed_engine_process_refuses_requests_and_a_failed_start_says_why():
