@@ -262,6 +262,10 @@ class _SpanWriter:
         return len(ids)
 
 
+class EngineClosedError(RuntimeError):
+    """A request to an engine that is closed (or whose worker has stopped)."""
+
+
 @dataclass
 class _Request:
     ids: list[int]
@@ -332,6 +336,9 @@ class _Row:
             raise ValueError(f"prompt of {self.P} tokens leaves no room for a reply "
                              f"(K/V capacity {eng.kv.cap} positions)")
         self.reused = 0 if entry is None else min(common_prefix(entry.ids, req.ids), self.P - 1)
+        self.gen: torch.Generator | None = None
+        if req.decode.temperature > 0:  # before the slot is taken: a seed torch refuses raises
+            self.gen = torch.Generator(device=eng.device).manual_seed(req.decode.seed)
         # a kept conversation's slot already holds its K/V; given back or kept when it ends
         self.slot = eng.kv.acquire() if entry is None else entry.slot
         self.F = self.reused  # positions [0, F) have frozen K/V
@@ -339,9 +346,6 @@ class _Row:
         self.finished = False
         self.seed: list[int] = []  # the draft this reply was seeded with
         self.writer = _SpanWriter(eng.tokenizer)
-        self.gen: torch.Generator | None = None
-        if req.decode.temperature > 0:
-            self.gen = torch.Generator(device=eng.device).manual_seed(req.decode.seed)
 
     def emit(self, reply: list[int], block_done: bool, finished: bool) -> None:
         text, ids = self.writer.next_span(reply, block_done, finished)
@@ -599,6 +603,10 @@ class DiffusionEngine:
         # recent steps (forward + commit decision), for benchmarks
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=4096)
         self._inbox: queue.SimpleQueue[_Request | _EndSession | None] = queue.SimpleQueue()
+        # set by `close` (or a stopped worker) under the lock, so no request is put in the
+        # inbox after the worker's last read: a later request fails at once instead of waiting
+        self._closed = False
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._worker, name="diffusion-engine", daemon=True)
         self._thread.start()
 
@@ -665,8 +673,13 @@ class DiffusionEngine:
         """`stream` for an already rendered prompt (benchmarks use exact prompt lengths).
         `avoid`: tokens whose n-grams `decode.no_repeat_ngram` also rules out."""
         stream = EngineStream()
-        self._inbox.put(_Request(list(ids), decode or self.settings.decode, session_id, stream,
-                                 time.perf_counter(), tuple(draft), tuple(avoid)))
+        req = _Request(list(ids), decode or self.settings.decode, session_id, stream,
+                       time.perf_counter(), tuple(draft), tuple(avoid))
+        with self._submit_lock:
+            if not self._closed:
+                self._inbox.put(req)
+                return stream
+        _end_unstarted(req, "error", EngineClosedError("the engine is closed"))
         return stream
 
     def end_session(self, session_id: str) -> None:
@@ -703,7 +716,9 @@ class DiffusionEngine:
         return messages[:-1]
 
     def close(self) -> None:
-        self._inbox.put(None)
+        with self._submit_lock:
+            self._closed = True
+            self._inbox.put(None)
         self._thread.join()
 
     # --- worker ---------------------------------------------------------------------------
@@ -711,23 +726,39 @@ class DiffusionEngine:
     def _worker(self) -> None:
         rows: list[_Row] = []
         pending: collections.deque[_Request] = collections.deque()
-        with torch.inference_mode():
-            self._prepare_traces()
-            while self._receive(pending, rows, block=not rows and not pending):
-                while pending and len(rows) < self.settings.engine.max_batch:
-                    row = self._admit(pending.popleft())
-                    rows += [] if row is None else [row]
-                for r in rows:
-                    if r.stream.cancelled:
-                        r.finish("cancelled", r.reply())
-                rows = [r for r in rows if not r.finished]
-                if rows:
-                    self._iterate_safely(rows)
+        try:
+            with torch.inference_mode():
+                self._prepare_traces()
+                while self._receive(pending, rows, block=not rows and not pending):
+                    while pending and len(rows) < self.settings.engine.max_batch:
+                        row = self._admit(pending.popleft())
+                        rows += [] if row is None else [row]
+                    for r in rows:
+                        if r.stream.cancelled:
+                            r.finish("cancelled", r.reply())
                     rows = [r for r in rows if not r.finished]
+                    if rows:
+                        self._iterate_safely(rows)
+                        rows = [r for r in rows if not r.finished]
+        finally:
+            self._stop(rows, pending)
+
+    def _stop(self, rows: list[_Row], pending: collections.deque[_Request]) -> None:
+        """End every reply the stopped worker leaves, so no caller waits for one: rows and
+        received requests as cancelled, requests still in the inbox as failed."""
+        with self._submit_lock:
+            self._closed = True  # a worker that failed takes no more requests either
         for r in rows:
             r.finish("cancelled", r.reply())
         for req in pending:
             _end_unstarted(req, "cancelled")
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                _end_unstarted(item, "error", EngineClosedError("the engine has stopped"))
 
     def _receive(self, pending: collections.deque[_Request], rows: list[_Row],
                  block: bool) -> bool:

@@ -131,11 +131,13 @@ class KVSlots:
         if not self.k and self.reserve is not None:
             slot = sum(2 * k.shape[1] * self.cap * k.shape[3] * k.element_size() for k, _ in like)
             size = max(size, self.reserve(slot))
-        old_k, old_v = self.k, self.v
-        self.k = [self._zeros(size, k) for k, _ in like]
-        self.v = [self._zeros(size, v) for _, v in like]
-        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+        # into locals first: an allocation that fails (out of memory) leaves the old buffers
+        # whole, where k grown and v not would fail every later forward
+        new_k = [self._zeros(size, k) for k, _ in like]
+        new_v = [self._zeros(size, v) for _, v in like]
+        for new, old in zip(new_k + new_v, self.k + self.v, strict=False):
             new[: old.shape[0]] = old
+        self.k, self.v = new_k, new_v
         self.generation += 1
 
     def _zeros(self, n_slots: int, like: Tensor) -> Tensor:

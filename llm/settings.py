@@ -44,7 +44,7 @@ class DecodeSettings(BaseModel):
     temperature: float = Field(0.0, ge=0.0)
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**64)  # torch.Generator takes an unsigned 64-bit seed
     # an end-of-turn/EOS proposal commits only at the reply's first masked position: the end is
     # decided after the text (otherwise trailing EOS, the most confident guess, are committed
     # first and cascade back over the reply; `llm.sampler.defer_ends`)

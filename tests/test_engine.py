@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +25,8 @@ from llm.engine import (
 from llm.model import Int8Linear, quantize_int8, weight_bytes
 from llm.sampler import generate_llada, generate_threshold, trim_reply
 from llm.settings import DecodeSettings, LLMSettings
+
+ENDS_WITHIN_S = 10.0  # a stream that ends at once; far past it, it would wait forever
 
 PROMPTS = ["Hello there!", "What would you like to talk about? Music, films or books?",
            "Let us meet.", "That sounds great. See you soon, and have a nice evening!"]
@@ -761,6 +766,36 @@ def test_kv_slots_reserved_up_front_read_as_zeros_and_grow_only_past_the_reserve
     assert not slots.k[0][6:, :, 3:].any() and not slots.v[1][7].any()
 
 
+def test_kv_slots_that_fail_to_grow_keep_their_buffers(monkeypatch):
+    from llm.kvcache import KVSlots, SlotWrite
+
+    slots = KVSlots(cap=16)
+    kv = [(torch.full((1, 2, 3, 4), 1.0 + i), torch.full((1, 2, 3, 4), -1.0 - i))
+          for i in range(2)]
+    for _ in range(2):
+        slots.write_rows(kv, [SlotWrite(0, 0, slots.acquire(), 0, 3)])
+    before, generation = [t.clone() for t in slots.k + slots.v], slots.generation
+    zeros = slots._zeros
+
+    def out_of_memory_on_v(n_slots, like):
+        if like is kv[1][1]:  # the last layer's v: every k is allocated by then
+            raise RuntimeError("out of memory")
+        return zeros(n_slots, like)
+
+    monkeypatch.setattr(slots, "_zeros", out_of_memory_on_v)
+    third = slots.acquire()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        slots.write_rows(kv, [SlotWrite(0, 0, third, 0, 3)])
+    assert (slots.n_slots, slots.generation) == (2, generation)
+    for old, now in zip(before, slots.k + slots.v, strict=True):
+        assert torch.equal(old, now)
+    monkeypatch.setattr(slots, "_zeros", zeros)
+    slots.write_rows(kv, [SlotWrite(0, 0, third, 0, 3)])  # a later grow works
+    assert (slots.n_slots, slots.generation) == (4, generation + 1)
+    assert all(t.shape[0] == 4 for t in slots.k + slots.v)
+    assert torch.equal(slots.k[1][:2], before[1]) and torch.equal(slots.v[1][2], before[3][0])
+
+
 class _ReplayOnCPU(_GraphedLayers):
     """A CUDA graph's inputs and outputs on the CPU: the same static buffers, with a replay that
     runs the captured function on them, so the engine's graph plumbing runs without a GPU."""
@@ -884,6 +919,76 @@ def test_a_request_beyond_the_kv_capacity_is_refused_and_the_engine_goes_on(tok)
             list(too_long)
         ids, _, stream = run(eng, "Hi")
         assert stream.stats.finish_reason in ("eot", "length") and len(ids) <= 24
+    finally:
+        eng.close()
+
+
+def slots_in_use(eng: DiffusionEngine) -> int:
+    return eng.kv._issued - len(eng.kv._free)
+
+
+def test_a_row_that_fails_to_start_gives_its_slot_back(tok):
+    eng = make_engine(tok, decode=dict(max_new_tokens=8, temperature=0.5))
+    try:
+        # past the seeds torch takes; `DecodeSettings` refuses it, a copy skips the check
+        bad = eng.settings.decode.model_copy(update={"seed": 2**64})
+        with pytest.raises(ValueError, match="Overflow"):
+            list(eng.stream(msgs("Hi"), decode=bad))
+        assert bad.seed == 2**64 and slots_in_use(eng) == 0
+        assert eng.generate(msgs("Hi"))[1].finish_reason in ("eot", "length")
+        assert slots_in_use(eng) == 0
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_torch_cannot_take_is_refused_in_the_settings(seed):
+    with pytest.raises(ValueError, match="seed"):
+        DecodeSettings(seed=seed)
+    assert DecodeSettings(seed=2**63 - 1).seed == 2**63 - 1
+
+
+def outcome_within(stream: EngineStream, seconds: float = ENDS_WITHIN_S) -> Any:
+    """What iterating `stream` in a thread gave (its spans, or what it raised); fails instead
+    of hanging when it has not ended within `seconds`."""
+    result: list[Any] = []
+
+    def consume():
+        try:
+            result.append(list(stream))
+        except Exception as e:
+            result.append(e)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"the stream did not end within {seconds} s"
+    return result[0]
+
+
+def test_a_request_to_a_closed_engine_fails_at_once(tok):
+    eng = make_engine(tok)
+    eng.close()
+    error = outcome_within(eng.stream(msgs("Hi")))
+    assert isinstance(error, RuntimeError) and "closed" in str(error)
+
+    async def consume():
+        return [span async for span in eng.stream(msgs("Hi"))]
+
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(asyncio.wait_for(consume(), ENDS_WITHIN_S))
+
+
+def test_requests_left_in_the_inbox_when_the_worker_stops_are_ended(tok):
+    eng = make_engine(tok)
+    try:
+        eng._inbox.put(None)  # the worker stops here; a request put after it is never read
+        late = EngineStream()
+        eng._inbox.put(_Request(tok.encode_chat(msgs("Hi")), eng.settings.decode, None, late,
+                                time.perf_counter()))
+        eng._thread.join(ENDS_WITHIN_S)
+        outcome = outcome_within(late)
+        assert isinstance(outcome, RuntimeError) and late.stats.finish_reason == "error"
     finally:
         eng.close()
 
