@@ -1,14 +1,16 @@
 """Text normalisation for speech: what an LLM writes -> what Piper should say.
 
 Markdown is unwrapped (code blocks skipped), URLs and e-mail addresses are spoken by their
-domain, emoji and other pictographs are dropped, and numbers, times, money, percentages,
-ordinals, years and common abbreviations become words:
+domain, emoji and other pictographs are dropped, phone numbers are read digit by digit, and
+numbers, dates, times, ranges, money, percentages, degrees, ordinals, years and common
+abbreviations become words:
 
     normalize("**Meet** Dr. Smith at 3:30 pm, it's $12.50 (see https://x.org/a) 🎉")
     -> "Meet Doctor Smith at three thirty p m, it's twelve dollars and fifty cents (see x dot org)"
 
 Every rule is a regular expression applied in a fixed order; the function never raises on
-any string.
+any string. A pattern that scans a run starts only at the run's first character, or its run is
+bounded, so a 20,000-character unbroken token costs tens of milliseconds, not seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ _ONES = (
 ).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
+_MONTHS = (
+    "January February March April May June July August September October November December"
+).split()
 _ORDINAL_WORDS = {
     "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
     "nine": "ninth", "twelve": "twelfth",
@@ -91,7 +96,7 @@ def digits_to_words(digits: str) -> str:
 # -- markdown ----------------------------------------------------------------------------------
 def _unwrap_markdown(text: str) -> str:
     text = re.sub(r"```.*?(```|$)", " ", text, flags=re.S)  # code blocks are not read aloud
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links and images -> their text
+    text = re.sub(r"!?\[([^\[\]]*)\]\([^)]*\)", r"\1", text)  # links and images -> their text
     text = re.sub(r"`([^`]*)`", r"\1", text)
     text = re.sub(r"(\*\*|__|~~)(.+?)\1", r"\2", text, flags=re.S)
     text = re.sub(r"(?<![\w*])[*_](\S(?:.*?\S)?)[*_](?![\w*])", r"\1", text)
@@ -122,6 +127,7 @@ def _email(m: re.Match[str]) -> str:
 
 
 _DROP_CATEGORIES = {"So", "Sk", "Cs", "Co", "Cn", "Cf", "Mn", "Me"}
+_KEEP_SYMBOLS = frozenset("°℉℃")  # category So like emoji, but the degree rules read them
 
 
 def _drop_pictographs(text: str) -> str:
@@ -129,7 +135,7 @@ def _drop_pictographs(text: str) -> str:
     out = []
     for ch in text:
         cat = unicodedata.category(ch)
-        if cat in _DROP_CATEGORIES:
+        if cat in _DROP_CATEGORIES and ch not in _KEEP_SYMBOLS:
             continue
         out.append(" " if cat in ("Cc", "Zl", "Zp") else ch)
     return "".join(out)
@@ -179,6 +185,34 @@ def _time(m: re.Match[str]) -> str:
     return words
 
 
+def _iso_date(m: re.Match[str]) -> str:
+    """'2024-01-15' -> 'January fifteenth, twenty twenty-four'; not a date -> left for ranges."""
+    year, month, day = (int(g) for g in m.groups())
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return m.group(0)
+    return f"{_MONTHS[month - 1]} {ordinal_to_words(day)}, {year_to_words(year)}"
+
+
+def _phone(m: re.Match[str]) -> str:
+    """'(555) 123-4567' -> 'five five five, one two three, four five six seven'.
+
+    The commas make Piper pause between groups, as people do when reading a number out.
+    """
+    spoken = ", ".join(digits_to_words(group) for group in re.findall(r"\d+", m.group(0)))
+    return ("plus " if m.group(0).startswith("+") else "") + spoken
+
+
+def _local_phone(m: re.Match[str]) -> str:
+    """'555-1234' is a phone number; '500-1000' (both ends round) stays a range."""
+    if int(m.group(1)) % 10 == 0 and int(m.group(2)) % 10 == 0:
+        return m.group(0)
+    return _phone(m)
+
+
+def _long_digits(m: re.Match[str]) -> str:
+    return digits_to_words(m.group(0).replace(",", ""))
+
+
 def _int(m: re.Match[str]) -> str:
     return number_to_words(int(m.group(0).replace(",", "")))
 
@@ -195,19 +229,54 @@ _SYMBOLS = {
 Rule = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
 
 
+# "Main St. is", "on Elm St. Then", "5th St." -> Street: a number or a mid-sentence capitalised
+# word (not "I") before it. Otherwise a capitalised name after it means Saint: "Visit St. Louis".
+_STREET_NAME_BEFORE = re.compile(r"(?:\d\w*|[^.!?\s]\s+(?!I\s)[A-Z][\w'-]*)\s+$")
+_NAME_AFTER = re.compile(r"\s+[A-Z]")
+
+
+def _saint_or_street(m: re.Match[str]) -> str:
+    before, after = m.string[max(0, m.start() - 80) : m.start()], m.string[m.end() :]
+    if _STREET_NAME_BEFORE.search(before) or not _NAME_AFTER.match(after):
+        return "Street"
+    return "Saint"
+
+
 def _abbreviation(m: re.Match[str]) -> str:
-    ends_text = m.string[m.end() :].strip() == ""  # its dot was also the full stop
-    return _ABBREVIATIONS[m.group(0)] + ("." if ends_text else "")
+    after = m.string[m.end() :]
+    word = _saint_or_street(m) if m.group(0) == "St." else _ABBREVIATIONS[m.group(0)]
+    # Its dot was also the full stop: at the end, or "Main St. Then ..." (a Street before a
+    # capital; a Saint's capital is its name).
+    ends_sentence = not after.strip() or (word == "Street" and bool(_NAME_AFTER.match(after)))
+    return word + ("." if ends_sentence else "")
 
 
 _NUM = r"\d{1,3}(?:,\d{3})+|\d+"
+_PHONE_START = r"(?<![\w.,+$£€-])"  # not inside a word, number or amount
+_PHONE_END = r"(?![\w-]|[.,]\d)"
+_RANGE_END = r"\d(?:%|\s?[AaPp]\.?\s?[Mm]\b\.?|[a-zA-Z]{1,2}\b)?"  # 5, 50%, 10am, 5k, 2nd
 RULES: list[Rule] = [
-    (re.compile(r"([\w.+-]+)@([\w-]+(?:\.[\w-]+)+)"), _email),
-    (re.compile(r"\b(?:https?://|www\.)[^\s)\]>\"']+", re.I), _url),
-    (re.compile(r"\b[\w-]+\.(?:com|org|net|io|ai|dev|edu|gov)\b(?:/[^\s)\]]*)?", re.I), _url),
-    (re.compile("|".join(re.escape(a) for a in _ABBREVIATIONS) + r"(?=\s|$|,)"), _abbreviation),
+    # Longer digit runs (ids, hashes) are read digit by digit up front, so every later \d+ is
+    # at most 15 long: a 20,000-digit run took 21 s and int() raises past 4,300 digits.
+    (re.compile(rf"\d{{{MAX_SPOKEN_DIGITS + 1},}}|\d{{1,3}}(?:,\d{{3}}){{5,}}"), _long_digits),
+    (re.compile(r"(?<![\w.+-])([\w.+-]+)@([\w-]+(?:\.[\w-]+)+)"), _email),
+    (re.compile(r"\b(?:https?://|www\.)[^\s)\]>\"']*[^\s)\]>\"'.,;:!?]", re.I), _url),
+    (re.compile(r"(?<![\w.-])(?:[\w-]+\.)+(?:com|org|net|io|ai|dev|edu|gov)\b"
+                r"(?:/(?:[^\s)\]]*[^\s)\].,;:!?])?)?", re.I), _url),
+    (re.compile(r"(?<![\w.])(?:" + "|".join(re.escape(a) for a in _ABBREVIATIONS) + r")(?=\s|$|,)"),
+     _abbreviation),
     (re.compile(r"\bNo\.\s?(?=\d)"), "number "),
     (re.compile(r"#(?=\d)"), "number "),
+    (re.compile(r"(?<![\w.,-])(\d{4})-(\d{2})-(\d{2})(?![\w-]|[.,]\d)"), _iso_date),
+    (re.compile(_PHONE_START + r"(?:\+?1[-. ])?(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}"
+                + _PHONE_END), _phone),
+    (re.compile(_PHONE_START + r"\+\d{1,3}(?:[-. ]\d{2,4}){2,4}" + _PHONE_END), _phone),
+    (re.compile(_PHONE_START + r"(\d{3})-(\d{4})" + _PHONE_END), _local_phone),
+    (re.compile(r"\b((?:call|dial|text)(?:s|ed|ing)?\s+)911\b", re.I), r"\1nine one one"),
+    # A range becomes "to" before the rules that rewrite its ends: "$5-$10", "9:00-5:00".
+    (re.compile(rf"({_RANGE_END})\s?[-–]\s?(?=[$£€]?\d)"), r"\1 to "),
+    (re.compile(r"\s?(?:°\s?F\b|℉)"), " degrees Fahrenheit"),
+    (re.compile(r"\s?(?:°\s?C\b|℃)"), " degrees Celsius"),
     (re.compile(rf"([$£€])\s?({_NUM})(?:\.(\d{{1,2}}))?(?:\s?(bn|[kKmMbB]\b|million|billion))?"),
      _money),
     (re.compile(r"\b(\d{1,2}):(\d{2})(?::\d{2})?(?:\s*([AaPp])\.?\s?[Mm]\b)?"), _time),
@@ -217,13 +286,12 @@ RULES: list[Rule] = [
     (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: ordinal_to_words(int(m.group(1)))),
     (re.compile(r"(?<![\d,.])(1[1-9]\d\d|20\d\d)(?![\d,]|\.\d)"),
      lambda m: year_to_words(int(m.group(1)))),
-    (re.compile(r"(\d)\s?[-–]\s?(?=\d)"), r"\1 to "),
     (re.compile(r"(?<![\w.])-(?=\d)"), "minus "),
     (re.compile(rf"(?:{_NUM})\.\d+"), lambda m: _decimal_words(m.group(0))),
     (re.compile(_NUM), _int),
     (re.compile("[" + re.escape("".join(_SYMBOLS)) + "]"), lambda m: _SYMBOLS[m.group(0)]),
     (re.compile(r"[*_#<>{}\[\]\\^|/`]+"), " "),
-    (re.compile(r"\s+([,.!?;:])"), r"\1"),
+    (re.compile(r"(?<!\s)\s+([,.!?;:])"), r"\1"),
     (re.compile(r"\s+"), " "),
 ]
 
