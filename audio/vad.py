@@ -101,7 +101,6 @@ class StreamingVad:
         )
         self._peak_db = -math.inf  # loudest speech window of this utterance
         self._quiet = 0  # consecutive windows below the energy threshold
-        self.probabilities: list[float] = []  # per window, for chunk-boundary choice
 
     @property
     def in_silence(self) -> bool:
@@ -119,7 +118,6 @@ class StreamingVad:
         while len(self._pending) >= WINDOW:
             window, self._pending = self._pending[:WINDOW], self._pending[WINDOW:]
             prob = float(self._model(window[None, :]))
-            self.probabilities.append(prob)
             events.extend(self._step(prob, level_db(window)))
             self._windows += 1
         return events
