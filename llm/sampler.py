@@ -53,14 +53,18 @@ def model_logits(model: nn.Module, x: Tensor, *, prompt_len: int, mask_id: int,
     return uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set logits outside the top-k / nucleus top-p to -inf (0 / 1.0 = off). (..., V)."""
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0,
+                  temperature: float = 0.0) -> Tensor:
+    """Set logits outside the top-k / nucleus top-p to -inf (0 / 1.0 = off). (..., V).
+
+    The nucleus is taken from the distribution sampled, at `temperature` (> 0), as Dream,
+    Hugging Face and vLLM do: a low temperature narrows it. The logits stay untempered."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = (sorted_logits / temperature if temperature > 0 else sorted_logits).softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p (the best one stays)
         drop_sorted = probs.cumsum(-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -107,7 +111,7 @@ def propose(logits: Tensor, x: Tensor, *, mask_id: int, temperature: float, top_
     if remasking not in REMASKING:
         raise ValueError(f"remasking {remasking!r} is not one of {REMASKING}")
     logits = no_mask_proposals(logits, mask_id)
-    x0 = sample_tokens(filter_logits(logits, top_k, top_p), temperature, generator)
+    x0 = sample_tokens(filter_logits(logits, top_k, top_p, temperature), temperature, generator)
     if remasking == "low_confidence":
         # the model's own probability, before top-k/top-p (LLaDA), so filtering cannot flatten it
         conf = logits.double().softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
@@ -440,8 +444,14 @@ def generate_dream(
         if not masked.any():
             break
         logits = model(x)[0].float()  # (B, L, V), already shifted by a Dream model
-        logits = filter_logits(no_mask_proposals(logits, mask_id), top_k, top_p)
+        # Dream's order: nucleus, then top-k, both of the tempered distribution, which its
+        # orderings also rank positions by
+        logits = filter_logits(no_mask_proposals(logits, mask_id), top_p=top_p,
+                               temperature=temperature)
+        logits = filter_logits(logits, top_k=top_k)
         x0 = torch.where(masked, sample_tokens(logits, temperature, generator), x)
+        if temperature > 0:
+            logits = logits / temperature
         frac = 1.0 if i == steps - 1 else float(1 - timesteps[i + 1] / timesteps[i])
         if alg == "origin":
             u = uniform(x.shape, generator, x.device)

@@ -289,6 +289,16 @@ def test_dream_orders(alg, first):
     assert out[0, 1:].tolist() == [10, 11, 12, 13]
 
 
+def test_dream_ranks_positions_by_the_tempered_distribution():
+    # at temperature 1 position 1 ([0.6, 0.4]) has the lowest entropy; at 0.2 position 0 (one
+    # token over a flat tail) is near certain and position 1 is not: Dream ranks by the latter
+    rows = [[0.5] + [0.5 / 21] * 21, [0.6, 0.4], [0.1] * 10, [0.1] * 10]
+    rec = Recorder(_probs_model(rows))
+    generate_dream(rec, torch.tensor([[0]]), mask_id=23, gen_length=4, steps=2, alg="entropy",
+                   temperature=0.2, generator=torch.Generator().manual_seed(0))
+    assert rec.seen[1][0, 1:].tolist() == [10, 23, 23, 23]
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.tensor([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)])
     assert torch.isinf(filter_logits(logits, top_k=2)[2:]).all()
@@ -296,6 +306,9 @@ def test_filter_logits_top_k_and_top_p():
     kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
     assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
     assert (~torch.isinf(filter_logits(logits, top_p=0.1))).tolist() == [True, False, False, False]
+    # the nucleus of the distribution sampled: at temperature 0.2 the best token is 0.93 of it
+    cold = ~torch.isinf(filter_logits(logits, top_p=0.7, temperature=0.2))
+    assert cold.tolist() == [True, False, False, False]
 
 
 def test_top_k_one_is_greedy(net):
