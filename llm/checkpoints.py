@@ -46,6 +46,10 @@ OBJECTIVES = ("diffusion", "autoregressive")
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
+# LLaDA's config.json names its weights' precision the OLMo way, with no `torch_dtype`
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "fp32": torch.float32,
+}
 # tensors some exporters store that the model recomputes (RoPE frequencies)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -280,7 +284,8 @@ def load_checkpoint(
 ) -> LoadedModel:
     """Load a diffvoice, LLaDA or Dream folder (detected from config.json `model_type`).
 
-    `dtype` None keeps the stored dtype (config `torch_dtype`, float32 if absent).
+    `dtype` None keeps the stored dtype (config `torch_dtype`, or LLaDA's `precision`;
+    float32 if neither).
     """
     folder = resolve_model_path(str(path))
     config = _read_config(folder)
@@ -298,7 +303,9 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: bad {kind} config: {e!r}") from e
     tokenizer = _load_tokenizer(folder, family.tokenizer_family, config)
-    dtype = dtype or DTYPE_NAMES.get(str(config.get("torch_dtype")), torch.float32)
+    dtype = dtype or DTYPE_NAMES.get(str(config.get("torch_dtype")),
+                                     PRECISION_DTYPES.get(str(config.get("precision")),
+                                                          torch.float32))
     model = _load_weights(folder, cfg, family.tensor_names(cfg), torch.device(device), dtype)
     model.eval()
     log.info("loaded %s model from %s: %.1fM parameters, %s on %s",

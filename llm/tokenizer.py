@@ -150,7 +150,8 @@ class ChatTokenizer:
     def _render_llada(messages: list[dict], gen: bool) -> str:
         parts = ["<|startoftext|>"]
         parts += [
-            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+            # the reference template trims each message (`message['content'] | trim`)
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
             for m in messages
         ]
         if gen:

@@ -132,7 +132,7 @@ def llada_config(tok: Tokenizer, *, d_model=32, n_layers=2, n_heads=4, mlp_hidde
         "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
         "mask_token_id": tok.token_to_id("<|mdm_mask|>"),
         "eos_token_id": tok.token_to_id("<|endoftext|>"),
-        "pad_token_id": tok.token_to_id("<|endoftext|>"), "torch_dtype": "bfloat16",
+        "pad_token_id": tok.token_to_id("<|endoftext|>"), "precision": "amp_bf16",
     }
 
 
