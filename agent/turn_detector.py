@@ -245,7 +245,9 @@ class TextTurnDetector:
         for caller, (prefetched, _) in list(self._prefetched.items()):
             if prefetched == scored:  # asked for now: no later prefetch may cancel it
                 del self._prefetched[caller]
-        p = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        # shielded: LiveKit cancels this question when the caller makes a sound, and that must
+        # not cancel the score other questions (another caller's same words) share
+        p = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
         log.debug("p(end of turn) %.3f, %s", p, "prefetched" if ready else "scored when asked")
         return p
 
@@ -255,7 +257,7 @@ class TextTurnDetector:
         newer prefetch replaces their one still waiting for the worker."""
         scored = self.scorer.scored(
             [*chat_messages(chat_ctx), {"role": "user", "content": words}])
-        if scored is None or scored in self._scores:
+        if scored is None or self._cached(scored):
             return
         stale_key, stale = self._prefetched.pop(caller, (None, None))
         if stale is not None and stale.cancel() and self._scores.get(stale_key) is stale:
@@ -283,9 +285,13 @@ class TextTurnDetector:
         session.on("user_input_transcribed", transcribed)
         session.on("conversation_item_added", added)
 
+    def _cached(self, scored: Scored) -> bool:
+        future = self._scores.get(scored)
+        return future is not None and not future.cancelled()
+
     def _score(self, scored: Scored) -> Future[float]:
         future = self._scores.get(scored)
-        if future is None:
+        if future is None or future.cancelled():  # a prefetch replaced before it ran
             future = self._scores[scored] = self._pool.submit(self.scorer.p_end_scored, scored)
             while len(self._scores) > CACHED_SCORES:
                 self._scores.popitem(last=False)

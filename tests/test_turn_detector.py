@@ -398,6 +398,25 @@ async def test_prefetched_words_are_answered_from_their_score(detector):
     assert len(detector._scores) == cached  # answered by the prefetched score
 
 
+async def test_a_question_livekit_cancels_leaves_the_shared_score_whole(detector):
+    import threading
+
+    ctx = llm.ChatContext()
+    ctx.add_message(role="assistant", content="Hi! How can I help?")
+    ctx.add_message(role="user", content="Is the museum open on Mondays?")  # not yet scored
+    busy = threading.Event()
+    detector._pool.submit(busy.wait, 10)  # the worker is busy: the score waits in its queue
+    first = asyncio.create_task(detector.predict_end_of_turn(ctx))
+    other = asyncio.create_task(detector.predict_end_of_turn(ctx))  # another caller, same words
+    await asyncio.sleep(0.05)
+    first.cancel()  # as LiveKit does when the VAD hears the caller again
+    await asyncio.sleep(0.05)  # the cancellation reaches the queued score (old code: cancels it)
+    busy.set()
+    expected = p_end(detector, "Is the museum open on Mondays?")
+    assert await asyncio.wait_for(other, 10) == expected
+    assert await asyncio.wait_for(detector.predict_end_of_turn(ctx), 10) == expected
+
+
 async def test_a_turn_resumed_after_a_pause_is_prefetched_as_livekit_asks(detector):
     """A held pause, then more words: LiveKit asks about both final transcripts joined."""
     from types import SimpleNamespace as Ev
