@@ -31,10 +31,21 @@ def toml(tmp_path):
 def test_default_config_is_the_shipped_deployment():
     data = tomllib.loads((CONFIG_DIR / "default.toml").read_text())
     s = load_settings()
-    assert s.llm.model == data["llm"]["model"]
+    assert s.llm.model == "dv-small"
     # what the file sets is taken; the rest of the section keeps the model defaults
     assert s.llm.decode == DecodeSettings(**data["llm"]["decode"])
     assert load_settings("default") == s
+    # and it sets only what differs from them: a restated default would outlive its change
+    restated = [key for key, value, default in _leaves(data, Settings()) if value == default]
+    assert not restated, restated
+
+
+def _leaves(table: dict, defaults, prefix: str = ""):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, getattr(defaults, key), f"{prefix}{key}.")
+        else:
+            yield prefix + key, value, getattr(defaults, key)
 
 
 def test_file_then_environment_then_overrides(monkeypatch, toml):
