@@ -69,6 +69,8 @@ def run(args: argparse.Namespace, settings) -> int:
             # timings are the engine's own
             engine.generate([{"role": "user", "content": WARMUP_LINES[0]}])
             chat_loop(engine, llm.system_prompt, sys.stdin, sys.stdout, show_spans=args.spans)
+        except KeyboardInterrupt:  # while warming up: no traceback either
+            return 130
         finally:
             engine.close()
     return 0
@@ -91,7 +93,10 @@ def chat_loop(engine: DiffusionEngine, system_prompt: str, lines: TextIO, out: T
     while True:
         out.write("you> ")
         out.flush()
-        line = lines.readline()
+        try:
+            line = lines.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat, as EOF does
+            line = ""
         if not line or line.strip() in ("/quit", "/exit"):
             out.write("\n")
             return

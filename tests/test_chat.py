@@ -81,3 +81,20 @@ def test_missing_model_is_a_clear_error(monkeypatch, capsys, tmp_path):
 def test_eof_or_quit_ends_without_a_reply(monkeypatch, capsys, stdin):
     rc, out, _ = _chat(monkeypatch, capsys, stdin, "--random-tiny")
     assert rc == 0 and "bot> " not in out
+
+
+class _CtrlCAfter(io.StringIO):
+    """A terminal whose user types the given lines, then presses Ctrl-C at the prompt."""
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if not line:
+            raise KeyboardInterrupt
+        return line
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat_like_eof(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", _CtrlCAfter("hello there\n"))
+    rc = cli.main(["chat", "--random-tiny", *SMALL])  # no traceback: a KeyboardInterrupt fails
+    out, _ = capsys.readouterr()
+    assert rc == 0 and out.count("bot> ") == 1
