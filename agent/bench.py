@@ -49,8 +49,6 @@ from audio.settings import TtsSettings
 from audio.speech_eval import MicNoise
 from llm.settings import UsageError, usage_errors
 
-HELP = "measure end-to-end turn latency at the client (WebRTC, Twilio, in-process), with breakdown"
-
 logger = logging.getLogger(__name__)
 
 # varied questions and remarks a caller might say; 3-12 words, ~1-3 s spoken

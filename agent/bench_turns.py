@@ -44,8 +44,6 @@ from agent.settings import MAX_NOISE_FLOOR_DBFS, Settings
 from audio.speech_eval import MicNoise
 from llm.settings import UsageError
 
-HELP = "score finished and cut-off spoken turns with the end-of-turn model, per threshold"
-
 EXTRA_TURNS = (
     "I was wondering if you could help me with something.",
     "What's the weather like in London this weekend?",

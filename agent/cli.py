@@ -1,8 +1,8 @@
 """`diffvoice` command line: one subcommand per job, each defined in its own module.
 
-A command module exposes `HELP` (one line), `add_arguments(parser)` and
-`run(args, settings) -> int`, and refuses bad input by raising `llm.settings.UsageError`
-(printed here as one line, exit status 2). Only the chosen command's module is imported, so
+A command module exposes `add_arguments(parser)` and `run(args, settings) -> int`, and
+refuses bad input by raising `llm.settings.UsageError` (printed here as one line, exit
+status 2). Only the chosen command's module is imported, so
 `diffvoice --help` stays fast. Settings come from `--config` and `--set`, never from
 defaults repeated here.
 """
@@ -17,36 +17,43 @@ import sys
 from agent.settings import DEFAULT_CONFIG, load_settings
 from llm.settings import LOG_FORMAT, UsageError
 
-COMMANDS: dict[str, str] = {
-    "serve": "agent.serve",
-    "phone": "agent.phone",
-    "livekit": "agent.livekit_worker",
-    "bench": "agent.bench",
-    "bench-turns": "agent.bench_turns",
-    "turn-head": "agent.turn_head",
-    "chat": "llm.chat",
-    "bench-llm": "llm.bench",
-    "train": "llm.train",
-    "eval-model": "llm.eval",
-    "distill": "llm.distill",
-    "bench-audio": "audio.bench",
+# command -> (its module, one line of help); only the chosen command's module is imported
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("agent.serve", "talk to the agent in your browser (WebRTC, local)"),
+    "phone": ("agent.phone", "answer phone calls: a Twilio Media Streams WebSocket server"),
+    "livekit": ("agent.livekit_worker",
+                "serve the agent to a LiveKit server (rooms and SIP phone calls): start | dev"),
+    "bench": ("agent.bench", "measure end-to-end turn latency at the client (WebRTC, Twilio, "
+                             "in-process), with breakdown"),
+    "bench-turns": ("agent.bench_turns", "score finished and cut-off spoken turns with the "
+                                         "end-of-turn model, per threshold"),
+    "turn-head": ("agent.turn_head", "fit the text turn detector's head: complete replies vs "
+                                     "cut-off ones, on chit-chat data"),
+    "chat": ("llm.chat", "chat with the diffusion LLM in the terminal, committed spans as they "
+                         "land"),
+    "bench-llm": ("llm.bench", "diffusion engine speed: ms/step, first span, AR baseline ratio, "
+                               "weight-read bound"),
+    "train": ("llm.train", "prepare the chit-chat data, or train the diffusion model / AR "
+                           "baseline"),
+    "eval-model": ("llm.eval", "held-out ELBO vs AR perplexity, and generative perplexity / "
+                               "diversity per step count"),
+    "distill": ("llm.distill", "write training data whose replies are a teacher's: the AR "
+                               "baseline's, or a diffusion model's own"),
+    "bench-audio": ("audio.bench", "speech I/O benchmark: speculative final latency, Piper "
+                                   "first audio, round-trip WER"),
 }
 
 
 def _top_help() -> str:
     lines = ["usage: diffvoice COMMAND [options]", "", "commands:"]
-    for name, module in COMMANDS.items():
-        try:
-            summary = importlib.import_module(module).HELP
-        except ImportError:
-            continue  # a command whose module is not installed yet is not listed
-        lines.append(f"  {name:<12} {summary}")
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines.append("\n`diffvoice COMMAND --help` shows a command's options.")
     return "\n".join(lines)
 
 
 def build_parser(command: str, module) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"diffvoice {command}", description=module.HELP)
+    parser = argparse.ArgumentParser(prog=f"diffvoice {command}",
+                                     description=COMMANDS[command][1])
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help="a name in configs/ or a TOML path"
     )
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"diffvoice: unknown command {command!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command])
+    module = importlib.import_module(COMMANDS[command][0])
     args = build_parser(command, module).parse_args(rest)
     try:
         settings = load_settings(args.config, args.overrides)

@@ -30,8 +30,6 @@ from agent.session import Models, build_session
 from agent.settings import Settings
 from llm.settings import UsageError
 
-HELP = "serve the agent to a LiveKit server (rooms and SIP phone calls): start | dev"
-
 logger = logging.getLogger(__name__)
 
 REQUIRED_ENV = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")

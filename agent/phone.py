@@ -40,8 +40,6 @@ from agent.settings import PhoneSettings, Settings
 from audio.codecs import StreamResampler, mulaw_decode, mulaw_encode
 from llm.settings import usage_errors
 
-HELP = "answer phone calls: a Twilio Media Streams WebSocket server"
-
 logger = logging.getLogger(__name__)
 
 # WebSocket close codes (RFC 6455 / IANA)

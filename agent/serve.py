@@ -19,8 +19,6 @@ from agent.signalling import Notify, Signalling, check_bind, check_port_free
 from agent.webrtc import Visitor
 from llm.settings import usage_errors
 
-HELP = "talk to the agent in your browser (WebRTC, local)"
-
 logger = logging.getLogger(__name__)
 
 

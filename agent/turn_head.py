@@ -47,7 +47,6 @@ from llm.settings import UsageError, usage_errors
 
 log = logging.getLogger(__name__)
 
-HELP = "fit the text turn detector's head: complete replies vs cut-off ones, on chit-chat data"
 HEAD_FILE = "end_of_turn.safetensors"
 # p(end) is read in log space: a probability of 1e-9 or less says the same as 1e-9
 LOG_FLOOR = 1e-9

@@ -44,7 +44,6 @@ from audio.speech_eval import SENTENCES, add_noise, pad, speech_bounds, spoken_1
 from audio.speech_eval import word_error_rate as wer
 from audio.vad import END_LAG_S, SAMPLE_RATE
 
-HELP = "speech I/O benchmark: speculative final latency, Piper first audio, round-trip WER"
 LATENCY_UTTERANCES = 8  # real-time runs per mode: ~4 s each
 LEAD_S, TAIL_S = 0.3, 1.2  # silence around each utterance: enough for the endpoint
 PAUSE_FLOOR_DBFS = -60.0  # a microphone's noise floor under the pause timing's utterances

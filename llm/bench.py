@@ -32,8 +32,6 @@ from llm.settings import DecodeSettings, LLMSettings, UsageError, engine_threads
 from llm.shapes import SHAPES, random_model, random_word, word_tokenizer
 from llm.tokenizer import ChatTokenizer
 
-HELP = "diffusion engine speed: ms/step, first span, AR baseline ratio, weight-read bound"
-
 # the options that count something: none may be below 1
 COUNTS = ("prompt_tokens", "reply_tokens", "block_length", "tokens_per_step", "sessions",
           "repeats")

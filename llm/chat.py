@@ -25,7 +25,6 @@ from llm.model import ModelConfig, Transformer
 from llm.settings import LLMSettings, UsageError
 from llm.tokenizer import ChatTokenizer
 
-HELP = "chat with the diffusion LLM in the terminal, committed spans as they land"
 COMMANDS_HINT = "(/reset starts over, /quit or Ctrl-D ends)"
 
 # --random-tiny: big enough to exercise every path (GQA, tied head), small enough to build in

@@ -50,7 +50,6 @@ from llm.settings import DecodeSettings, LLMSettings, usage_errors
 
 log = logging.getLogger(__name__)
 
-HELP = "write training data whose replies are the AR baseline's (knowledge distillation)"
 
 
 class DistillConfig(BaseModel):

@@ -95,7 +95,6 @@ from llm.train import reply_nll
 
 log = logging.getLogger(__name__)
 
-HELP = "held-out ELBO vs AR perplexity, and generative perplexity / diversity per step count"
 ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8

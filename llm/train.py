@@ -51,7 +51,6 @@ from llm.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
-HELP = "prepare the chit-chat data, or train the diffusion model / AR baseline"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_RECIPE = "train-dv-small"
 STATE_FILE = "state.pt"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -177,3 +180,12 @@ def test_a_commands_bad_option_is_a_message_and_exit_2(argv, said, capsys):
 def test_defaults_are_written_once():
     # the root model builds every section from its own defaults, so both routes agree
     assert Settings().llm.decode == DecodeSettings()
+
+
+def test_the_command_list_imports_no_command(tmp_path):
+    # `diffvoice --help` lists every command without importing one (torch, LiveKit, aiortc: ~5 s)
+    code = ("import sys; from agent import cli; cli.main(['--help']); "
+            "print(sorted(m for m, _ in cli.COMMANDS.values() if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert "distill  " in done.stdout and done.stdout.strip().endswith("[]"), done.stdout
