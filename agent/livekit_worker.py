@@ -109,5 +109,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     models = load_models(settings)  # once, before any job: every job's session shares them
     server = DiffvoiceWorker(settings, models).server()
     sys.argv = [f"{sys.argv[0]} livekit", args.mode]  # LiveKit's CLI reads its own argv
-    cli.run_app(server)
+    try:
+        cli.run_app(server)
+    finally:  # an engine in its own process would otherwise outlive the worker by a second
+        models.close()
     return 0

@@ -45,10 +45,12 @@ class Models:
     model_name: str = "diffvoice"
 
     def close(self) -> None:
-        """Stop the engine's worker (thread or process); engines without one need nothing."""
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        """Stop the workers: the engine's (thread or process) and the text turn detector's
+        scoring thread; parts without one need nothing."""
+        for part in (self.engine, self.turn_detector):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
 
 def _text(chunk: Any) -> str | None:

@@ -423,3 +423,16 @@ async def test_preemptive_draft_is_discarded_when_the_user_goes_on(vad):
     assert caller.messages("assistant")[0].text_content.strip() == "Sure, let me see."
     (user,) = caller.messages("user")
     assert user.text_content.endswith("the weather like today?")
+
+
+def test_closing_the_models_stops_every_worker():
+    class Worker:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    engine, detector = Worker(), Worker()
+    Models(engine=engine, stt=None, tts=None, vad=None, turn_detector=detector).close()
+    assert engine.closed and detector.closed  # the turn detector's scoring thread too
+    Models(engine=engine, stt=None, tts=None, vad=None, turn_detector=None).close()  # none
