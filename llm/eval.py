@@ -6,8 +6,12 @@ Two measurements on the held-out split of the prepared data (`diffvoice train --
    2502.09992: the 1/t-weighted masked cross-entropy integrated over t, here by the midpoint rule
    on `--t-grid` points with masks from a fixed seed) against the AR baseline's exact perplexity,
    both over the same reply tokens (reply + `<|eot|>`) of `--examples` held-out examples spread
-   evenly over the split. The bound is >= the diffusion model's true perplexity. The loss code is
-   the training code's (`llm.train.reply_nll`). Target: ELBO ppl <= 1.2x the AR ppl.
+   evenly over the split. Each reply is scored on a 64-token canvas (`<|eos|>` after it, masked
+   and scored like the reply), so the bound pays for the reply's length as the AR model does
+   with its `<|eot|>`; it is >= the diffusion model's true perplexity of the replies. Beside it,
+   the bound on a canvas of the reply's own length (given the length: lower, and not comparable
+   with the AR perplexity). The loss code is the training code's (`llm.train.reply_nll`).
+   Target: ELBO ppl <= 1.2x the AR ppl.
    With `--left-to-right`, beside it the diffusion model's exact NLL of the same tokens read
    from the left, one token per forward (position j scored with the reply before it given and
    the rest of a 64-token canvas masked, so the masks do not tell the reply's length), as the
@@ -41,10 +45,12 @@ equals the reply to the prompt alone (RoPE is relative; padding is never attende
 
     config        the settings of the run (models as named, sizes, seed, steps, t_grid)
     perplexity    {examples, reply_tokens, t_grid, diffusion_elbo_nll, diffusion_elbo_ppl,
+                   diffusion_elbo_given_length_nll, diffusion_elbo_given_length_ppl,
                    ar_nll, ar_ppl, ratio, target_ratio, met, diffusion_l2r_nll,
-                   diffusion_l2r_ppl, l2r_ratio}   (nll in nats per token; l2r: the diffusion
-                   model's exact NLL read from the left, see 1.; null without
-                   --left-to-right)
+                   diffusion_l2r_ppl, l2r_ratio}   (nll in nats per token; the ELBO on the
+                   64-token canvas, and on the reply's own length, see 1.; ratio: the first
+                   against the AR ppl; l2r: the diffusion model's exact NLL read from the
+                   left, see 1.; null without --left-to-right)
     generation    list of rows {label, sampler ("diffusion" | "adjacent" | "threshold" | "ar" |
                    "reference"), steps (forward passes per reply, the mean for "threshold";
                    null for AR and reference), threshold (threshold rows), gen_ppl,
@@ -98,7 +104,8 @@ log = logging.getLogger(__name__)
 ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8
-L2R_CANVAS = 64  # the left-to-right NLL's reply canvas: the data's longest reply (with <|eot|>)
+# the diffusion model's reply canvas for its perplexities: the data's longest reply (with <|eot|>)
+L2R_CANVAS = 64
 HEADROOM_DISTANCES = 8  # proposals scored by their distance from the first masked position
 NEXT = -1  # stands for the position being chosen (no token id is negative)
 
@@ -250,9 +257,11 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
     common = dict(device=torch.device("cpu"), examples=len(split), batch_size=cfg.batch_size,
                   seq_len=diff.model.cfg.max_seq_len)
     elbo, count = reply_nll(diff.model, split, diff.tokenizer, objective="diffusion",
-                            t_grid=cfg.t_grid, seed=cfg.seed, **common)
+                            t_grid=cfg.t_grid, seed=cfg.seed, canvas=L2R_CANVAS, **common)
+    given_length, _ = reply_nll(diff.model, split, diff.tokenizer, objective="diffusion",
+                                t_grid=cfg.t_grid, seed=cfg.seed, **common)
     ar_total, _ = reply_nll(ar.model, split, ar.tokenizer, objective="ar", **common)
-    d_nll, a_nll = elbo / count, ar_total / count
+    d_nll, g_nll, a_nll = elbo / count, given_length / count, ar_total / count
     l2r: dict[str, float | None] = dict.fromkeys(
         ("diffusion_l2r_nll", "diffusion_l2r_ppl", "l2r_ratio"))
     if cfg.left_to_right:
@@ -265,6 +274,8 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
     ratio = math.exp(d_nll - a_nll)
     return {"examples": len(split), "reply_tokens": count, "t_grid": cfg.t_grid,
             "diffusion_elbo_nll": d_nll, "diffusion_elbo_ppl": math.exp(d_nll),
+            "diffusion_elbo_given_length_nll": g_nll,
+            "diffusion_elbo_given_length_ppl": math.exp(g_nll),
             "ar_nll": a_nll, "ar_ppl": math.exp(a_nll), "ratio": ratio,
             "target_ratio": ELBO_RATIO_TARGET, "met": ratio <= ELBO_RATIO_TARGET, **l2r}
 
@@ -654,7 +665,9 @@ def print_report(r: dict) -> None:
           f"AR baseline {c['ar_model']}")
     print(f"\nheld-out perplexity: {p['examples']} examples, {p['reply_tokens']} reply tokens, "
           f"ELBO t_grid {p['t_grid']}")
-    print(f"  diffusion ELBO bound  {p['diffusion_elbo_ppl']:9.2f}")
+    print(f"  diffusion ELBO bound  {p['diffusion_elbo_ppl']:9.2f}   (reply on a "
+          f"{L2R_CANVAS}-token canvas; given its length: "
+          f"{p['diffusion_elbo_given_length_ppl']:.2f})")
     print(f"  AR baseline           {p['ar_ppl']:9.2f}")
     print(f"  ratio                 {p['ratio']:9.2f}x   target <= {p['target_ratio']}x: "
           f"{_verdict(p['met'])}")

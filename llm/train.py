@@ -357,20 +357,22 @@ def train_loss(model: Transformer, batch: Batch, cfg: TrainConfig, mask_id: int)
 def reply_nll(model: Transformer, split: Split, tok: ChatTokenizer, *, objective: str,
               device: torch.device, examples: int, batch_size: int, seq_len: int,
               t_grid: int = 8, seed: int = 0, canvas: int = 0) -> tuple[float, int]:
-    """Summed NLL (nats) of the reply tokens (reply + <|eot|>, no EOS padding) of the first
-    `examples` examples, and their count. "ar": exact NLL. "diffusion": the ELBO bound, its
-    integral over t by the midpoint rule on `t_grid` points, masks from a fixed seed.
-    "left-to-right": a diffusion model's exact NLL read from the left (`left_to_right_nll`),
-    each reply on a canvas of `canvas` positions (<|eos|> after the reply, masked and not
-    scored) so that the masks do not tell its length."""
+    """Summed NLL (nats) of the reply tokens (reply + <|eot|>) of the first `examples`
+    examples, and their count. "ar": exact NLL. "diffusion": the ELBO bound, its integral over
+    t by the midpoint rule on `t_grid` points, masks from a fixed seed. "left-to-right": a
+    diffusion model's exact NLL read from the left (`left_to_right_nll`).
+
+    A diffusion model reads each reply on a canvas of `canvas` positions (<|eos|> after the
+    reply), so that the masks do not tell its length: the ELBO then also scores the masked
+    <|eos|> (the price of the length, which an AR model pays in its <|eot|>); read from the left
+    they are masked and not scored. `canvas` 0: the reply's own length (a bound given it)."""
     model.eval()
     total, count = 0.0, 0
     n = min(examples, len(split))
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
         lengths = np.array([len(ids) - p for ids, p in map(split.example, idx)])
-        pad = np.maximum(canvas - lengths, 0) if objective == "left-to-right" else \
-            np.zeros_like(lengths)
+        pad = np.maximum(canvas - lengths, 0)
         batch = make_batch(split, idx, pad, seq_len, tok)
         count += int(lengths.sum())
         with _autocast(device):

@@ -81,7 +81,7 @@ def test_eval_prints_the_table_and_writes_documented_json(setup, tmp_path, capsy
     # the matching half is the perplexity measurement itself
     assert r["context_use"]["ar"]["matching_nll"] == pytest.approx(r["perplexity"]["ar_nll"])
     assert r["context_use"]["diffusion"]["matching_nll"] == pytest.approx(
-        r["perplexity"]["diffusion_elbo_nll"])
+        r["perplexity"]["diffusion_elbo_given_length_nll"])
     p = r["perplexity"]
     assert p["examples"] == 6 and p["reply_tokens"] > 0
     assert p["ratio"] == pytest.approx(p["diffusion_elbo_ppl"] / p["ar_ppl"])

@@ -262,3 +262,25 @@ def test_cpu_bf16_autocasts_training_steps_only_where_the_cpu_has_it(monkeypatch
     monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower
     with T._autocast(cpu, cpu_bf16=True):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_elbo_on_a_canvas_scores_the_masked_eos_after_the_reply(data_dir, monkeypatch):
+    # on a canvas longer than the reply the bound pays for the reply's length: the <|eos|>
+    # after it are masked and scored like the reply, and the count is still the reply's
+    tok, split = load_tokenizer(data_dir), load_split(data_dir, "test")
+    model = T.build_model(recipe(data_dir, "unused"), tok.vocab_size)
+    scored: list[torch.Tensor] = []
+    nll = T.diffusion_nll
+
+    def spy(model, batch, mask_id):
+        scored.append(batch.tokens[batch.masked])
+        return nll(model, batch, mask_id)
+
+    monkeypatch.setattr(T, "diffusion_nll", spy)
+    kw = dict(objective="diffusion", device=torch.device("cpu"), examples=8, batch_size=8,
+              seq_len=256, t_grid=4)
+    _, own_count = T.reply_nll(model, split, tok, **kw)
+    assert tok.eos_id not in torch.cat(scored)  # the reply's own length: no <|eos|> at all
+    scored.clear()
+    _, count = T.reply_nll(model, split, tok, canvas=64, **kw)
+    assert (torch.cat(scored) == tok.eos_id).sum() > 0 and count == own_count
