@@ -338,6 +338,14 @@ async def _wait_greeted(caller: Any, bench: BenchSettings, after_s: float) -> No
     await _wait_quiet(caller, bench)
 
 
+async def _settle_cut_in(caller: Any, bench: BenchSettings, t_end: float) -> None:
+    """The words the caller said after the agent cut in are a turn of their own: wait out its
+    reply (heard after `t_end`) and its metrics, so that neither lands in the next turn."""
+    if await _wait_audible(caller, t_end, bench.reply_timeout_s) is not None:
+        await _wait_metrics(caller, len(caller.events), bench.metrics_timeout_s)
+    await _wait_quiet(caller, bench)
+
+
 def _texts(events: list[dict[str, Any]]) -> tuple[str, str]:
     heard = " ".join(e["text"] for e in events if e["type"] == "user_transcript" and e["final"])
     reply = "".join(e["text"] for e in events if e["type"] == "agent_text")
@@ -357,7 +365,7 @@ async def measure_turn(caller: Any, utt: Utterance, bench: BenchSettings, *,
     t_end = await caller.speak(utt.pcm)
     early = caller.heard.first_audible_s(after_s=t_start)
     if early is not None and early < t_end:  # the agent took the turn before its last word
-        await _wait_quiet(caller, bench)
+        await _settle_cut_in(caller, bench, t_end)
         return _record(utt, caller.events[start:], "cut_in", t_end, early)
     t_heard = await _wait_audible(caller, t_end, bench.reply_timeout_s)
     over = None
@@ -731,5 +739,10 @@ def write_reports(runs: list[dict[str, Any]], info: dict[str, Any], out: Path) -
     report.plot_png(runs, out / "bench.png")
     (out / "bench.html").write_text(report.html_report(doc, out / "bench.png"))
     print(f"reports: {out / 'bench.json'}, {out / 'bench.png'}, {out / 'bench.html'}")
-    failed = sum(r["summary"]["failed_turns"] for r in runs)
+    return exit_status(runs)
+
+
+def exit_status(runs: list[dict[str, Any]]) -> int:
+    """1 when a turn failed at any concurrency level (a run's summary is level 1's only)."""
+    failed = sum(level["summary"]["failed_turns"] for r in runs for level in r["levels"])
     return 1 if failed else 0

@@ -35,6 +35,7 @@ from audio.speech_eval import MicNoise
 
 RATE = 48000  # WebRTC Opus
 FRAME = RATE // 50  # 20 ms
+FRAME_S = 0.02  # every caller's microphone frame
 MIC_RATE = 16000  # what callers are given to say
 # int16 level above which a sample counts as sound: about -36 dBFS, well above Opus's noise floor
 AUDIBLE_LEVEL = 500
@@ -90,14 +91,15 @@ UtteranceEnd = tuple[int, float, "asyncio.Future[float]"]
 
 
 def advance_ends(ends: list[UtteranceEnd], now: float) -> list[UtteranceEnd]:
-    """One frame was just sent at `now`: resolve the utterance whose last loud frame it was
-    (with the sample's offset inside the frame) and count the others down."""
+    """One 20 ms frame was just sent at `now`: resolve the utterance whose last loud frame it
+    was and count the others down. A microphone sends a frame once its 20 ms are captured, so
+    the sample at `offset_s` in it was said at now - 20 ms + offset_s."""
     pending = []
     for left, offset_s, done in ends:
         if left > 0:
             pending.append((left - 1, offset_s, done))
         elif not done.done():
-            done.set_result(now + offset_s)
+            done.set_result(now - FRAME_S + offset_s)
     return pending
 
 
@@ -358,10 +360,16 @@ class TwilioBenchCaller:
         self.caller.start_line()
 
     async def speak(self, pcm16k: np.ndarray) -> float:
-        """Say it on the line; returns when its last loud sample was sent."""
-        last = max(last_sound_index(pcm16k, self.heard.level), 0)
+        """Say it on the line; returns when its last loud sample was said: the line sends a
+        frame once its 20 ms are captured, so that sample was said the line audio after it
+        (the last frame's padding included) before the last frame went out."""
+        from agent.twilio_caller import FRAME_SAMPLES, SAMPLE_RATE, to_8k_int16
+
+        line = to_8k_int16(pcm16k, MIC_RATE)  # as send_pcm puts it on the line
+        last = max(last_sound_index(line, self.heard.level), 0)
+        padded = len(line) + (-len(line) % FRAME_SAMPLES)
         t_sent = await self.caller.send_pcm(pcm16k, MIC_RATE)
-        return t_sent - (len(pcm16k) - 1 - last) / MIC_RATE
+        return t_sent - (padded - 1 - last) / SAMPLE_RATE
 
     @property
     def lost(self) -> str | None:

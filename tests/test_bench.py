@@ -10,7 +10,7 @@ import pytest
 
 from agent import bench, bench_report
 from agent.cli import main
-from agent.clients import HeardAudio, SpeechTrack, last_sound_index
+from agent.clients import HeardAudio, SpeechTrack, advance_ends, last_sound_index
 from audio.codecs import write_wav
 from audio.speech_eval import MicNoise
 
@@ -100,6 +100,28 @@ async def test_an_agent_heard_before_the_last_word_is_a_cut_in():
     s = bench_report.summarize([{**rec, "cold": False}, {**late, "cold": False}])
     assert s["cut_in_turns"] == 1 and s["dropped_turns"] == 1 and s["warm"]["n"] == 0
     assert s["reply_words"] == {"median": None, "max": None}  # nothing was answered
+
+
+async def test_after_a_cut_in_the_rest_of_the_turn_is_answered_before_the_next_one():
+    import asyncio
+    import time
+
+    from agent.settings import BenchSettings
+
+    caller = _Caller(time.monotonic() + 0.05, 0.2)  # cut in before the last word
+
+    async def server() -> None:  # the words after the cut-in: answered, then their metrics
+        await asyncio.sleep(0.3)
+        caller.heard.add(time.monotonic(), np.full(480, 4000, np.int16), 48000)
+        await asyncio.sleep(0.2)
+        caller.events.append({"type": "turn_metrics", "e2e_latency_s": 0.5})
+
+    b = BenchSettings(settle_s=0.0, reply_timeout_s=2.0, metrics_timeout_s=2.0)
+    task = asyncio.create_task(server())
+    utt = bench.Utterance("Is it going to rain?", np.zeros(160, np.int16))
+    rec = await bench.measure_turn(caller, utt, b)
+    assert rec["status"] == "cut_in" and task.done()  # the next turn starts after them
+    assert caller.events[-1]["type"] == "turn_metrics"
 
 
 async def test_a_caller_whose_server_went_away_fails_at_once_not_after_the_timeouts():
@@ -320,6 +342,31 @@ async def test_webrtc_microphone_sends_its_noise_floor_between_words():
     assert 80 < np.sqrt(np.mean(frame.astype(np.float64) ** 2)) < 130  # -50 dBFS: ~104
     assert track.last_speech_end is None  # the noise floor is not speech
     track.stop()
+
+
+def test_a_failed_turn_at_any_level_fails_the_bench():
+    def level(n: int, failed: int) -> dict:
+        return {"sessions": n, "summary": {"failed_turns": failed}}
+
+    run = {"summary": {"failed_turns": 0}, "levels": [level(1, 0), level(2, 0)]}
+    assert bench.exit_status([run]) == 0
+    run["levels"].append(level(3, 2))  # the server died while three callers talked
+    assert bench.exit_status([run]) == 1
+
+
+def test_a_microphone_frame_is_sent_once_its_20_ms_are_captured():
+    import asyncio
+
+    async def resolve() -> float:
+        done = asyncio.get_running_loop().create_future()
+        ends = [(1, 0.005, done)]  # the last loud sample: 5 ms into the second frame from now
+        ends = advance_ends(ends, now=10.0)
+        assert ends and not done.done()
+        assert advance_ends(ends, now=10.02) == []
+        return await done
+
+    # that frame went out at 10.02 s, when its 20 ms were captured: the sample was said at 10.005
+    assert asyncio.run(resolve()) == pytest.approx(10.005)
 
 
 def test_stats_and_limits():
