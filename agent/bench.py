@@ -326,7 +326,8 @@ async def _wait_greeting(caller: Any, bench: BenchSettings) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server's session did not start in {bench.reply_timeout_s} s")
         await _poll(caller)
-    await asyncio.sleep(bench.settle_s)  # a greeting is being synthesised meanwhile
+    started = time.monotonic()  # a greeting is being synthesised: the state stays "listening"
+    await _wait_audible(caller, started - bench.settle_s, bench.greeting_timeout_s)
     await _wait_quiet(caller, bench)
 
 

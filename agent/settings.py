@@ -183,6 +183,10 @@ class BenchSettings(Section):
     metrics_timeout_s: float = Field(60.0, gt=0.0)
     # quiet (no agent audio, agent listening) before the next turn is spoken
     settle_s: float = Field(0.6, ge=0.0)
+    # on a running server (--url): how long a new conversation waits for a greeting to be
+    # heard before its first turn (a greeting plays once synthesised, and the agent's state
+    # says nothing before; a server that does not greet costs this once per conversation)
+    greeting_timeout_s: float = Field(5.0, ge=0.0)
     # the simulated caller's microphone noise floor (dBFS RMS, white, under speech and pauses);
     # None: digital silence between words, which no real microphone sends. The end-of-turn
     # model hears the difference (docs/benchmarks.md, "End-of-turn threshold")

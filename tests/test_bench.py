@@ -194,7 +194,7 @@ async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
     async def server() -> None:  # media flows, the session starts, then it greets
         await asyncio.sleep(0.1)
         caller.events.append({"type": "agent_state", "state": "listening"})
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.4)  # synthesising the greeting: still "listening", no sound
         caller.events.append({"type": "agent_state", "state": "speaking"})
         for _ in range(5):
             caller.heard.add(time.monotonic(), np.full(480, 4000, np.int16), 48000)
@@ -207,7 +207,12 @@ async def test_a_running_servers_greeting_is_heard_out_before_the_first_turn():
     await bench._wait_greeting(caller, b)
     greeted = caller.heard.chunks[-1][0]
     assert task.done() and time.monotonic() >= greeted + b.settle_s
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 1.5
+    mute = _Caller(None, 0.0)  # a server that does not greet: its first turn waits a while
+    mute.events.append({"type": "agent_state", "state": "listening"})
+    t0 = time.monotonic()
+    await bench._wait_greeting(mute, BenchSettings(settle_s=0.0, greeting_timeout_s=0.2))
+    assert 0.2 <= time.monotonic() - t0 < 1.0
     silent = _Caller(None, 0.0)  # a server whose session never starts
     with pytest.raises(TimeoutError):
         await bench._wait_greeting(silent, BenchSettings(settle_s=0.0, reply_timeout_s=0.1))
