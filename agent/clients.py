@@ -295,7 +295,7 @@ class InProcessCaller:
             chunk = self.noise.add(self._speech.pop(0) if self._speech else silence)
             self.audio_in.push(rtc.AudioFrame(chunk.tobytes(), MIC_RATE, 1, step))
             self._ends = advance_ends(self._ends, time.monotonic())
-            t_next += 0.02
+            t_next += FRAME_S
             await asyncio.sleep(max(0.0, t_next - time.monotonic()))
 
     async def _speaker(self) -> None:
