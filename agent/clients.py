@@ -108,9 +108,10 @@ class SpeechTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, noise: MicNoise | None = None) -> None:
+    def __init__(self, noise: MicNoise | None = None, level: int = AUDIBLE_LEVEL) -> None:
         super().__init__()
         self.noise = noise or MicNoise(None)
+        self.level = level  # a sample above it is speech (its last one ends the utterance)
         self.queue: list[np.ndarray] = []
         self.last_speech_end: float | None = None
         # (frames left until the utterance's last loud one, its offset in that frame, done)
@@ -122,7 +123,7 @@ class SpeechTrack(MediaStreamTrack):
         """Queue 16 kHz speech; the future gets the time its last loud sample was sent."""
         pcm = resample(pcm16k, MIC_RATE, RATE)
         frames = [pcm[i:i + FRAME] for i in range(0, len(pcm) - FRAME + 1, FRAME)]
-        last = last_sound_index(np.concatenate(frames)) if frames else -1
+        last = last_sound_index(np.concatenate(frames), self.level) if frames else -1
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         last = max(last, 0)
         self._ends.append((len(self.queue) + last // FRAME, (last % FRAME) / RATE, done))
@@ -157,7 +158,7 @@ class WebRTCCaller:
         self.url = url
         self.jitter_prefetch = jitter_prefetch  # None: aiortc's own receive buffer
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = SpeechTrack(noise)
+        self.mic = SpeechTrack(noise, level)
         self.events: list[dict] = []
         self.signals: list[dict] = []
         self.heard = HeardAudio(level)
@@ -279,7 +280,8 @@ class InProcessCaller:
     async def speak(self, pcm16k: np.ndarray) -> float:
         step = MIC_RATE // 50
         frames = [pcm16k[i:i + step] for i in range(0, len(pcm16k) - step + 1, step)]
-        last = max(last_sound_index(np.concatenate(frames)) if frames else -1, 0)
+        loud = last_sound_index(np.concatenate(frames), self.heard.level) if frames else -1
+        last = max(loud, 0)
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._ends.append((len(self._speech) + last // step, (last % step) / MIC_RATE, done))
         self._speech.extend(frames)

@@ -374,6 +374,15 @@ def test_a_microphone_frame_is_sent_once_its_20_ms_are_captured():
     assert asyncio.run(resolve()) == pytest.approx(10.005)
 
 
+async def test_the_microphone_ends_speech_at_the_bench_s_audible_level():
+    # 0.1 s at 4000, then 0.1 s at 1000: above the level 500, under 2000
+    pcm = np.concatenate([np.full(1600, 4000), np.full(1600, 1000), np.zeros(1600)])
+    default, strict = SpeechTrack(), SpeechTrack(level=2000)
+    default.say(pcm.astype(np.int16))
+    strict.say(pcm.astype(np.int16))
+    assert (strict._ends[0][0], default._ends[0][0]) == (4, 9)  # the 20 ms frame of its end
+
+
 def test_stats_and_limits():
     st = bench_report.latency_stats([0.1, 0.2, 0.3, 0.4])
     assert st["n"] == 4 and st["p50"] == pytest.approx(0.25) and st["max"] == 0.4
