@@ -105,7 +105,7 @@ ELBO_RATIO_TARGET = 1.2  # diffusion ELBO ppl <= 1.2x AR ppl
 STEP_RATIO_TARGET = 1.3  # 8-step generative ppl <= 1.3x one token per step
 TARGET_STEPS = 8
 # the diffusion model's reply canvas for its perplexities: the data's longest reply (with <|eot|>)
-L2R_CANVAS = 64
+REPLY_CANVAS = 64
 HEADROOM_DISTANCES = 8  # proposals scored by their distance from the first masked position
 NEXT = -1  # stands for the position being chosen (no token id is negative)
 
@@ -257,7 +257,7 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
     common = dict(device=torch.device("cpu"), examples=len(split), batch_size=cfg.batch_size,
                   seq_len=diff.model.cfg.max_seq_len)
     elbo, count = reply_nll(diff.model, split, diff.tokenizer, objective="diffusion",
-                            t_grid=cfg.t_grid, seed=cfg.seed, canvas=L2R_CANVAS, **common)
+                            t_grid=cfg.t_grid, seed=cfg.seed, canvas=REPLY_CANVAS, **common)
     given_length, _ = reply_nll(diff.model, split, diff.tokenizer, objective="diffusion",
                                 t_grid=cfg.t_grid, seed=cfg.seed, **common)
     ar_total, _ = reply_nll(ar.model, split, ar.tokenizer, objective="ar", **common)
@@ -266,7 +266,7 @@ def perplexities(cfg: EvalConfig, diff: LoadedModel, ar: LoadedModel, test: Spli
         ("diffusion_l2r_nll", "diffusion_l2r_ppl", "l2r_ratio"))
     if cfg.left_to_right:
         total, _ = reply_nll(diff.model, split, diff.tokenizer, objective="left-to-right",
-                             canvas=L2R_CANVAS, **common)
+                             canvas=REPLY_CANVAS, **common)
         l_nll = total / count
         l2r = {"diffusion_l2r_nll": l_nll, "diffusion_l2r_ppl": math.exp(l_nll),
                "l2r_ratio": math.exp(l_nll - a_nll)}
@@ -666,14 +666,14 @@ def print_report(r: dict) -> None:
     print(f"\nheld-out perplexity: {p['examples']} examples, {p['reply_tokens']} reply tokens, "
           f"ELBO t_grid {p['t_grid']}")
     print(f"  diffusion ELBO bound  {p['diffusion_elbo_ppl']:9.2f}   (reply on a "
-          f"{L2R_CANVAS}-token canvas; given its length: "
+          f"{REPLY_CANVAS}-token canvas; given its length: "
           f"{p['diffusion_elbo_given_length_ppl']:.2f})")
     print(f"  AR baseline           {p['ar_ppl']:9.2f}")
     print(f"  ratio                 {p['ratio']:9.2f}x   target <= {p['target_ratio']}x: "
           f"{_verdict(p['met'])}")
     if p["diffusion_l2r_ppl"] is not None:
         print(f"  diffusion read left to right, one token per forward, on a "
-              f"{L2R_CANVAS}-token canvas (exact; not the target's measure): "
+              f"{REPLY_CANVAS}-token canvas (exact; not the target's measure): "
               f"{p['diffusion_l2r_ppl']:.2f} ({p['l2r_ratio']:.2f}x)")
     print(f"\ngeneration: {c['prompts']} held-out prompts, canvas {c['gen_length']} tokens, "
           f"temperature 0, judged by the AR baseline")
