@@ -365,13 +365,12 @@ class TwilioBenchCaller:
         """Say it on the line; returns when its last loud sample was said: the line sends a
         frame once its 20 ms are captured, so that sample was said the line audio after it
         (the last frame's padding included) before the last frame went out."""
-        from agent.twilio_caller import FRAME_SAMPLES, SAMPLE_RATE, to_8k_int16
+        from agent.twilio_caller import SAMPLE_RATE, line_audio
 
-        line = to_8k_int16(pcm16k, MIC_RATE)  # as send_pcm puts it on the line
+        line = line_audio(pcm16k, MIC_RATE)
         last = max(last_sound_index(line, self.heard.level), 0)
-        padded = len(line) + (-len(line) % FRAME_SAMPLES)
         t_sent = await self.caller.send_pcm(pcm16k, MIC_RATE)
-        return t_sent - (padded - 1 - last) / SAMPLE_RATE
+        return t_sent - (len(line) - 1 - last) / SAMPLE_RATE
 
     @property
     def lost(self) -> str | None:

@@ -74,6 +74,12 @@ def to_8k_int16(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
     return (np.clip(x, -1.0, 1.0) * 32767).astype(np.int16)
 
 
+def line_audio(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
+    """What `send_pcm` puts on the line: 8 kHz int16, padded to whole 20 ms frames."""
+    x = to_8k_int16(pcm, sample_rate)
+    return np.pad(x, (0, -len(x) % FRAME_SAMPLES))
+
+
 @dataclass
 class HeardChunk:
     t_start_s: float  # when this chunk started playing on the simulated line
@@ -195,8 +201,7 @@ class TwilioCaller:
 
         Returns the monotonic time at which the last frame was sent (the end of the speech).
         """
-        x = to_8k_int16(pcm, sample_rate)
-        x = np.pad(x, (0, -len(x) % FRAME_SAMPLES))
+        x = line_audio(pcm, sample_rate)
         if self._line is not None and realtime:  # the line's clock sends it
             self._speech_done.clear()
             self._speech = np.concatenate([self._speech, x])
